@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh machine: `make train` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+NPROC  ?= 2
+# the CPU build of torch lies on this machine's disk; pinning it keeps pip from pulling a multi-GB CUDA build
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: install train test bench data clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_PIN)"
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+data: $(STAMP)
+	$(PY) -m launch.prepare_data
+
+train: data
+	$(VENV)/bin/torchrun --standalone --nproc-per-node=$(NPROC) -m launch.train $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest tests $(ARGS)
+
+bench: $(STAMP)
+	$(PY) -m bench.run $(ARGS)
+
+clean:
+	rm -rf outputs wandb

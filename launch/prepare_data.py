@@ -1,0 +1,30 @@
+"""Build the token cache for a data config (the default: the embedded stdlib corpus).
+
+  python -m launch.prepare_data [data.path=... data.vocab_size=...]
+"""
+from __future__ import annotations
+
+import sys
+
+from launch.train import _one_line, check_overrides
+
+
+def main() -> None:
+    try:
+        cfg = check_overrides(sys.argv[1:])
+    except Exception as e:
+        print(f"config error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    from framework.data.prepare import prepare
+
+    d = cfg.data
+    try:
+        p = prepare(d.path, d.cache_dir, d.vocab_size, d.val_fraction, d.max_bytes, d.dtype)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"data ready: {p.folder} (vocab {p.vocab_size}, {p.dtype})")
+
+
+if __name__ == "__main__":
+    main()

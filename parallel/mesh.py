@@ -1,0 +1,99 @@
+"""Process mesh from torchrun's environment: pipeline x data-parallel ranks (experts are sharded over data-parallel
+ranks, as DeepSeek-V3 trains: PP x EP/DP, no tensor parallelism, V3 §3.2).
+
+Rank r sits at pipeline rank r // dp and data-parallel rank r % dp, so the ranks of one pipeline are dp apart and a
+data-parallel group is contiguous (on a GPU cluster: one node holds whole data-parallel/expert groups, whose
+all-to-all is the heaviest traffic).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Mesh:
+    rank: int
+    world_size: int
+    pp: int
+    dp: int
+    ep: int
+    pp_rank: int
+    dp_rank: int
+    device: torch.device
+    pp_group: Optional[dist.ProcessGroup] = None   # None when single-process
+    dp_group: Optional[dist.ProcessGroup] = None
+    ep_group: Optional[dist.ProcessGroup] = None   # ranks that exchange tokens for the experts (a slice of dp)
+    edp_group: Optional[dist.ProcessGroup] = None  # ranks that hold the same experts (replicas across ep slices)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def ep_rank(self) -> int:
+        return self.dp_rank % self.ep
+
+
+def env_world() -> tuple[int, int, int]:
+    """rank, world size, local rank from torchrun's environment (1 process when absent)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device='cuda': no CUDA device is visible; use train.device=cpu or auto")
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_mesh(pp: int, dp: Optional[int], ep: int, device: str = "auto", backend: str = "auto",
+              timeout_s: float = 300.0) -> Mesh:
+    rank, world, local_rank = env_world()
+    dp = dp if dp is not None else world // pp
+    if pp * dp != world:
+        raise ValueError(f"parallel.pp * parallel.dp = {pp} * {dp} must equal the world size {world}")
+    if dp % ep:
+        raise ValueError(f"parallel.ep={ep}: must divide parallel.dp={dp}")
+    dev = pick_device(device, local_rank)
+    mesh = Mesh(rank, world, pp, dp, ep, rank // dp, rank % dp, dev)
+    if world == 1:
+        return mesh
+    if backend == "auto":
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    if backend == "nccl" and not dist.is_nccl_available():
+        raise ValueError("parallel.backend='nccl': this torch build has no NCCL; use gloo or auto")
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
+                                device_id=dev if dev.type == "cuda" else None)
+    # every rank must create every group, in the same order
+    for p in range(pp):
+        g = dist.new_group([p * dp + d for d in range(dp)])
+        if p == mesh.pp_rank:
+            mesh.dp_group = g
+    for d in range(dp):
+        g = dist.new_group([p * dp + d for p in range(pp)])
+        if d == mesh.dp_rank:
+            mesh.pp_group = g
+    for p in range(pp):
+        for s in range(dp // ep):
+            g = dist.new_group([p * dp + s * ep + e for e in range(ep)])
+            if p == mesh.pp_rank and s == mesh.dp_rank // ep:
+                mesh.ep_group = g
+        for e in range(ep):
+            g = dist.new_group([p * dp + s * ep + e for s in range(dp // ep)])
+            if p == mesh.pp_rank and e == mesh.ep_rank:
+                mesh.edp_group = g
+    return mesh
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
