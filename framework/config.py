@@ -78,6 +78,7 @@ class ParallelConfig:
     dp: Optional[int] = None               # data-parallel size; null = world_size / pp
     ep: int = 1                            # expert-parallel size, divides dp
     schedule: str = "1f1b"                 # dualpipe | dualpipev | 1f1b | zb1p | gpipe
+    layers_per_part: Optional[list[int]] = None  # layers in each pipeline part; null = balanced
     overlap: bool = True                   # overlap MoE all-to-all inside F&B pairs
     timeout_s: float = 300.0               # collective timeout
     backend: str = "auto"                  # auto (nccl on cuda, gloo on cpu) | gloo | nccl
@@ -138,7 +139,7 @@ class Fp8Config:
     enabled: bool = False
     backend: str = "auto"                  # auto (triton on cuda) | torch (exact emulation) | triton
     pow2_scales: bool = False              # power-of-two (ue8m0) scales
-    exclude: list[str] = field(default_factory=lambda: ["*embed*", "*lm_head*", "*.gate", "*norm*"])
+    exclude: list[str] = field(default_factory=lambda: ["*embed*", "*lm_head*", "*head*", "*gate", "*router*", "*norm*"])
     dispatch: bool = False                 # FP8 MoE dispatch payload (combine stays high precision, V3 §3.3)
 
 
@@ -271,12 +272,24 @@ def validate(cfg: Config | DictConfig, world_size: int = 1) -> None:
         _fail("parallel.ep", p.ep, f"expert parallelism needs an MoE model (model.name={m.name})")
     if p.schedule == "dualpipe" and p.pp > 1 and p.pp % 2:
         _fail("parallel.pp", p.pp, "dualpipe needs an even number of pipeline stages (use dualpipev for odd pp)")
-    if p.schedule in ("dualpipe", "dualpipev") and p.pp > 1:
-        if t.micro_batches < 2 * p.pp or t.micro_batches % 2:
-            _fail("train.micro_batches", t.micro_batches, f"{p.schedule} needs an even number >= 2*parallel.pp={2 * p.pp}")
-    parts = 2 * p.pp if p.schedule == "dualpipev" else p.pp
-    if p.pp > 1 and m.num_hidden_layers < parts:
-        _fail("model.num_hidden_layers", m.num_hidden_layers, f"must be >= the {parts} pipeline parts of {p.schedule}")
+    if p.pp > 1:
+        from schedules.registry import check_args
+
+        try:
+            check_args(p.schedule, p.pp, t.micro_batches)
+        except ValueError as e:
+            _fail("train.micro_batches", t.micro_batches, f"{p.schedule} with pp={p.pp}: {e}")
+        parts = 2 * p.pp if p.schedule == "dualpipev" else p.pp
+        if m.num_hidden_layers < parts:
+            _fail("model.num_hidden_layers", m.num_hidden_layers, f"must be >= the {parts} pipeline parts of {p.schedule}")
+        if p.layers_per_part is not None and (len(p.layers_per_part) != parts or sum(p.layers_per_part) != m.num_hidden_layers
+                                              or min(p.layers_per_part) < 1):
+            _fail("parallel.layers_per_part", list(p.layers_per_part),
+                  f"needs {parts} entries >= 1 summing to model.num_hidden_layers={m.num_hidden_layers}")
+        if m.name == "deepseek_v3" and m.num_nextn_predict_layers > 0 and p.schedule not in ("dualpipe", "dualpipev"):
+            _fail("parallel.schedule", p.schedule, "multi-token prediction shares the embedding with the last stage: "
+                  "with pp > 1 use dualpipe or dualpipev (they hold the first and last parts on one rank), "
+                  "or set model.num_nextn_predict_layers=0")
     # optim
     _positive("optim.lr", o.lr)
     _fraction("optim.min_lr_ratio", o.min_lr_ratio)

@@ -1,0 +1,75 @@
+"""Cut a framework model into pipeline parts.
+
+Every model family has the outline embed -> layers -> final (norm, head, multi-token prediction, loss) (see
+framework/models/dense.py). A part is a contiguous run of layers; the first part also embeds the tokens and the
+last part ends with the model's `final`, returning the loss (scaled by `loss_scale`, so that the executor's
+backward with gradient 1 yields the gradient of the mean over micro-batches).
+
+Parts hold references to the model's own modules, so parameter names (and so checkpoints) are the model's, whatever
+the pipeline layout. DualPipe places the first and last parts on the same ranks (rank r holds part r of one direction
+and part PP-1-r of the other), which is how DeepSeek-V3 shares the embedding between the main model and the MTP
+module physically (V3 §2.2): the last part reaches the embedding through the model without registering it, so each
+parameter belongs to exactly one part and mirror_grads sums it once.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+
+class ModelPart(nn.Module):
+    def __init__(self, model: nn.Module, start: int, stop: int, first: bool, last: bool):
+        super().__init__()
+        self.first, self.last, self.start, self.stop = first, last, start, stop
+        self._model = [model]                       # a list: not a submodule, its parameters stay unregistered here
+        if first:
+            self.embed = model.embed
+        self.layers = nn.ModuleList(model.layers[start:stop])
+        if last:
+            self.norm, self.lm_head = model.norm, model.lm_head
+            if len(getattr(model, "mtp", ())):
+                self.mtp = model.mtp
+        self.loss_scale = 1.0
+        self.metrics: list[dict] = []               # what final() reported, one dict per micro-batch
+
+    def forward(self, x: torch.Tensor, input_ids: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None):
+        model = self._model[0]
+        h = model.embed_tokens(x) if self.first else x          # first: x = input_ids [B, T]; else h [B, T, C]
+        for layer in self.layers:
+            h = layer(h)
+        if not self.last:
+            return h
+        loss, metrics = model.final(h, input_ids, labels)
+        self.metrics.append({k: float(v) for k, v in metrics.items()})
+        return loss * self.loss_scale
+
+
+def part_sizes(num_layers: int, num_parts: int, sizes: Optional[Sequence[int]] = None) -> list[int]:
+    """Layers per part: given explicitly, or balanced with the remainder going to the middle parts (the outer ones
+    also carry the embedding and the head)."""
+    if sizes is not None:
+        sizes = list(sizes)
+        if len(sizes) != num_parts or sum(sizes) != num_layers or min(sizes) < 1:
+            raise ValueError(f"parallel.layers_per_part={sizes}: needs {num_parts} entries >= 1 summing to "
+                             f"model.num_hidden_layers={num_layers}")
+        return sizes
+    if num_layers < num_parts:
+        raise ValueError(f"model.num_hidden_layers={num_layers}: fewer layers than the {num_parts} pipeline parts")
+    base, extra = divmod(num_layers, num_parts)
+    order = sorted(range(num_parts), key=lambda i: abs(i - (num_parts - 1) / 2))  # middle first
+    out = [base] * num_parts
+    for i in order[:extra]:
+        out[i] += 1
+    return out
+
+
+def split_model(model: nn.Module, num_parts: int, sizes: Optional[Sequence[int]] = None) -> list[ModelPart]:
+    sizes = part_sizes(len(model.layers), num_parts, sizes)
+    parts, start = [], 0
+    for i, n in enumerate(sizes):
+        parts.append(ModelPart(model, start, start + n, first=i == 0, last=i == num_parts - 1))
+        start += n
+    return parts
