@@ -7,7 +7,7 @@ NPROC  ?= 2
 # the CPU build of torch lies on this machine's disk; pinning it keeps pip from pulling a multi-GB CUDA build
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install train test bench data clean
+.PHONY: install train test bench data rl clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,10 +22,13 @@ data: $(STAMP)
 	$(PY) -m launch.prepare_data
 
 train: data
-	$(VENV)/bin/torchrun --standalone --nproc-per-node=$(NPROC) -m launch.train $(ARGS)
+	$(VENV)/bin/torchrun --standalone --nproc-per-node=$(NPROC) -m launch.train parallel=dualpipe $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(ARGS)
+
+rl: data
+	$(PY) -m launch.rl $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench.run $(ARGS)

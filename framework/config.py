@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 
+from framework.rl.config import RLConfig
+
 
 class ConfigError(ValueError):
     """A bad configuration value. str(err) is the one-line message shown to the user."""
@@ -171,6 +173,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     fp8: Fp8Config = field(default_factory=Fp8Config)
     train: TrainConfig = field(default_factory=TrainConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
 
 SCHEDULES = ("dualpipe", "dualpipev", "1f1b", "zb1p", "gpipe")
@@ -326,6 +329,9 @@ def validate(cfg: Config | DictConfig, world_size: int = 1) -> None:
     _positive("train.max_bad_steps", t.max_bad_steps)
     _choice("train.device", t.device, ("auto", "cpu", "cuda"))
     _choice("train.dtype", t.dtype, ("float32", "bfloat16"))
+    from framework.rl.config import validate_rl
+
+    validate_rl(cfg.rl)
     if t.global_batch_size % (dp * t.micro_batches):
         _fail("train.global_batch_size", t.global_batch_size,
               f"must be a multiple of parallel.dp * train.micro_batches = {dp} * {t.micro_batches}")

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from framework.models.layers import causal_lm_loss  # noqa: F401  (re-exported for step implementations)
-from parallel.data_parallel import average_gradients
+from parallel.data_parallel import grad_norm_sq_share, reduce_gradients
 from parallel.mesh import Mesh
 
 
@@ -47,7 +46,7 @@ class LocalStep:
             (loss / n).backward()  # mean over micro-batches; replicas are averaged below
             loss_sum += loss.item()
             merge_metrics(metrics, m, 1.0 / n)
-        average_gradients(self._params, self.mesh.dp_group)
+        reduce_gradients(self.named_parameters(), self.mesh)
         return loss_sum, n, metrics
 
     @torch.no_grad()
@@ -59,6 +58,116 @@ class LocalStep:
         return total, len(micro_batches)
 
     def grad_norm_sq(self) -> torch.Tensor:
-        # replicas hold identical (averaged) gradients: only data-parallel rank 0 contributes to the global sum
-        sq = sum((p.grad.float().pow(2).sum() for p in self._params if p.grad is not None), torch.zeros(()))
-        return sq if self.mesh.dp_rank == 0 else torch.zeros(())
+        # each distinct gradient counted by one rank of its replica group (expert shards by their own ep rank)
+        return grad_norm_sq_share(self.named_parameters(), self.mesh)
+
+
+class PipelineStep:
+    """This rank's pipeline parts, driven by a schedule's action list through the executor.
+
+    Every rank of a pipeline gets the same micro-batches from the sampler (they share a data-parallel rank) and
+    passes the executor only what its stages need: token ids where a first stage is local, (token ids, labels) where
+    a last stage is. DualPipe's two copies of each part are summed by mirror_grads, then replicas are averaged over
+    the data-parallel group.
+    """
+
+    def __init__(self, model: torch.nn.Module, mesh: Mesh, cfg):
+        from schedules import build, check_args, get_layout
+        from schedules.executor import PipelineExecutor
+        from schedules.stage import split_model
+        from schedules.verify import microbatches_of
+        from schedules.weight_grad import enable_weight_grad_split
+
+        p, t = cfg.parallel, cfg.train
+        self.model, self.mesh, self.n = model, mesh, t.micro_batches
+        check_args(p.schedule, mesh.pp, self.n)
+        self.layout = get_layout(p.schedule, mesh.pp)
+        self.actions = build(p.schedule, mesh.pp, self.n)[mesh.pp_rank]
+        parts = split_model(model, self.layout.num_parts, p.layers_per_part)
+        first_rank = self.layout.stage_to_rank[0]
+        last_ranks = {self.layout.stage_to_rank[s] for s in range(self.layout.num_stages) if self.layout.is_last(s)}
+        if len(getattr(model, "mtp", ())) and last_ranks != {self.layout.stage_to_rank[s] for s in range(self.layout.num_stages)
+                                                          if self.layout.is_first(s)}:
+            raise ValueError(f"parallel.schedule={p.schedule}: multi-token prediction needs the embedding on the last "
+                             f"stage's rank (use dualpipe or dualpipev, or model.num_nextn_predict_layers=0)")
+        self.stages = {s: parts[self.layout.stage_to_part[s]] for s in self.layout.stages_of(mesh.pp_rank)}
+        for part in self.stages.values():
+            enable_weight_grad_split(part)   # B computes input gradients, W the deferred weight gradients
+            part.loss_scale = 1.0 / self.n
+        self.first_mbs = {mb for s in self.stages if self.layout.is_first(s)
+                          for mb in microbatches_of(self.layout, s, self.n)}
+        self.last_mbs = {mb for s in self.stages if self.layout.is_last(s)
+                         for mb in microbatches_of(self.layout, s, self.n)}
+        micro = t.global_batch_size // (mesh.dp * self.n)
+        dtype = next(model.parameters()).dtype
+        self.executor = PipelineExecutor(self.layout, self.stages, group=mesh.pp_group,
+                                         p2p_shapes=[[micro, t.seq_len, model.config.hidden_size]], p2p_dtype=dtype,
+                                         device=mesh.device)
+        seen, self._params = set(), []
+        for part in self.stages.values():
+            for prm in part.parameters():
+                if prm.requires_grad and id(prm) not in seen:
+                    seen.add(id(prm))
+                    self._params.append(prm)
+        # the copy that counts in the global gradient norm: direction 0's (DualPipe holds every part twice)
+        self._norm_params = [prm for s, part in self.stages.items() if s < self.layout.num_parts
+                             for prm in part.parameters() if prm.requires_grad]
+        names = {id(t_): n for n, t_ in model.state_dict(keep_vars=True).items()}
+        held = {id(t_) for part in self.stages.values() for t_ in part.state_dict(keep_vars=True).values()}
+        self._state_names = {n for n, t_ in model.state_dict(keep_vars=True).items() if id(t_) in held}
+        self._names = names
+
+    def named_parameters(self):
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return [(names[id(p)], p) for p in self._params]
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: t for n, t in self.model.state_dict().items() if n in self._state_names}
+
+    def models(self) -> list[torch.nn.Module]:
+        return [self.model]
+
+    def _feed(self, micro_batches):
+        inputs = {mb: (micro_batches[mb][0].to(self.mesh.device),) for mb in self.first_mbs}
+        labels = {mb: (micro_batches[mb][0].to(self.mesh.device), micro_batches[mb][1].to(self.mesh.device))
+                  for mb in self.last_mbs}
+        return inputs, labels
+
+    def _last_parts(self):
+        return [part for s, part in self.stages.items() if self.layout.is_last(s)]
+
+    def forward_backward(self, micro_batches):
+        from schedules.executor import mirror_grads
+
+        for part in self._last_parts():
+            part.metrics.clear()
+        inputs, labels = self._feed(micro_batches)
+        result = self.executor.run(self.actions, self.n, inputs, labels, train=True)
+        mirror_grads(self.stages, self.layout, group=self.mesh.pp_group)
+        reduce_gradients(self.named_parameters(), self.mesh)
+        loss_sum = sum(float(v) for v in result.losses.values()) * self.n   # parts return loss / n
+        metrics: dict = {}
+        reported = [m for part in self._last_parts() for m in part.metrics]
+        for m in reported:
+            merge_metrics(metrics, m, 1.0 / len(reported))
+        return loss_sum, len(result.losses), metrics
+
+    @torch.no_grad()
+    def evaluate(self, micro_batches):
+        """Forward-only runs of the training schedule, n micro-batches at a time (the last group padded by repeats)."""
+        total, count = 0.0, 0
+        for start in range(0, len(micro_batches), self.n):
+            group = micro_batches[start:start + self.n]
+            real = len(group)
+            group = group + [group[-1]] * (self.n - real)
+            inputs, labels = self._feed(group)
+            result = self.executor.run(self.actions, self.n, inputs, labels, train=False)
+            for mb, loss in result.losses.items():
+                if mb < real:
+                    total += float(loss) * self.n
+                    count += 1
+        return total, count
+
+    def grad_norm_sq(self) -> torch.Tensor:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return grad_norm_sq_share([(names[id(p)], p) for p in self._norm_params], self.mesh)

@@ -108,6 +108,9 @@ class Trainer:
 
         model_cfg = OmegaConf.to_object(cfg.model)
         self.model = build_model(model_cfg).to(device=mesh.device, dtype=self.dtype)
+        if mesh.ep > 1:  # keep this rank's experts, exchange tokens with all-to-all (same init on every rank)
+            from parallel.expert import apply_expert_parallel
+            apply_expert_parallel(self.model, mesh, cfg)
         if cfg.fp8.enabled:
             from framework.fp8 import convert_to_fp8
             convert_to_fp8(self.model, exclude=list(cfg.fp8.exclude), backend=cfg.fp8.backend, pow2=cfg.fp8.pow2_scales)
@@ -181,14 +184,34 @@ class Trainer:
         return {k: sum(m[k] for m in gathered if k in m) / sum(1 for m in gathered if k in m) for k in keys}
 
     # -- the loop ------------------------------------------------------------------------------------------------
-    def evaluate(self) -> float:
-        for m in self.step_fn.models():
+    def evaluate(self) -> dict:
+        """Validation loss, and for MoE models MaxVio_global: expert loads counted over the whole validation set
+        (V3 §2.1.2), kept apart from the training step's loads that drive the bias update."""
+        models = self.step_fn.models()
+        moe = self.cfg.model.name == "deepseek_v3"
+        if moe:
+            from framework.models.deepseek_v3 import balance
+            train_loads = [balance.expert_loads(m).clone() for m in models]
+            for m in models:
+                balance.reset_loads(m)
+        for m in models:
             m.eval()
         s, n = self.step_fn.evaluate(self.val_batches)
-        for m in self.step_fn.models():
+        for m in models:
             m.train()
         s, n = self._sum([s, n])
-        return s / n
+        out = {"val/loss": s / n}
+        if moe:
+            loads = sum(balance.expert_loads(m) for m in models)
+            if self.mesh.distributed:
+                dist.all_reduce(loads)
+            seen = loads.sum(-1) > 0
+            if seen.any():
+                out["val/maxvio_global"] = balance.max_vio(loads[seen]).mean().item()
+            for m, saved in zip(models, train_loads):
+                for r, row in zip(balance.routers(m), saved):
+                    r.load.copy_(row)
+        return out
 
     def _post_step_hooks(self) -> dict:
         """Auxiliary-loss-free balancing: loads summed over every rank's micro-batches, then one bias update."""
@@ -254,12 +277,12 @@ class Trainer:
         try:
             if self.step == 0:
                 val = self.evaluate()
-                self.metrics.log(0, {"val/loss": val})
-                self.history.append({"step": 0, "val/loss": val})
+                self.metrics.log(0, val)
+                self.history.append({"step": 0, **val})
             while self.step < t.steps:
                 out = self.train_step(self.sampler.next_batch())
                 if (t.eval_interval and self.step % t.eval_interval == 0) or self.step == t.steps:
-                    out["val/loss"] = self.evaluate()
+                    out.update(self.evaluate())
                 self.metrics.log(self.step, out)
                 self.history.append({"step": self.step, **out})
                 if (t.checkpoint_interval and self.step % t.checkpoint_interval == 0) or self.step == t.steps:

@@ -73,13 +73,13 @@ def run(cfg) -> list[dict]:
         sys.exit(2)
     setup_logging(Path(cfg.train.output_dir), rank)
     p = cfg.parallel
-    mesh = init_mesh(p.pp, p.dp, p.ep, cfg.train.device, p.backend, p.timeout_s)
+    mesh = init_mesh(p.pp, p.dp, p.ep, cfg.train.device, p.backend, p.timeout_s, p.comm.sm_budget)
     try:
         from framework.trainer import Trainer
 
         step_factory = None
         if p.pp > 1:
-            from schedules.stage import PipelineStep
+            from framework.step import PipelineStep
             step_factory = PipelineStep
         history = Trainer(cfg, mesh, step_factory).fit()
     finally:

@@ -55,7 +55,7 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
 
 
 def init_mesh(pp: int, dp: Optional[int], ep: int, device: str = "auto", backend: str = "auto",
-              timeout_s: float = 300.0) -> Mesh:
+              timeout_s: float = 300.0, sm_budget: int = 20) -> Mesh:
     rank, world, local_rank = env_world()
     dp = dp if dp is not None else world // pp
     if pp * dp != world:
@@ -82,9 +82,13 @@ def init_mesh(pp: int, dp: Optional[int], ep: int, device: str = "auto", backend
         g = dist.new_group([p * dp + d for p in range(pp)])
         if d == mesh.dp_rank:
             mesh.pp_group = g
+    from parallel.comm import new_ep_group
+
     for p in range(pp):
         for s in range(dp // ep):
-            g = dist.new_group([p * dp + s * ep + e for e in range(ep)])
+            # the all-to-all group: on NCCL its communicator is limited to sm_budget SMs (V3 §3.2.2)
+            g = new_ep_group([p * dp + s * ep + e for e in range(ep)], backend, sm_budget) if ep > 1 else \
+                dist.new_group([p * dp + s * ep + e for e in range(ep)])
             if p == mesh.pp_rank and s == mesh.dp_rank // ep:
                 mesh.ep_group = g
         for e in range(ep):

@@ -19,6 +19,31 @@ import torch
 import torch.nn as nn
 
 
+class AttachLoss(torch.autograd.Function):
+    """Return h unchanged; in backward, also seed `loss` with gradient `scale`. A pipeline stage can only hand its
+    activation on, so a loss produced inside it (the MoE balance loss) rides on that activation's backward
+    (Megatron-Core's MoEAuxLossAutoScaler does the same)."""
+
+    @staticmethod
+    def forward(ctx, h, loss, scale: float):
+        ctx.save_for_backward(loss)
+        ctx.scale = scale
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        (loss,) = ctx.saved_tensors
+        return grad_h, torch.full_like(loss, ctx.scale), None
+
+
+def _collect_aux_loss(layers: nn.Module):
+    try:
+        from framework.models.deepseek_v3.balance import collect_aux_loss
+    except ImportError:
+        return None
+    return collect_aux_loss(layers)
+
+
 class ModelPart(nn.Module):
     def __init__(self, model: nn.Module, start: int, stop: int, first: bool, last: bool):
         super().__init__()
@@ -40,9 +65,12 @@ class ModelPart(nn.Module):
         h = model.embed_tokens(x) if self.first else x          # first: x = input_ids [B, T]; else h [B, T, C]
         for layer in self.layers:
             h = layer(h)
+        aux = _collect_aux_loss(self.layers) if self.training else None  # this part's layers only, right now
         if not self.last:
-            return h
+            return h if aux is None else AttachLoss.apply(h, aux, self.loss_scale)
         loss, metrics = model.final(h, input_ids, labels)
+        if aux is not None:
+            loss = loss + aux
         self.metrics.append({k: float(v) for k, v in metrics.items()})
         return loss * self.loss_scale
 

@@ -45,7 +45,7 @@ def compose_cfg(*overrides: str):
 def make_cfg(corpus_dir, data_cache, tmp_path):
     """Config of a tiny, fast run on the small corpus; extra overrides win."""
     def make(*overrides: str, out: Path | None = None):
-        base = [f"data.path={corpus_dir}", f"data.cache_dir={data_cache}", "data.vocab_size=512",
+        base = ["model=dense", f"data.path={corpus_dir}", f"data.cache_dir={data_cache}", "data.vocab_size=512",
                 "model.hidden_size=32", "model.num_hidden_layers=2", "model.num_attention_heads=2",
                 "model.intermediate_size=64", "train.seq_len=32", "train.global_batch_size=8",
                 "train.micro_batches=2", "train.steps=6", "train.eval_interval=3", "train.eval_batches=2",

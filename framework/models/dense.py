@@ -6,12 +6,15 @@ Every model family in duet has the same outline, which the trainer and the pipel
   compute_loss(input_ids, labels) -> (loss, metrics)    labels [B, T], -100 = ignored
   embed_tokens(input_ids) -> h;  final(h, input_ids, labels) -> (loss, metrics): the part after the last layer
   flops_per_token(seq_len) -> float: training FLOPs (forward + backward) per token, for MFU
+Generation: decode(input_ids, start_pos, caches) -> logits runs new positions against a per-layer KVCache.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from typing import Optional, Sequence
 
 from framework.config import ModelConfig
 from framework.models.layers import RMSNorm, SwiGLU, apply_rope, causal_lm_loss, rope_tables
@@ -26,9 +29,35 @@ class Rotary(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, H, T, D]
+    def forward(self, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:  # x [B, H, T, D]
         T = x.shape[-2]
-        return apply_rope(x, self.cos[:T], self.sin[:T])
+        return apply_rope(x, self.cos[start_pos:start_pos + T], self.sin[start_pos:start_pos + T])
+
+
+class KVCache:
+    """One layer's keys and values of every position processed so far, k and v [B, H, S, D] (rotated keys).
+
+    Generation appends the new positions' k/v and attends over all of them, so each step costs one position's
+    projections instead of recomputing the prefix. `select(rows)` keeps some batch rows (finished rows dropped).
+    """
+
+    def __init__(self):
+        self.k: Optional[torch.Tensor] = None
+        self.v: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k is None:
+            self.k, self.v = k, v
+        else:
+            self.k, self.v = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)
+        return self.k, self.v
+
+    def select(self, rows: torch.Tensor) -> None:
+        if self.k is not None:
+            self.k, self.v = self.k[rows], self.v[rows]
 
 
 class Attention(nn.Module):
@@ -42,13 +71,23 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
         self.rotary = [rotary]  # a list so the shared tables are not registered once per layer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start_pos: int = 0, cache: Optional[KVCache] = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = (p(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))               # [B, H, T, D]
         rot = self.rotary[0]
-        q, k = rot(q), rot(k)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)             # [B, H, T, D]
+        q, k = rot(q, start_pos), rot(k, start_pos)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)         # [B, H, T, D]
+        else:
+            if len(cache) != start_pos:
+                raise ValueError(f"start_pos={start_pos}: the cache holds {len(cache)} positions")
+            k, v = cache.append(k, v)                                         # [B, H, S, D], S = start_pos + T
+            S = k.shape[2]
+            # query i sits at position S - T + i and sees keys 0..S-T+i; one new token sees everything
+            mask = None if T == 1 else (torch.arange(S, device=x.device)[None, :]
+                                        <= torch.arange(T, device=x.device)[:, None] + (S - T))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -60,8 +99,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h))
+    def forward(self, h: torch.Tensor, start_pos: int = 0, cache: Optional[KVCache] = None) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), start_pos, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -95,6 +134,21 @@ class DenseLM(nn.Module):
         for layer in self.layers:
             h = layer(h)
         return self.lm_head(self.norm(h))                                     # [B, T, V]
+
+    def new_caches(self) -> list[KVCache]:
+        return [KVCache() for _ in self.layers]
+
+    def decode(self, input_ids: torch.Tensor, start_pos: int, caches: Sequence[KVCache]) -> torch.Tensor:
+        """Logits [B, T, V] of input_ids [B, T] sitting at positions start_pos.., appending their k/v to `caches`
+        (one per layer, each holding exactly start_pos positions). Equal to forward() on the whole prefix."""
+        limit = self.config.max_position_embeddings
+        if start_pos + input_ids.shape[1] > limit:
+            raise ValueError(f"decode: position {start_pos + input_ids.shape[1]} exceeds "
+                             f"model.max_position_embeddings={limit}")
+        h = self.embed_tokens(input_ids)
+        for layer, cache in zip(self.layers, caches):
+            h = layer(h, start_pos, cache)
+        return self.lm_head(self.norm(h))
 
     def final(self, h: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor):
         loss = causal_lm_loss(self.lm_head(self.norm(h)), labels)

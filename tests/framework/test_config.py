@@ -11,7 +11,7 @@ BAD = [  # (overrides, world size, key the message must name)
     (["parallel.pp=3"], 2, "parallel.pp"),
     (["parallel.pp=2", "parallel.schedule=dualpipe", "train.micro_batches=3"], 2, "train.micro_batches"),
     (["parallel.pp=3", "parallel.schedule=dualpipe", "train.micro_batches=6", "train.global_batch_size=6"], 3, "parallel.pp"),
-    (["parallel.ep=2"], 2, "parallel.ep"),
+    (["model=dense", "parallel.ep=2"], 2, "parallel.ep"),
     (["model=deepseek_v3_tiny", "parallel.ep=3", "parallel.dp=3"], 3, "parallel.ep"),
     (["model=deepseek_v3_tiny", "model.n_routed_experts=6", "parallel.ep=4"], 4, "parallel.ep"),
     (["train.seq_len=100000"], 1, "train.seq_len"),
@@ -20,7 +20,7 @@ BAD = [  # (overrides, world size, key the message must name)
     (["optim.beta2=1.5"], 1, "optim.beta2"),
     (["optim.schedule=linear"], 1, "optim.schedule"),
     (["parallel.schedule=interleaved"], 1, "parallel.schedule"),
-    (["model.num_attention_heads=3"], 1, "model.num_attention_heads"),
+    (["model=dense", "model.num_attention_heads=3"], 1, "model.num_attention_heads"),
     (["data.vocab_size=100"], 1, "data.vocab_size"),
     (["model.vocab_size=300"], 1, "model.vocab_size"),
     (["logging.wandb.mode=sometimes"], 1, "logging.wandb.mode"),
@@ -30,6 +30,9 @@ BAD = [  # (overrides, world size, key the message must name)
     (["model=deepseek_v3_tiny", "model.scoring_func=relu"], 1, "model.scoring_func"),
     (["model=deepseek_v3_tiny", "model.topk_group=5"], 1, "model.topk_group"),
     (["parallel.pp=2", "model.num_hidden_layers=1"], 2, "model.num_hidden_layers"),
+    (["parallel=1f1b"], 2, "parallel.schedule"),   # MTP needs the embedding on the last stage's rank
+    (["parallel=dualpipe", "parallel.layers_per_part=[1,2]"], 2, "parallel.layers_per_part"),
+    (["rl.group_size=0"], 1, "rl.group_size"),
 ]
 
 
@@ -48,6 +51,8 @@ def test_validate_names_key(overrides, world, key):
 def test_defaults_are_valid():
     validate(compose_cfg(), 1)
     validate(compose_cfg(), 2)  # data parallel over 2 ranks
+    validate(compose_cfg("parallel=dualpipe"), 2)  # what make train runs
+    validate(compose_cfg("parallel=dualpipe"), 4)  # pp=2 x dp=2
 
 
 @pytest.mark.parametrize("override,key", [

@@ -11,7 +11,7 @@ TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 
 
 def tiny_args(corpus, cache, out):
-    return [f"data.path={corpus}", f"data.cache_dir={cache}", "data.vocab_size=512", "model.hidden_size=32",
+    return ["model=dense", f"data.path={corpus}", f"data.cache_dir={cache}", "data.vocab_size=512", "model.hidden_size=32",
             "model.num_hidden_layers=2", "model.num_attention_heads=2", "model.intermediate_size=64",
             "train.seq_len=32", "train.global_batch_size=8", "train.micro_batches=2", "train.steps=8",
             "train.eval_interval=4", "train.eval_batches=2", "logging.console=plain", f"hydra.run.dir={out}"]

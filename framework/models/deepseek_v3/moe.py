@@ -1,0 +1,300 @@
+"""DeepSeekMoE (V3 §2.1.2): shared experts + many fine-grained routed experts, bias-corrected top-k routing.
+
+The forward is cut into stages with explicit boundaries, so an expert-parallel all-to-all (and its overlap with
+other work) can replace the middle without touching the rest:
+
+    gate(x)                          -> topk_idx [N, K], topk_weight [N, K]       (Router)
+    dispatcher.dispatch(x, idx, w)   -> x_sorted [M, C], tokens_per_expert [E_local], ctx
+    experts(x_sorted, tokens_per_expert) -> y_sorted [M, C]                       (only this rank's experts)
+    dispatcher.combine(y_sorted, ctx)-> y [N, C]  (= sum_k w_k * expert_k(x), for every token)
+    + shared_experts(x)
+
+`LocalDispatcher` is the single-process implementation; an expert-parallel one sends rows to the ranks owning the
+experts and returns them in `combine`. No token is ever dropped (V3 §2.1.2: no token dropping in training or
+inference), so M = N * K locally.
+
+Expert weights are stacked per layer, gate_up_proj [E, 2I, C] (gate rows first, then up rows) and down_proj
+[E, C, I], in nn.Linear's [out, in] orientation: one grouped GEMM covers all experts, and the Hugging Face
+per-expert layout (experts.E.gate_proj/up_proj/down_proj) is a slice/concat away (framework/models/hf.py).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from framework.models.layers import SwiGLU
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Router
+# --------------------------------------------------------------------------------------------------------------------
+
+class Router(nn.Module):
+    """Affinities s = sigmoid(W x) (or softmax); experts are CHOSEN on s + b but WEIGHTED by s (V3 eq. 12-16).
+
+    b = e_score_correction_bias is a buffer moved by the balancing rule in balance.py, never by the optimizer. The
+    gate weight and the bias stay fp32 even when the model is cast to bf16 (V3 §3.3 keeps gating in high precision).
+    `load` counts the tokens routed to each expert since the last reset (read by balance.expert_loads).
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.top_k = cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.scoring_func = cfg.scoring_func
+        self.topk_method = cfg.topk_method
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.routed_scaling_factor = cfg.routed_scaling_factor
+        if self.scoring_func not in ("sigmoid", "softmax"):
+            raise ValueError(f"model.scoring_func={self.scoring_func!r}: allowed: sigmoid, softmax")
+        if self.topk_method not in ("noaux_tc", "greedy"):
+            raise ValueError(f"model.topk_method={self.topk_method!r}: allowed: noaux_tc, greedy")
+        self.weight = nn.Parameter(torch.empty(self.n_experts, cfg.hidden_size, dtype=torch.float32))
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+        # integer counts: exact at any scale, untouched by model.to(dtype), summable with all_reduce
+        self.register_buffer("load", torch.zeros(self.n_experts, dtype=torch.int64), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) must not lower the gate: cast back whatever floating dtype `fn` produced
+        super()._apply(fn, recurse)
+        for t in (self.weight, self.e_score_correction_bias):
+            if t.dtype in (torch.float16, torch.bfloat16):
+                t.data = t.data.float()
+        return self
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Affinities [N, E] in fp32 (or float64 when the model runs in float64)."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        logits = F.linear(x.to(dtype), self.weight.to(dtype))
+        return logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+
+    def route(self, x: torch.Tensor):
+        """x [N, C] -> topk_idx [N, K] (int64), topk_weight [N, K], scores [N, E]."""
+        s = self.scores(x)
+        choice = s + self.e_score_correction_bias.to(s.dtype) if self.topk_method == "noaux_tc" else s
+        if self.n_group > 1:
+            choice = self._limit_groups(choice)
+        with torch.no_grad():
+            topk_idx = torch.topk(choice, self.top_k, dim=-1, sorted=False)[1]
+        topk_weight = s.gather(1, topk_idx)
+        if self.norm_topk_prob:
+            topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
+        topk_weight = topk_weight * self.routed_scaling_factor
+        with torch.no_grad():
+            self.load += torch.bincount(topk_idx.flatten(), minlength=self.n_experts)
+        return topk_idx, topk_weight, s
+
+    def forward(self, x: torch.Tensor):
+        topk_idx, topk_weight, _ = self.route(x)
+        return topk_idx, topk_weight
+
+    def _limit_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """Keep the topk_group best groups per token, -inf elsewhere (group-limited routing, V3 §2.1.2).
+
+        noaux_tc scores a group by the sum of its two best biased affinities, as DeepSeek and Hugging Face do;
+        greedy (unbiased) scores a group by its best affinity, as DeepSeek-V2's group-limited greedy routing.
+        """
+        N = choice.shape[0]
+        grouped = choice.detach().view(N, self.n_group, self.n_experts // self.n_group)  # [N, G, E/G] (N may be 0)
+        if self.topk_method == "noaux_tc":
+            group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1)[0].sum(dim=-1)
+        else:
+            group_score = grouped.amax(dim=-1)
+        keep_groups = torch.topk(group_score, self.topk_group, dim=-1, sorted=False)[1]
+        keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep_groups, True)
+        keep = keep[:, :, None].expand_as(grouped).reshape(N, self.n_experts)
+        return choice.masked_fill(~keep, float("-inf"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Dispatch / combine
+# --------------------------------------------------------------------------------------------------------------------
+
+class Dispatcher:
+    """Moves token rows to the experts that process them and back.
+
+    dispatch(x [N, C], topk_idx [N, K], topk_weight [N, K]) -> (x_sorted [M, C], tokens_per_expert [E_local], ctx)
+        x_sorted holds the rows for THIS process's experts, grouped by local expert id in increasing order;
+        tokens_per_expert (int64 tensor, or a list of ints) gives the group sizes (sum = M).
+    combine(y_sorted [M, C], ctx) -> y [N, C]: for each token, the sum over its K choices of weight * expert output.
+    """
+
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor):
+        raise NotImplementedError
+
+    def combine(self, y_sorted: torch.Tensor, ctx) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LocalDispatcher(Dispatcher):
+    """All experts live in this process: permute rows by expert (stable argsort), un-permute with index_add."""
+
+    def __init__(self, n_experts: int):
+        self.n_experts = n_experts
+
+    def dispatch(self, x, topk_idx, topk_weight):
+        N, K = topk_idx.shape
+        flat = topk_idx.reshape(-1)                                          # [N*K], row n*K+k = (token n, choice k)
+        order = torch.argsort(flat, stable=True)
+        token = order // K                                                   # source token of each sorted row
+        x_sorted = x.index_select(0, token)                                  # [M, C]
+        tokens_per_expert = torch.bincount(flat, minlength=self.n_experts)
+        ctx = (token, topk_weight.reshape(-1).index_select(0, order), N)
+        return x_sorted, tokens_per_expert, ctx
+
+    def combine(self, y_sorted, ctx):
+        token, weight, N = ctx
+        # accumulate in fp32 at least: V3 §3.3 keeps the combine in higher precision than the expert GEMMs
+        acc = torch.promote_types(y_sorted.dtype, torch.float32)
+        y = y_sorted.new_zeros(N, y_sorted.shape[1], dtype=acc)
+        y.index_add_(0, token, y_sorted.to(acc) * weight.to(acc)[:, None])
+        return y.to(y_sorted.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Routed experts
+# --------------------------------------------------------------------------------------------------------------------
+
+GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
+    # torch._grouped_mm's backward rejects stride-0 (expanded) incoming gradients such as the one of .sum()
+    if t.requires_grad:
+        t.register_hook(lambda g: g.contiguous())
+    return t
+
+
+class Experts(nn.Module):
+    """The routed SwiGLU experts this process owns: `expert_ids` (a range of global ids, default all).
+
+    forward(x_sorted [M, C], tokens_per_expert [E_local]) -> [M, C]: rows grouped by local expert in order.
+    expert_impl=grouped runs one torch._grouped_mm per projection (offsets = cumulative group sizes; no host sync)
+    where it applies (float32/bfloat16/float16, hidden_size and moe_intermediate_size multiples of 16 bytes), and the
+    per-expert loop otherwise (float64 reference runs); expert_impl=loop always runs one matmul per expert.
+    """
+
+    def __init__(self, cfg, local_experts: Optional[range] = None):
+        super().__init__()
+        E, C, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.expert_ids = range(E) if local_experts is None else local_experts
+        ids = self.expert_ids
+        if not isinstance(ids, range) or len(ids) == 0 or ids.start < 0 or ids.stop > E or ids.step != 1:
+            raise ValueError(f"local_experts={local_experts!r}: must be a non-empty contiguous range inside [0, {E})")
+        self.impl = cfg.expert_impl
+        if self.impl not in ("grouped", "loop"):
+            raise ValueError(f"model.expert_impl={self.impl!r}: allowed: grouped, loop")
+        self.hidden, self.inter = C, I
+        n = len(self.expert_ids)
+        self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * I, C))           # [E_local, 2I, C]: gate rows, up rows
+        self.down_proj = nn.Parameter(torch.empty(n, C, I))                  # [E_local, C, I]
+
+    def forward(self, x_sorted: torch.Tensor, tokens_per_expert: Union[torch.Tensor, Sequence[int]]) -> torch.Tensor:
+        if self.impl == "grouped":
+            return self._grouped(x_sorted, tokens_per_expert)
+        return self._loop(x_sorted, tokens_per_expert)
+
+    # an expert-parallel rank calls the same function on the rows it received for its own experts
+    forward_local = forward
+
+    def grouped_mm_applies(self, x: torch.Tensor) -> bool:
+        """torch._grouped_mm takes float32/bfloat16/float16 with every row stride a multiple of 16 bytes."""
+        if x.dtype not in GROUPED_DTYPES:
+            return False
+        align = 16 // x.element_size()
+        return self.hidden % align == 0 and self.inter % align == 0
+
+    def _grouped(self, x, tokens_per_expert):
+        if not self.grouped_mm_applies(x):
+            # float64 (reference runs) or odd widths: the same computation, one expert at a time
+            return self._loop(x, tokens_per_expert)
+        counts = torch.as_tensor(tokens_per_expert, device=x.device)
+        offs = torch.cumsum(counts, dim=0).to(torch.int32)                   # end row of each expert's group
+        w_gu = self.gate_up_proj.to(x.dtype).transpose(1, 2)                 # [E, C, 2I] view, no copy
+        w_d = self.down_proj.to(x.dtype).transpose(1, 2)                     # [E, I, C]
+        gate_up = _contiguous_grad(torch._grouped_mm(x.contiguous(), w_gu, offs=offs))    # [M, 2I]
+        gate, up = gate_up.split(self.inter, dim=-1)
+        h = (F.silu(gate) * up).contiguous()                                 # [M, I]
+        return _contiguous_grad(torch._grouped_mm(h, w_d, offs=offs))       # [M, C]
+
+    def _loop(self, x, tokens_per_expert):
+        counts = tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert) else list(tokens_per_expert)
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            xe = x[start:start + n]
+            gate, up = F.linear(xe, self.gate_up_proj[e].to(x.dtype)).split(self.inter, dim=-1)
+            outs.append(F.linear(F.silu(gate) * up, self.down_proj[e].to(x.dtype)))
+            start += n
+        return torch.cat(outs, dim=0) if outs else x.new_zeros(0, self.hidden)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The MoE layer
+# --------------------------------------------------------------------------------------------------------------------
+
+class MoE(nn.Module):
+    """Router + routed experts + shared experts. Names follow Hugging Face: gate, experts, shared_experts.
+
+    Balance losses (optional, only while training): the sequence-wise loss of V3 eq. 17-20 (seq_aux_loss_alpha) and
+    the classic batch-wise auxiliary loss (aux_loss_alpha, Switch/GShard style, for comparisons). Their value is
+    left in `self.aux_loss` (with grad) for the model's final() to add; see balance.collect_aux_loss.
+    """
+
+    def __init__(self, cfg, local_experts: Optional[range] = None):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg, local_experts)
+        n_shared = cfg.n_shared_experts
+        self.shared_experts = SwiGLU(cfg.hidden_size, n_shared * cfg.moe_intermediate_size) if n_shared else None
+        self.dispatcher: Dispatcher = LocalDispatcher(cfg.n_routed_experts)
+        self.seq_aux_loss_alpha = getattr(cfg, "seq_aux_loss_alpha", 0.0)
+        self.aux_loss_alpha = getattr(cfg, "aux_loss_alpha", 0.0)
+        self.aux_loss: Optional[torch.Tensor] = None
+
+    def route(self, x: torch.Tensor):
+        """Stage 1. x [B, T, C] -> tokens [N, C], topk_idx [N, K], topk_weight [N, K] (+ the balance loss)."""
+        B, T, C = x.shape
+        flat = x.reshape(B * T, C)
+        topk_idx, topk_weight, scores = self.gate.route(flat)
+        if self.training and (self.seq_aux_loss_alpha > 0 or self.aux_loss_alpha > 0):
+            self.aux_loss = self.balance_loss(scores, topk_idx, B, T)
+        return flat, topk_idx, topk_weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.dispatcher, LocalDispatcher) and len(self.experts.expert_ids) != self.n_experts:
+            raise ValueError(f"local_experts={self.experts.expert_ids!r}: a partial expert set needs an "
+                             f"expert-parallel dispatcher (moe.dispatcher)")
+        flat, topk_idx, topk_weight = self.route(x)
+        x_sorted, tokens_per_expert, ctx = self.dispatcher.dispatch(flat, topk_idx, topk_weight)   # stage 2
+        y_sorted = self.experts(x_sorted, tokens_per_expert)                                        # stage 3
+        y = self.dispatcher.combine(y_sorted, ctx)                                                  # stage 4
+        if self.shared_experts is not None:  # independent of routing: can run while tokens travel
+            y = y + self.shared_experts(flat)
+        return y.view(x.shape)
+
+    def balance_loss(self, scores: torch.Tensor, topk_idx: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        """alpha * sum_i f_i P_i with f_i = E/(K*T) * #tokens picking i and P_i = mean normalized affinity.
+
+        Sequence-wise (V3 eq. 17-20): f and P per sequence, loss averaged over the B sequences.
+        Batch-wise (classic): f and P over all B*T tokens.
+        """
+        E, K = self.n_experts, self.top_k
+        s_norm = scores / scores.sum(dim=-1, keepdim=True)                  # s'_{i,t}: normalized over experts
+        loss = scores.new_zeros(())
+        if self.seq_aux_loss_alpha > 0:
+            hits = torch.zeros(B, E, device=scores.device, dtype=scores.dtype)
+            hits.scatter_add_(1, topk_idx.view(B, T * K), torch.ones_like(topk_idx.view(B, T * K), dtype=scores.dtype))
+            f = hits * (E / (K * T))                                         # [B, E]
+            P = s_norm.view(B, T, E).mean(dim=1)                             # [B, E]
+            loss = loss + self.seq_aux_loss_alpha * (f * P).sum(dim=1).mean()
+        if self.aux_loss_alpha > 0:
+            hits = torch.bincount(topk_idx.flatten(), minlength=E).to(scores.dtype)
+            f = hits * (E / (K * B * T))
+            P = s_norm.mean(dim=0)
+            loss = loss + self.aux_loss_alpha * (f * P).sum()
+        return loss

@@ -1,0 +1,276 @@
+"""Communication plumbing for expert parallelism: the NCCL SM budget, a communication stream, an emulated link for
+CPU benchmarks, and the trace every exchange leaves behind.
+
+DeepSeek-V3 gives 20 of the H800's 132 SMs to all communication and the rest to compute (V3 §3.2.2). NCCL takes that
+limit as CTAs per communicator (`max_ctas`/`min_ctas`), set when the process group is created: `new_ep_group` builds
+the expert-parallel group with it. On CPU (gloo) nothing of the sort exists, and we say so once instead of pretending.
+
+Exposed communication = the time a caller spends blocked in `wait()` on an exchange; the rest of the exchange ran
+under compute. Every exchange records (start, completion, waited) in `TRACE`, so overlap schedules can report both.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+_said_not_applicable = False
+
+
+def _check_sm_budget(sm_budget) -> None:
+    if not isinstance(sm_budget, int) or isinstance(sm_budget, bool) or sm_budget < 1:
+        raise ValueError(f"parallel.comm.sm_budget={sm_budget!r}: must be a positive int "
+                         f"(SMs / CTAs for communication)")
+
+
+def nccl_options(sm_budget: int):
+    """ProcessGroupNCCL.Options that cap NCCL at `sm_budget` CTAs on a high-priority stream; None without NCCL.
+
+    max_ctas = min_ctas = sm_budget pins the communicator's footprint (V3 §3.2.2: 20 SMs), so the remaining SMs are
+    guaranteed to compute. Without NCCL (CPU builds, gloo) it returns None and logs one line, once per process.
+    """
+    global _said_not_applicable
+    _check_sm_budget(sm_budget)
+    if not dist.is_nccl_available():
+        if not _said_not_applicable:
+            log.warning(f"parallel.comm.sm_budget={sm_budget}: not applicable on gloo/CPU (NCCL CTA limits need CUDA)")
+            _said_not_applicable = True
+        return None
+    opts = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
+    opts.config.max_ctas = sm_budget
+    opts.config.min_ctas = sm_budget
+    return opts
+
+
+def new_ep_group(ranks: Sequence[int], backend: Optional[str] = None, sm_budget: int = 20):
+    """dist.new_group for an expert-parallel group; NCCL groups get the SM budget of `nccl_options`.
+
+    Like dist.new_group, every rank of the world must call it with the same arguments, in the same order.
+    """
+    _check_sm_budget(sm_budget)
+    backend = backend or dist.get_backend()
+    opts = nccl_options(sm_budget) if backend == "nccl" else None
+    if backend != "nccl":
+        nccl_options(sm_budget)  # logs the not-applicable line (once)
+    return dist.new_group(list(ranks), backend=backend, pg_options=opts)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Communication stream
+# --------------------------------------------------------------------------------------------------------------------
+
+class CommStream:
+    """Where collectives are launched. On CUDA: a dedicated high-priority stream, ordered against the compute stream by
+    events; on CPU: nothing (gloo already moves data on its own thread).
+
+        with comm.launch() as done:     # comm stream waits for what compute queued so far (inputs are ready)
+            work = dist.all_to_all_single(..., async_op=True)
+        ...compute...
+        done.wait()                    # compute stream waits for the comm stream's work before using the output
+
+    NCCL kernels launched on the comm stream run concurrently with compute kernels on the default stream.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", priority: int = -1):
+        self.device = torch.device(device)
+        self.stream = None
+        if self.device.type == "cuda":
+            self.stream = torch.cuda.Stream(self.device, priority=priority)
+
+    @contextlib.contextmanager
+    def launch(self) -> Iterator["StreamDone"]:
+        done = StreamDone()
+        if self.stream is None:
+            yield done
+            return
+        compute = torch.cuda.current_stream(self.device)
+        ready = torch.cuda.Event()
+        ready.record(compute)
+        self.stream.wait_event(ready)
+        with torch.cuda.stream(self.stream):
+            yield done
+        done.event = torch.cuda.Event()
+        done.event.record(self.stream)
+        done.compute = compute
+
+
+class StreamDone:
+    """The comm stream's 'finished' marker; wait() makes the compute stream wait for it (no-op on CPU)."""
+
+    def __init__(self):
+        self.event = None
+        self.compute = None
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.compute.wait_event(self.event)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Traces
+# --------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class ExchangeRecord:
+    """One exchange: perf_counter seconds. `end` is the completion (real, or modeled by an EmulatedLink, whichever is
+    later); `waited` is how long the caller sat in wait(), i.e. the exposed part of the exchange."""
+    name: str
+    nbytes: int                     # bytes this rank sent to other ranks (the self-slice moves no data on a link)
+    start: float
+    end: float = float("nan")
+    waited: float = 0.0
+    emulated: bool = False
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+
+@dataclass
+class CommRecorder:
+    """The latest `max_records` ExchangeRecords (a bounded deque: a long run does not grow without end);
+    `enabled=False` records nothing."""
+    enabled: bool = True
+    max_records: int = 100_000
+    records: deque = field(default_factory=deque)
+
+    def __post_init__(self):
+        self.records = deque(self.records, maxlen=self.max_records)
+
+    def add(self, rec: ExchangeRecord) -> None:
+        if self.enabled:
+            self.records.append(rec)
+
+    def clear(self) -> None:
+        self.records.clear()
+
+    def summary(self, names: Optional[Sequence[str]] = None) -> dict[str, float]:
+        """Totals in seconds: comm_s (sum of exchange durations), exposed_s (sum of waits), and the count."""
+        recs = [r for r in self.records if names is None or r.name in names]
+        return {"exchanges": len(recs), "comm_s": sum(r.duration for r in recs),
+                "exposed_s": sum(r.waited for r in recs), "bytes": sum(r.nbytes for r in recs)}
+
+
+TRACE = CommRecorder()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Emulated interconnect
+# --------------------------------------------------------------------------------------------------------------------
+
+class EmulatedLink:
+    """A modeled interconnect for CPU benchmarks: an exchange of B bytes takes latency + B / bandwidth, with the
+    bandwidth in gigaBITS per second as networks quote it (InfiniBand NDR 400 Gb/s = 50 GB/s, V3 §3.2.2).
+
+    Opt-in (parallel.comm.emulate_link={latency_us, gbps}); benchmark reports say when it is on. The delay lies on the
+    communication side: the exchange completes at max(real completion, start + modeled time), and only a caller that
+    waits before then is held back, so compute launched between start and wait() runs under the modeled transfer.
+    """
+
+    def __init__(self, latency_us: float = 0.0, gbps: float = 0.0):
+        for key, v in (("latency_us", latency_us), ("gbps", gbps)):
+            if not isinstance(v, (int, float)) or v < 0 or v != v:
+                raise ValueError(f"parallel.comm.emulate_link.{key}={v!r}: must be a number >= 0")
+        self.latency_us, self.gbps = float(latency_us), float(gbps)
+
+    @classmethod
+    def from_config(cls, spec) -> Optional["EmulatedLink"]:
+        """None for a null spec, else an EmulatedLink from {latency_us, gbps} (unknown keys are an error)."""
+        if spec is None:
+            return None
+        spec = dict(spec)
+        unknown = set(spec) - {"latency_us", "gbps"}
+        if unknown:
+            raise ValueError(f"parallel.comm.emulate_link has unknown keys {sorted(unknown)}: "
+                             f"allowed: latency_us, gbps")
+        return cls(**spec)
+
+    def seconds(self, nbytes: int) -> float:
+        """Modeled transfer time of nbytes: latency + bytes / (gbps * 1e9 / 8); gbps=0 means infinite bandwidth."""
+        transfer = nbytes * 8 / (self.gbps * 1e9) if self.gbps > 0 else 0.0
+        return self.latency_us * 1e-6 + transfer
+
+    def __repr__(self) -> str:
+        return f"EmulatedLink(latency_us={self.latency_us:g}, gbps={self.gbps:g})"
+
+
+class Exchange:
+    """A started exchange: wait() blocks until it is complete (really, and per the emulated link if any), runs the
+    `finish` callback once, records the trace and returns finish's result.
+
+    `work` is the torch.distributed Work of the collective (None for a world of one).
+    """
+
+    def __init__(self, name: str, work, nbytes: int, finish: Callable[[], object],
+                 link: Optional[EmulatedLink] = None, recorder: Optional[CommRecorder] = None,
+                 done: Optional[StreamDone] = None):
+        self.record = ExchangeRecord(name, nbytes, time.perf_counter(), emulated=link is not None)
+        self.work, self.finish, self.done = work, finish, done
+        self.recorder = TRACE if recorder is None else recorder
+        self.deadline = self.record.start + (link.seconds(nbytes) if link is not None else 0.0)
+        self._completed_at: Optional[float] = None if work is not None else self.record.start
+        self._lock = threading.Lock()
+        self._result = None
+        self._waited = False
+        if work is not None:
+            # the completion time is stamped by gloo/NCCL's own thread when the data has moved, even if nobody waits
+            work.get_future().add_done_callback(lambda _: self._stamp())
+
+    def _stamp(self) -> None:
+        with self._lock:
+            if self._completed_at is None:
+                self._completed_at = time.perf_counter()
+
+    def is_completed(self) -> bool:
+        real = self.work is None or self.work.is_completed()
+        return real and time.perf_counter() >= self.deadline
+
+    def wait(self):
+        if self._waited:
+            return self._result
+        t0 = time.perf_counter()
+        if self.work is not None:
+            self.work.wait()
+            self._stamp()
+        now = time.perf_counter()
+        if now < self.deadline:
+            time.sleep(self.deadline - now)
+        if self.done is not None:
+            self.done.wait()
+        t1 = time.perf_counter()
+        self.record.waited = t1 - t0
+        self.record.end = max(self._completed_at, self.deadline)
+        self.recorder.add(self.record)
+        self._result, self._waited = self.finish(), True
+        self.finish = None
+        return self._result
+
+
+def all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: Sequence[int], in_splits: Sequence[int],
+               group, name: str = "all_to_all", link: Optional[EmulatedLink] = None,
+               recorder: Optional[CommRecorder] = None, stream: Optional[CommStream] = None,
+               finish: Optional[Callable[[], object]] = None) -> Exchange:
+    """Start all_to_all_single of rows: inp [sum(in_splits), ...] -> out [sum(out_splits), ...]; returns an Exchange
+    whose wait() gives finish() (default: `out`).
+
+    The bytes charged to the link are the larger of what this rank sends to and receives from OTHER ranks (its own
+    slice is a local copy): a full-duplex link is busy for the larger direction.
+    """
+    me = dist.get_rank(group)
+    row = math.prod(inp.shape[1:]) * inp.element_size()                # bytes per row
+    sent = (sum(in_splits) - in_splits[me]) * row
+    received = (sum(out_splits) - out_splits[me]) * row
+    ctx = stream.launch() if stream is not None else contextlib.nullcontext(None)
+    with ctx as done:
+        work = dist.all_to_all_single(out, inp, list(out_splits), list(in_splits), group=group, async_op=True)
+    return Exchange(name, work, max(sent, received), finish or (lambda: out), link, recorder, done)

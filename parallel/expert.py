@@ -1,0 +1,348 @@
+"""Expert parallelism: MoE token dispatch/combine over an all-to-all, blocking and asynchronous.
+
+The routed experts of every MoE layer are split over the `ep` ranks of an expert-parallel group in contiguous
+blocks: ep rank r holds experts [r*E/ep, (r+1)*E/ep). One MoE layer on one rank then runs
+
+    route          x [N, C] -> topk_idx [N, K], topk_weight [N, K]
+    permute        the N*K (token, choice) rows sorted by expert = by destination rank, then expert   [M_send, C]
+    counts         all_to_all of the [ep, E_local] token counts (tiny)  -- the one host sync, see below
+    dispatch       all_to_all of the rows (optionally FP8, V3 §3.3)                                   [M_recv, C]
+    regroup        received rows are in [source rank][local expert] order; experts want [local expert][source rank]
+    experts        grouped GEMM over this rank's experts
+    combine        the same way back: un-regroup, reverse all_to_all (high precision), weighted sum on the SOURCE rank
+
+The routing weights never travel: each source rank multiplies the returned expert outputs by its own weights, so the
+gate's gradient stays local and the payload back is just the expert outputs.
+
+The host sync: the receive buffer's size and the split sizes of all_to_all_single must be known on the host, and only
+the peers know how many rows they will send. So `start_dispatch` exchanges the [ep, E_local] count matrix and reads it
+(`.tolist()`) before it can start the row exchange: on a GPU this waits for the router's kernels and the count
+exchange; nothing else in dispatch or combine syncs. Padding every expert to a fixed capacity would remove it, at the
+price of dropping or padding tokens; V3 drops none (§2.1.2), and DeepEP's normal kernels make the same CPU wait.
+
+Backward: the gradient of a dispatch is a combine-direction exchange of the row gradients and vice versa; `_Exchange`
+does that reverse all_to_all in its backward (blocking, recorded as "<name>.backward"). An FP8 dispatch sends its
+gradients back in the gradient's own precision (straight-through: the quantization is treated as the identity).
+A backward exchange exists only when its input needs a gradient, so every rank of the group must agree on that (the
+same model on every rank does: the layer's input requires grad everywhere or nowhere).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from framework.models.deepseek_v3.moe import Dispatcher, Experts, MoE
+from parallel import comm
+
+try:  # FP8 payloads need the quantizer of framework/fp8
+    from framework.fp8.quantize import dequantize_act, quantize_act
+except ImportError:  # pragma: no cover - only without framework/fp8
+    quantize_act = dequantize_act = None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Differentiable, startable all-to-all of rows
+# --------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Route:
+    """How rows travel: this rank sends in_splits[j] rows to rank j and receives out_splits[j] rows from rank j."""
+    out_splits: list[int]
+    in_splits: list[int]
+    group: object
+    name: str
+    link: Optional[comm.EmulatedLink]
+    recorder: Optional[comm.CommRecorder]
+    stream: Optional[comm.CommStream]
+    fp8: bool = False
+    pow2: bool = True
+
+    def reverse(self) -> "_Route":
+        return _Route(self.in_splits, self.out_splits, self.group, self.name + ".backward", self.link,
+                      self.recorder, self.stream)
+
+
+def _start(x: torch.Tensor, route: _Route, out: torch.Tensor) -> comm.Exchange:
+    """Start moving the rows of x [sum(in_splits), C] along `route` into out [sum(out_splits), C]."""
+    if not route.fp8:
+        return comm.all_to_all(out, x.contiguous(), route.out_splits, route.in_splits, route.group, route.name,
+                               route.link, route.recorder, route.stream)
+    # FP8 payload (V3 §3.3): 1x128 tiles with power-of-two scales, one uint8 row = C e4m3 bytes + G fp32 scales
+    C = x.shape[1]
+    q, scale = quantize_act(x.detach(), pow2=route.pow2)                       # [M, C] e4m3, [M, G] fp32
+    G = scale.shape[1]
+    payload = torch.cat([q.view(torch.uint8), scale.view(torch.uint8)], dim=1)  # [M, C + 4G]
+    received = payload.new_empty(sum(route.out_splits), C + 4 * G)
+
+    def unpack():
+        rq = received[:, :C].contiguous().view(torch.float8_e4m3fn)
+        rs = received[:, C:].contiguous().view(torch.float32)
+        with torch.no_grad():
+            out.detach().copy_(dequantize_act(rq, rs, dtype=out.dtype))
+        return out
+
+    return comm.all_to_all(received, payload, route.out_splits, route.in_splits, route.group, route.name,
+                           route.link, route.recorder, route.stream, finish=unpack)
+
+
+class _Exchange(torch.autograd.Function):
+    """out = all_to_all(x) along a route. forward only STARTS the exchange: it returns the (not yet filled) output and
+    leaves the Exchange in `holder`; the caller must wait() on it before reading the output. backward sends the
+    gradient back along the reverse route, in the gradient's precision."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, route: _Route, holder: list):
+        ctx.route = route
+        out = x.new_empty((sum(route.out_splits), *x.shape[1:]))
+        holder.append(_start(x, route, out))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        back = ctx.route.reverse()
+        g = grad.new_empty((sum(back.out_splits), *grad.shape[1:]))
+        _start(grad, back, g).wait()
+        return g, None, None
+
+
+def _exchange(x: torch.Tensor, route: _Route) -> tuple[torch.Tensor, comm.Exchange]:
+    holder: list = []
+    out = _Exchange.apply(x, route, holder)
+    return out, holder[0]
+
+
+class Pending:
+    """A dispatch or combine in flight: wait() blocks until its exchange is done and returns the result."""
+
+    def __init__(self, exchange: comm.Exchange, finish):
+        self.exchange, self._finish, self._result, self._done = exchange, finish, None, False
+
+    def is_completed(self) -> bool:
+        return self.exchange.is_completed()
+
+    def wait(self):
+        if not self._done:
+            self.exchange.wait()
+            self._result, self._done, self._finish = self._finish(), True, None
+        return self._result
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The dispatcher
+# --------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class DispatchContext:
+    """What combine needs to bring the rows home (all index tensors live on x's device)."""
+    token: torch.Tensor          # [M_send] source token of each sent row (rows sorted by global expert)
+    weight: torch.Tensor         # [M_send] routing weight of each sent row
+    n_tokens: int                # N
+    send_splits: list[int]       # rows sent to each ep rank
+    recv_splits: list[int]       # rows received from each ep rank
+    unsort: torch.Tensor         # [M_recv] position in expert order of each row in [source][expert] order
+
+
+class ExpertParallelDispatcher(Dispatcher):
+    """The Dispatcher of moe.py across the ranks of `ep_group`; this rank's experts are
+    [r*E/ep, (r+1)*E/ep) for its rank r in the group.
+
+    fp8: send the dispatch payload as E4M3 1x128 tiles (+ fp32 scales, power-of-two when pow2), dequantized on
+    arrival; the combine stays in the activations' precision (V3 §3.3). link: an EmulatedLink that delays every
+    exchange (CPU benchmarks). recorder: where exchanges are traced (comm.TRACE by default). stream: a CommStream.
+    """
+
+    def __init__(self, n_experts: int, ep_group, fp8: bool = False, pow2_scales: bool = True,
+                 link: Optional[comm.EmulatedLink] = None, recorder: Optional[comm.CommRecorder] = None,
+                 stream: Optional[comm.CommStream] = None, name: str = "moe"):
+        self.group = ep_group
+        self.ep = dist.get_world_size(ep_group)
+        self.ep_rank = dist.get_rank(ep_group)
+        if n_experts % self.ep:
+            raise ValueError(f"model.n_routed_experts={n_experts}: must be a multiple of parallel.ep={self.ep}")
+        if fp8 and quantize_act is None:
+            raise ValueError("fp8.dispatch=true: framework.fp8.quantize is not available; set fp8.dispatch=false")
+        self.n_experts, self.n_local = n_experts, n_experts // self.ep
+        self.fp8, self.pow2, self.link, self.recorder, self.stream = fp8, pow2_scales, link, recorder, stream
+        self.name = name
+
+    @property
+    def local_experts(self) -> range:
+        return range(self.ep_rank * self.n_local, (self.ep_rank + 1) * self.n_local)
+
+    def _route(self, what: str, out_splits, in_splits, fp8: bool = False) -> _Route:
+        return _Route(list(out_splits), list(in_splits), self.group, f"{self.name}.{what}", self.link,
+                      self.recorder, self.stream, fp8, self.pow2)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    def start_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> Pending:
+        """Start a dispatch; wait() gives (x_sorted [M_recv, C], tokens_per_expert [E_local], ctx).
+
+        Returns once the row exchange is in flight: compute launched before wait() runs under it.
+        """
+        if (x.dim() != 2 or topk_idx.dim() != 2 or topk_idx.shape[0] != x.shape[0]
+                or topk_weight.shape != topk_idx.shape):
+            raise ValueError(f"dispatch: x [N, C], topk_idx [N, K] and topk_weight [N, K] expected, got "
+                             f"{tuple(x.shape)}, {tuple(topk_idx.shape)}, {tuple(topk_weight.shape)}")
+        N, K = topk_idx.shape
+        ep, E_local = self.ep, self.n_local
+        # permute: sorting by global expert also sorts by destination rank (experts are contiguous per rank)
+        flat = topk_idx.reshape(-1)                                            # [N*K]
+        order = torch.argsort(flat, stable=True)
+        token = order // K                                                     # [M_send]
+        x_send = x.index_select(0, token)                                      # [M_send, C]
+        weight = topk_weight.reshape(-1).index_select(0, order)                # [M_send]
+        send_counts = torch.bincount(flat, minlength=self.n_experts)           # [ep * E_local]
+        # counts: recv_counts[j, e] = rows rank j sends to my local expert e; .tolist() is the host sync
+        recv_counts = torch.empty_like(send_counts)
+        counts_route = self._route("counts", [E_local] * ep, [E_local] * ep)
+        comm.all_to_all(recv_counts, send_counts, counts_route.out_splits, counts_route.in_splits, self.group,
+                        counts_route.name, self.link, self.recorder, self.stream).wait()
+        recv_counts = recv_counts.view(ep, E_local)
+        send_splits = send_counts.view(ep, E_local).sum(dim=1).tolist()
+        recv_splits = recv_counts.sum(dim=1).tolist()
+        x_recv, exchange = _exchange(x_send, self._route("dispatch", recv_splits, send_splits, fp8=self.fp8))
+
+        def regroup():
+            # [source][local expert] -> [local expert][source]: a stable sort on the local expert id of each row
+            expert_of_row = torch.arange(E_local, device=x.device).repeat(ep).repeat_interleave(recv_counts.reshape(-1))
+            by_expert = torch.argsort(expert_of_row, stable=True)               # [M_recv]
+            unsort = torch.empty_like(by_expert)
+            unsort[by_expert] = torch.arange(by_expert.numel(), device=x.device)
+            x_sorted = x_recv.index_select(0, by_expert)                       # [M_recv, C]
+            tokens_per_expert = recv_counts.sum(dim=0)                         # [E_local]
+            return x_sorted, tokens_per_expert, DispatchContext(token, weight, N, send_splits, recv_splits, unsort)
+
+        return Pending(exchange, regroup)
+
+    def start_combine(self, y_sorted: torch.Tensor, ctx: DispatchContext) -> Pending:
+        """Start sending expert outputs home; wait() gives y [N, C] = sum_k w_k * expert_k(x) per token."""
+        y_recv = y_sorted.index_select(0, ctx.unsort)                          # [M_recv, C] in [source][expert]
+        y_back, exchange = _exchange(y_recv, self._route("combine", ctx.send_splits, ctx.recv_splits))
+
+        def weighted_sum():
+            # accumulate in fp32 at least (V3 §3.3 keeps the combine in higher precision), as LocalDispatcher does
+            acc = torch.promote_types(y_back.dtype, torch.float32)
+            y = y_back.new_zeros(ctx.n_tokens, y_back.shape[1], dtype=acc)
+            y = y.index_add(0, ctx.token, y_back.to(acc) * ctx.weight.to(acc)[:, None])
+            return y.to(y_sorted.dtype)
+
+        return Pending(exchange, weighted_sum)
+
+    # the names the overlap code uses
+    dispatch_async = start_dispatch
+    combine_async = start_combine
+
+    def dispatch(self, x, topk_idx, topk_weight):
+        return self.start_dispatch(x, topk_idx, topk_weight).wait()
+
+    def combine(self, y_sorted, ctx):
+        return self.start_combine(y_sorted, ctx).wait()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Placing experts and routing groups
+# --------------------------------------------------------------------------------------------------------------------
+
+def local_expert_range(n_experts: int, ep: int, ep_rank: int) -> range:
+    """The contiguous experts of ep rank `ep_rank`."""
+    if ep < 1 or n_experts % ep:
+        raise ValueError(f"parallel.ep={ep}: must divide model.n_routed_experts={n_experts}")
+    if not 0 <= ep_rank < ep:
+        raise ValueError(f"ep_rank={ep_rank}: must be in [0, {ep})")
+    n = n_experts // ep
+    return range(ep_rank * n, (ep_rank + 1) * n)
+
+
+def group_ranks(n_group: int, ep: int) -> list[range]:
+    """The ep ranks that hold each routing group: group g = experts [g*E/n_group, (g+1)*E/n_group).
+
+    Node-limited routing (V3 §2.1.2, topk_method=noaux_tc): set model.n_group to the number of nodes the ep group
+    spans and model.topk_group to M; ranks of a node are contiguous in the ep group (torchrun numbers ranks node by
+    node and the mesh keeps that order), so group g is exactly node g's experts and every token reaches at most M
+    nodes. n_group = ep makes each rank its own "node" (what the CPU tests use); n_group a multiple of ep puts several
+    groups on one rank. Returns ep ranges, one per group.
+    """
+    if n_group < 1 or ep < 1 or (n_group % ep and ep % n_group):
+        raise ValueError(f"model.n_group={n_group}: must divide or be a multiple of parallel.ep={ep} "
+                         f"for groups to map onto whole ranks")
+    if n_group >= ep:
+        per = n_group // ep
+        return [range(g // per, g // per + 1) for g in range(n_group)]
+    span = ep // n_group
+    return [range(g * span, (g + 1) * span) for g in range(n_group)]
+
+
+def _experts_like(old: Experts, n_experts: int, local: range) -> Experts:
+    spec = SimpleNamespace(n_routed_experts=n_experts, hidden_size=old.hidden, moe_intermediate_size=old.inter,
+                           expert_impl=old.impl)
+    new = Experts(spec, local).to(device=old.gate_up_proj.device, dtype=old.gate_up_proj.dtype)
+    lo, hi = local.start - old.expert_ids.start, local.stop - old.expert_ids.start
+    if lo < 0 or hi > len(old.expert_ids):
+        raise ValueError(f"local_experts={local!r}: the module holds only experts {old.expert_ids!r}")
+    with torch.no_grad():
+        new.gate_up_proj.copy_(old.gate_up_proj[lo:hi])
+        new.down_proj.copy_(old.down_proj[lo:hi])
+    new.gate_up_proj.requires_grad_(old.gate_up_proj.requires_grad)
+    new.down_proj.requires_grad_(old.down_proj.requires_grad)
+    return new
+
+
+def mark_expert_params(module: nn.Module) -> None:
+    """Flag routed-expert parameters: data_parallel.reduce_gradients reduces them over edp_group, not dp_group."""
+    for m in module.modules():
+        if isinstance(m, Experts):
+            for p in m.parameters():
+                p._duet_expert = True
+
+
+def apply_expert_parallel(model: nn.Module, mesh, cfg=None, fp8_dispatch: Optional[bool] = None,
+                          link: Optional[comm.EmulatedLink] = None, recorder: Optional[comm.CommRecorder] = None,
+                          stream: Optional[comm.CommStream] = None) -> nn.Module:
+    """Shard every MoE layer of `model` over mesh.ep_group, in place; returns the model.
+
+    Each MoE keeps only this rank's experts, copied from the full (or larger) Experts module it had, so a model built
+    with the same seed on every rank holds exactly the experts of the single-process model; the layer gets an
+    ExpertParallelDispatcher. Expert parameters are marked (p._duet_expert). cfg (the full Config, optional) supplies
+    fp8.dispatch and parallel.comm.emulate_link; explicit arguments win. The dispatch payload always uses
+    power-of-two scales, as V3 §3.3 does (fp8.pow2_scales is about the GEMMs). With ep == 1 the experts are only
+    marked.
+    """
+    pow2 = True
+    if cfg is not None:
+        fp8_dispatch = bool(cfg.fp8.dispatch) if fp8_dispatch is None else fp8_dispatch
+        link = link if link is not None else comm.EmulatedLink.from_config(cfg.parallel.comm.emulate_link)
+    fp8_dispatch = bool(fp8_dispatch)
+    if mesh.ep > 1:
+        if mesh.ep_group is None:
+            raise ValueError(f"parallel.ep={mesh.ep}: the mesh has no expert-parallel group (single process?)")
+        if dist.get_rank(mesh.ep_group) != mesh.ep_rank:
+            raise ValueError(f"ep_group rank {dist.get_rank(mesh.ep_group)} != mesh.ep_rank {mesh.ep_rank}: "
+                             f"experts would be misplaced")
+        if stream is None and mesh.device.type == "cuda":
+            stream = comm.CommStream(mesh.device)
+    for name, moe in model.named_modules():
+        if not isinstance(moe, MoE):
+            continue
+        local = local_expert_range(moe.n_experts, mesh.ep, mesh.ep_rank)
+        if mesh.ep > 1:
+            if moe.experts.expert_ids != local:
+                moe.experts = _experts_like(moe.experts, moe.n_experts, local)
+            moe.dispatcher = ExpertParallelDispatcher(moe.n_experts, mesh.ep_group, fp8=fp8_dispatch,
+                                                      pow2_scales=pow2, link=link, recorder=recorder,
+                                                      stream=stream, name=name or "moe")
+        mark_expert_params(moe)
+    return model
+
+
+def ranks_per_token(topk_idx: torch.Tensor, n_experts: int, ep: int) -> torch.Tensor:
+    """[N] number of distinct ep ranks each token is sent to (node-limited routing keeps it <= topk_group)."""
+    owner = topk_idx // (n_experts // ep)                                      # [N, K]
+    hit = torch.zeros(topk_idx.shape[0], ep, dtype=torch.bool, device=topk_idx.device)
+    hit.scatter_(1, owner, True)
+    return hit.sum(dim=1)

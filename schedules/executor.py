@@ -1,0 +1,637 @@
+"""Run one rank's action list: the only place where a schedule touches torch.distributed.
+
+A schedule (schedules/<name>.py) is data: an ordered list of `Action`s per rank. `PipelineExecutor.run` walks this
+rank's list once per training step:
+
+  F   stage forward of one micro-batch; a first stage reads the caller's inputs, a last stage computes the loss
+  B   input-gradient backward; linears that support it (weight_grad.py) leave their weight gradient for a later W
+  W   runs the weight-gradient closures B left for the same (stage, micro-batch)
+  BW  full backward
+  FB  forward of one chunk with the backward of another; a stage class may overlap them (the DualPipe hook)
+  SEND_* / RECV_*  posted, not waited on: consecutive ones go out as one batch_isend_irecv, a received tensor is
+      waited for only when a computation needs it, and a sent activation's storage is released once the send is
+      done (its autograd graph stays, to run backward with the gradient that comes back).
+
+Neighbouring stages on the same rank (DualPipeV's turn) hand tensors over directly, with no communication action.
+`mirror_grads` sums the gradients of DualPipe's two copies of each model part (V3 §3.2.1: rank r holds part r of
+one direction and part PP-1-r of the other, so every part lives on two ranks).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .actions import COMM_OPS, Action, Layout
+from .weight_grad import WeightGradStore
+
+Shapes = Sequence[Sequence[int]]
+Span = tuple  # (start_s, end_s, Action | str)
+
+
+@dataclass
+class StepResult:
+    """What one step produced on this rank.
+
+    losses   micro-batch -> detached loss, for micro-batches whose last stage is on this rank
+    outputs  micro-batch -> tuple of detached last-stage outputs (only when asked for)
+    trace    (start, end, what) in seconds from the step start: `what` is the Action for a computation, or a
+             string "wait <RECV action>" / "wait sends" for time spent blocked on communication
+    freed_bytes  activation storage released after its send (what the backward no longer needs to hold)
+    start_time   time.time() at the step start, to line up the traces of several processes
+    """
+    losses: dict[int, torch.Tensor] = field(default_factory=dict)
+    outputs: dict[int, tuple] = field(default_factory=dict)
+    trace: list[Span] = field(default_factory=list)
+    freed_bytes: int = 0
+    start_time: float = 0.0
+
+    @property
+    def compute_spans(self) -> list[Span]:
+        return [s for s in self.trace if isinstance(s[2], Action)]
+
+    @property
+    def comm_waits(self) -> list[Span]:
+        return [s for s in self.trace if isinstance(s[2], str)]
+
+
+def _as_tuple(out) -> tuple:
+    if isinstance(out, torch.Tensor):
+        return (out,)
+    if isinstance(out, (tuple, list)):
+        return tuple(out)
+    raise TypeError(f"a pipeline stage must return a tensor or a tuple/list of tensors, got {type(out).__name__}")
+
+
+def _loss_is_output(loss: torch.Tensor) -> torch.Tensor:
+    # The criterion handed to an overlap hook when the last stage computes its own loss from (x, labels).
+    return loss
+
+
+def _saved_by_own_node(t: torch.Tensor) -> bool:
+    """Whether the op that produced `t` saved `t` for its backward (relu, exp, sigmoid... save their result).
+
+    Releasing such an output's storage would corrupt the backward, so it is kept.
+    """
+    node = t.grad_fn
+    ptr = t.untyped_storage().data_ptr()
+    try:
+        saved = list(getattr(node, "saved_tensors", ()) or ())            # a custom autograd.Function
+        for name in dir(node):                                            # a built-in op: _saved_self, _saved_result...
+            if name.startswith("_saved_"):
+                v = getattr(node, name)
+                saved += [v] if isinstance(v, torch.Tensor) else list(v) if isinstance(v, (tuple, list)) else []
+    except RuntimeError:  # already released or not inspectable: keep the tensor to be safe
+        return True
+    return any(isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() == ptr for x in saved)
+
+
+def _freeable(t: torch.Tensor) -> bool:
+    # Only a fresh, non-view tensor made inside the stage is released; inputs, leaves and views belong to others.
+    return t.grad_fn is not None and t._base is None and not _saved_by_own_node(t)
+
+
+class _Recv:
+    """A posted receive: its buffers, and the requests to wait on before reading them."""
+
+    def __init__(self, action: Action, buffers: list[torch.Tensor]):
+        self.action, self.buffers, self.works = action, buffers, []
+
+
+class _Send:
+    """A posted send: the tensors on the wire (kept alive until done) and the activations to release after."""
+
+    def __init__(self, wire: list[torch.Tensor], frees: list[torch.Tensor]):
+        self.wire, self.frees, self.works = wire, frees, []
+
+
+class _SendWaiter:
+    """A thread that waits for posted sends in order and reports which are done."""
+
+    def __init__(self):
+        self._queue: queue.Queue = queue.Queue()
+        self._done: set[int] = set()
+        self._lock = threading.Lock()
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._loop, name="pipeline-send-waiter", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (send := self._queue.get()) is not None:
+            try:
+                for w in send.works:
+                    w.wait()
+            except BaseException as e:  # handed to the main thread at its next look
+                self._error = e
+            with self._lock:
+                self._done.add(id(send))
+            self._queue.task_done()
+        self._queue.task_done()
+
+    def submit(self, sends: list[_Send]) -> None:
+        for send in sends:
+            self._queue.put(send)
+
+    def take_done(self, sends: list[_Send], wait: bool) -> list[_Send]:
+        if wait:
+            self._queue.join()
+        if self._error is not None:
+            raise self._error
+        with self._lock:
+            done = [s for s in sends if id(s) in self._done]
+            self._done -= {id(s) for s in done}
+        return done
+
+    def close(self) -> None:
+        # not joined: after a failure a send may never complete, and the thread must not hold the caller
+        self._queue.put(None)
+
+
+class PipelineExecutor:
+    """Executes action lists (schedules/actions.py) for the stages this rank holds.
+
+    layout         which rank holds which virtual stage
+    stage_modules  virtual stage -> module, exactly the stages `layout` puts on this rank
+    group          process group of the pipeline ranks (default: the world); with `rank_mapping`,
+                   pipeline rank = rank_mapping[group rank], as in deepseek-ai/DualPipe
+    criterion      loss = criterion(*outputs, *labels) at a last stage; None: the last stage module is called as
+                   module(*x, *labels) and returns the scalar loss itself
+    p2p_shapes     shapes of the tensors one stage sends the next, per micro-batch: a list of shapes (every
+                   boundary alike) or {sending stage: list of shapes}; gradients travel with the same shapes
+    p2p_dtype      a dtype, or one per tensor (a list), or {sending stage: list}; default: the stages' parameter dtype
+    device         where received tensors live; default: the device of the stages' parameters
+    free_sent_outputs  release the storage of an activation once it is sent, as deepseek-ai/DualPipe does. Views,
+                   leaves and outputs saved by the op that made them (relu, tanh...) are kept; an output that a
+                   later op inside the same stage saves is not detected: turn this off for such a stage
+    """
+
+    def __init__(self, layout: Layout, stage_modules: dict[int, nn.Module], group=None,
+                 rank_mapping: Optional[Sequence[int]] = None, criterion: Optional[Callable] = None,
+                 p2p_shapes: Union[Shapes, dict, None] = None, p2p_dtype=None, device=None,
+                 free_sent_outputs: bool = True):
+        self.layout = layout
+        self.group = group
+        size = dist.get_world_size(group)
+        if size != layout.pp:
+            raise ValueError(f"group of size {size} for layout.pp={layout.pp}: the group must hold exactly the "
+                             f"pipeline ranks")
+        if rank_mapping is None:
+            rank_mapping = list(range(size))
+        if sorted(rank_mapping) != list(range(size)):
+            raise ValueError(f"rank_mapping={list(rank_mapping)!r}: must be a permutation of 0..{size - 1}")
+        self.rank = rank_mapping[dist.get_rank(group)]
+        # pipeline rank -> global rank, what P2POp addresses
+        group_rank_of = {p: g for g, p in enumerate(rank_mapping)}
+        self._global = [dist.get_global_rank(group, group_rank_of[p]) if group is not None else group_rank_of[p]
+                        for p in range(size)]
+
+        mine = layout.stages_of(self.rank)
+        if sorted(stage_modules) != mine:
+            raise ValueError(f"stage_modules keys {sorted(stage_modules)}: pipeline rank {self.rank} holds "
+                             f"stages {mine}")
+        self.stage_modules = stage_modules
+        self.criterion = criterion
+        params = [p for m in stage_modules.values() for p in m.parameters()]
+        if device is None:
+            device = params[0].device if params else "cpu"
+        self.device = torch.device(device)
+        floats = [p.dtype for p in params if p.is_floating_point()]
+        self.p2p_shapes = p2p_shapes
+        self.p2p_dtype = p2p_dtype if p2p_dtype is not None else (floats[0] if floats else torch.float32)
+        self.free_sent_outputs = free_sent_outputs
+
+    # ------------------------------------------------------------------ public
+    def run(self, actions: Sequence[Action], num_microbatches: int, inputs: Optional[dict] = None,
+            labels: Optional[dict] = None, train: bool = True, return_outputs: bool = False,
+            trace: bool = False) -> StepResult:
+        """Execute this rank's `actions` for one step; gradients accumulate into the stages' parameters."""
+        if not isinstance(num_microbatches, int) or num_microbatches < 1:
+            raise ValueError(f"num_microbatches={num_microbatches!r}: must be an integer >= 1")
+        mine = set(self.stage_modules)
+        for a in actions:
+            held = [a.stage] if a.op not in ("RECV_F", "RECV_B") else []
+            for s in held + ([a.stage2] if a.stage2 is not None else []):
+                if s not in mine:
+                    raise ValueError(f"action {a}: stage {s} is not held by pipeline rank {self.rank} "
+                                     f"(holds {sorted(mine)})")
+            if not 0 <= a.mb < num_microbatches or (a.mb2 is not None and not 0 <= a.mb2 < num_microbatches):
+                raise ValueError(f"action {a}: micro-batch outside 0..{num_microbatches - 1} "
+                                 f"(num_microbatches={num_microbatches})")
+
+        self._inputs = {mb: _as_tuple(x) for mb, x in (inputs or {}).items()}
+        self._labels = {mb: _as_tuple(y) for mb, y in (labels or {}).items()}
+        self._train, self._return_outputs = train, return_outputs
+        self._result = StepResult()
+        self._t0 = time.perf_counter()
+        self._result.start_time = time.time()
+        self._trace = trace
+        self._stage_in: dict = {}      # (stage, mb) -> tuple of the stage's inputs (kept for the input gradient)
+        self._stage_out: dict = {}     # (stage, mb) -> outputs kept for backward (or until sent, without grad)
+        self._loss_graph: dict = {}    # (last stage, mb) -> loss with its graph, until its backward
+        self._out_grads: dict = {}     # (stage, mb) -> gradients of the stage's outputs, handed over locally
+        self._in_grads: dict = {}      # (stage, mb) -> gradients of the stage's inputs, waiting for SEND_B
+        self._wgrads: dict = {}        # (stage, mb) -> deferred weight-gradient closures, waiting for W
+        self._local_in: dict = {}      # (stage, mb) -> input handed over by a neighbouring stage on this rank
+        self._recvs: dict = {}         # ("F"|"B", sending stage, mb) -> _Recv, posted and not yet consumed
+        self._ops: list = []           # (P2POp, _Recv | _Send) of the batch being formed
+        self._sends: list = []         # posted _Send not yet known to be complete
+        # gloo reports a send complete only once someone waits for it: a thread does, so the main thread
+        # learns when an activation can be released without ever blocking on a send itself
+        self._send_waiter = _SendWaiter() if dist.get_backend(self.group) == "gloo" else None
+        WeightGradStore.clear()
+        try:
+            with torch.enable_grad() if train else torch.no_grad():
+                for a in actions:
+                    if a.op in COMM_OPS:
+                        self._post(a)
+                        continue
+                    self._flush()
+                    self._start = None
+                    getattr(self, "_do_" + a.op)(a)
+                    if trace:
+                        end = self._now()
+                        self._result.trace.append((self._start if self._start is not None else end, end, a))
+            self._flush()
+            self._finish_sends(wait=True)
+            self._check_drained()
+        finally:
+            WeightGradStore.clear()
+            if self._send_waiter is not None:
+                self._send_waiter.close()
+            result, self._result = self._result, None
+            self._stage_in = self._stage_out = self._loss_graph = self._out_grads = self._in_grads = None
+            self._wgrads = self._local_in = self._recvs = self._ops = self._sends = None
+            self._inputs = self._labels = None
+        return result
+
+    # ------------------------------------------------------------------ computation
+    def _do_F(self, a: Action) -> None:
+        x = self._stage_inputs(a.stage, a.mb)
+        self._begin()
+        outputs, loss = self._forward(a.stage, a.mb, x)
+        self._after_forward(a.stage, a.mb, x, outputs, loss)
+
+    def _do_B(self, a: Action) -> None:
+        self._backward(a.stage, a.mb, split=True)
+
+    def _do_BW(self, a: Action) -> None:
+        self._backward(a.stage, a.mb, split=False)
+
+    def _do_W(self, a: Action) -> None:
+        if not self._train:
+            return
+        self._begin()
+        key = (a.stage, a.mb)
+        if key not in self._wgrads:
+            raise RuntimeError(f"action {a}: no B ran for stage {a.stage}, micro-batch {a.mb} before its W")
+        for func in self._wgrads.pop(key):
+            func()
+
+    def _do_FB(self, a: Action) -> None:
+        """Forward of (stage, mb) with the backward of (stage2, mb2).
+
+        The one place where a forward and a backward meet: a stage class that defines the deepseek-ai/DualPipe
+        classmethod `overlapped_forward_backward(module0, inputs0, criterion0, labels0, module1, loss1, outputs1,
+        output_grads1) -> (outputs0, loss0)` runs both halves its own way (e.g. one chunk's all-to-all under the
+        other's compute); otherwise the forward runs, then the backward.
+        """
+        if not self._train:
+            self._do_F(Action("F", a.stage, a.mb))
+            return
+        f_stage, f_mb, b_stage, b_mb, split = a.stage, a.mb, a.stage2, a.mb2, not a.full
+        m0, m1 = self.stage_modules[f_stage], self.stage_modules[b_stage]
+        hook = getattr(type(m0), "overlapped_forward_backward", None)
+        if hook is None or type(m0) is not type(m1):
+            self._do_F(Action("F", f_stage, f_mb))
+            start = self._start
+            self._backward(b_stage, b_mb, split)
+            self._start = start
+            return
+
+        x = self._stage_inputs(f_stage, f_mb)
+        inputs0, criterion0, labels0 = list(x), None, []
+        if self.layout.is_last(f_stage):
+            labels = self._labels_of(f_mb)
+            if self.criterion is not None:
+                criterion0, labels0 = self.criterion, list(labels)
+            else:  # the stage computes its loss from (x, labels): its single output is the loss
+                inputs0, criterion0 = [*x, *labels], _loss_is_output
+        tensors1, grads1 = self._backward_seeds(b_stage, b_mb)
+        if self.layout.is_last(b_stage):
+            loss1, outputs1, output_grads1 = tensors1[0], [], []
+        else:
+            loss1, outputs1, output_grads1 = None, list(tensors1), list(grads1)
+        self._begin()
+        WeightGradStore.enabled = split
+        try:
+            outputs0, loss0 = hook(m0, inputs0, criterion0, labels0, m1, loss1, outputs1, output_grads1)
+        finally:
+            WeightGradStore.enabled = False
+        if self.layout.is_last(f_stage) and loss0 is None:
+            raise RuntimeError(f"{type(m0).__name__}.overlapped_forward_backward returned no loss for last "
+                               f"stage {f_stage}")
+        self._after_forward(f_stage, f_mb, x, _as_tuple(outputs0), loss0)
+        self._after_backward(b_stage, b_mb, split)
+
+    def _forward(self, stage: int, mb: int, x: tuple) -> tuple[tuple, Optional[torch.Tensor]]:
+        module = self.stage_modules[stage]
+        if not self.layout.is_last(stage):
+            return _as_tuple(module(*x)), None
+        has_labels = self._train or mb in self._labels
+        if self.criterion is not None:
+            outputs = _as_tuple(module(*x))
+            return outputs, (self.criterion(*outputs, *self._labels_of(mb)) if has_labels else None)
+        if not has_labels:
+            return _as_tuple(module(*x)), None
+        loss = module(*x, *self._labels_of(mb))
+        if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
+            raise TypeError(f"last stage {stage} ({type(module).__name__}) with criterion=None must return a scalar "
+                            f"loss from module(*x, *labels), got {type(loss).__name__}")
+        return (loss,), loss
+
+    def _after_forward(self, stage: int, mb: int, x: tuple, outputs: tuple, loss) -> None:
+        if self._train:
+            self._stage_in[(stage, mb)] = x
+        if self.layout.is_last(stage):
+            if loss is not None:
+                self._result.losses[mb] = loss.detach()
+                if self._train:
+                    self._loss_graph[(stage, mb)] = loss
+            if self._return_outputs:
+                self._result.outputs[mb] = tuple(o.detach() for o in outputs)
+            return
+        nxt = self.layout.next_stage(stage)
+        local = self.layout.stage_to_rank[nxt] == self.rank
+        if self._train or not local:
+            self._stage_out[(stage, mb)] = outputs
+        if local:  # the V turn: the next stage's input is this output, cut from this stage's graph
+            self._local_in[(nxt, mb)] = tuple(
+                o.detach().requires_grad_(self._train and o.requires_grad) for o in outputs)
+
+    def _backward_seeds(self, stage: int, mb: int) -> tuple[tuple, Optional[tuple]]:
+        """What to run backward from: (loss,), None at a last stage, else (outputs, their gradients)."""
+        if self.layout.is_last(stage):
+            return (self._loss_graph.pop((stage, mb)),), None
+        outputs = self._stage_out.pop((stage, mb))
+        grads = self._stage_out_grads(stage, mb)
+        floats = [o for o in outputs if o.is_floating_point()]
+        if len(floats) != len(grads):
+            raise RuntimeError(f"stage {stage} micro-batch {mb}: {len(floats)} floating outputs but "
+                               f"{len(grads)} gradients")
+        pairs = [(o, g) for o, g in zip(floats, grads) if o.requires_grad]
+        return tuple(o for o, _ in pairs), tuple(g for _, g in pairs)
+
+    def _backward(self, stage: int, mb: int, split: bool) -> None:
+        if not self._train:
+            return
+        tensors, grads = self._backward_seeds(stage, mb)
+        self._begin()
+        WeightGradStore.enabled = split
+        try:
+            if tensors:
+                torch.autograd.backward(tensors, grads)
+        finally:
+            WeightGradStore.enabled = False
+        self._after_backward(stage, mb, split)
+
+    def _after_backward(self, stage: int, mb: int, split: bool) -> None:
+        if split:
+            self._wgrads[(stage, mb)] = WeightGradStore.take_cache()
+        x = self._stage_in.pop((stage, mb))
+        prev = self.layout.prev_stage(stage)
+        if prev is None:
+            return
+        # one gradient per floating input, zeros where the input did not influence the loss: the receiver
+        # expects exactly that many tensors
+        grads = tuple(t.grad if t.grad is not None else torch.zeros_like(t) for t in x if t.is_floating_point())
+        if self.layout.stage_to_rank[prev] == self.rank:
+            self._out_grads[(prev, mb)] = grads
+        else:
+            self._in_grads[(stage, mb)] = grads
+
+    # ------------------------------------------------------------------ data a computation needs
+    def _stage_inputs(self, stage: int, mb: int) -> tuple:
+        if self.layout.is_first(stage):
+            if mb not in self._inputs:
+                raise ValueError(f"inputs has no micro-batch {mb}: stage {stage} on pipeline rank {self.rank} "
+                                 f"is a first stage and needs it (given: {sorted(self._inputs)})")
+            return self._inputs[mb]
+        if (stage, mb) in self._local_in:
+            return self._local_in.pop((stage, mb))
+        buffers = self._wait_recv(("F", self.layout.prev_stage(stage), mb))
+        if self._train:  # a received activation is a leaf of this stage's graph: its .grad goes back
+            for b in buffers:
+                if b.is_floating_point():
+                    b.requires_grad_(True)
+        return tuple(buffers)
+
+    def _stage_out_grads(self, stage: int, mb: int) -> tuple:
+        if (stage, mb) in self._out_grads:
+            return self._out_grads.pop((stage, mb))
+        return tuple(self._wait_recv(("B", self.layout.next_stage(stage), mb)))
+
+    def _labels_of(self, mb: int) -> tuple:
+        if mb not in self._labels:
+            raise ValueError(f"labels has no micro-batch {mb}: its last stage is on pipeline rank {self.rank} "
+                             f"(given: {sorted(self._labels)})")
+        return self._labels[mb]
+
+    # ------------------------------------------------------------------ communication
+    def _specs(self, sending_stage: int) -> list[tuple[tuple, torch.dtype]]:
+        """(shape, dtype) of each tensor the boundary after `sending_stage` carries."""
+        shapes = self.p2p_shapes
+        if isinstance(shapes, dict):
+            shapes = shapes.get(sending_stage)
+        if shapes is None:
+            raise ValueError(f"p2p_shapes: no shapes for the activations stage {sending_stage} sends; "
+                             f"give a list of shapes (every boundary) or {{stage: shapes}}")
+        dtypes = self.p2p_dtype
+        if isinstance(dtypes, dict):
+            dtypes = dtypes.get(sending_stage)
+        if isinstance(dtypes, torch.dtype):
+            dtypes = [dtypes] * len(shapes)
+        if dtypes is None or len(dtypes) != len(shapes):
+            raise ValueError(f"p2p_dtype={self.p2p_dtype!r}: need one dtype, or one per shape ({len(shapes)}) "
+                             f"for stage {sending_stage}")
+        return [(tuple(s), d) for s, d in zip(shapes, dtypes)]
+
+    def _tag(self, kind: str, sending_stage: int, mb: int) -> int:
+        # Unique per message, so gloo matches a send to its receive whatever order the two ranks post them in
+        # (NCCL ignores tags and matches in order, which the schedule verifier guarantees).
+        return (mb * self.layout.num_stages + sending_stage) * 2 + (kind == "B")
+
+    def _post(self, a: Action) -> None:
+        """Add a SEND/RECV to the batch being formed; it goes out at the next computation."""
+        lay = self.layout
+        if a.op in ("SEND_B", "RECV_B") and not self._train:
+            return
+        other = {"SEND_F": lay.next_stage, "SEND_B": lay.prev_stage}.get(a.op, lambda s: s)(a.stage)
+        if other is None or lay.stage_to_rank[other] != a.peer or a.peer == self.rank:
+            raise ValueError(f"action {a}: peer {a.peer} does not hold the neighbouring stage {other} "
+                             f"(stage_to_rank {lay.stage_to_rank})")
+        peer = self._global[a.peer]
+        if a.op in ("SEND_F", "SEND_B"):
+            if a.op == "SEND_F":
+                key = (a.stage, a.mb)
+                tensors = self._stage_out[key] if self._train else self._stage_out.pop(key)
+                frees = [t for t in tensors if self._train and self.free_sent_outputs and _freeable(t)]
+            else:
+                tensors, frees = self._in_grads.pop((a.stage, a.mb)), []
+            send = _Send([t.detach().contiguous() for t in tensors], frees)
+            tag = self._tag(a.op[-1], a.stage, a.mb)
+            self._ops += [(dist.P2POp(dist.isend, w, peer, self.group, tag), send) for w in send.wire]
+            return
+        kind = a.op[-1]
+        key = (kind, a.stage, a.mb)
+        if key in self._recvs:
+            raise RuntimeError(f"action {a}: this receive was already posted")
+        specs = self._specs(a.stage if kind == "F" else lay.prev_stage(a.stage))
+        if kind == "B":  # gradients exist for floating tensors only
+            specs = [(s, d) for s, d in specs if d.is_floating_point]
+        rec = self._recvs[key] = _Recv(a, [torch.empty(s, dtype=d, device=self.device) for s, d in specs])
+        tag = self._tag(kind, a.stage, a.mb)
+        self._ops += [(dist.P2POp(dist.irecv, b, peer, self.group, tag), rec) for b in rec.buffers]
+
+    def _flush(self) -> None:
+        """Post the batch formed so far as one batch_isend_irecv."""
+        if not self._ops:
+            self._finish_sends(wait=False)
+            return
+        ops, self._ops = self._ops, []
+        works = dist.batch_isend_irecv([op for op, _ in ops])
+        if len(works) == len(ops):
+            for w, (_, owner) in zip(works, ops):
+                owner.works.append(w)
+        else:  # a coalesced batch (NCCL) answers with one request for all its operations
+            for owner in {id(o): o for _, o in ops}.values():
+                owner.works += list(works)
+        new_sends = list({id(o): o for _, o in ops if isinstance(o, _Send)}.values())
+        self._sends += new_sends
+        if self._send_waiter is not None:
+            self._send_waiter.submit(new_sends)
+        self._finish_sends(wait=False)
+
+    def _wait_recv(self, key: tuple) -> list[torch.Tensor]:
+        rec = self._recvs.pop(key, None)
+        if rec is None:
+            kind, stage, mb = key
+            raise RuntimeError(f"no RECV_{kind} of stage {stage} micro-batch {mb} was posted before the computation "
+                               f"that needs it (pipeline rank {self.rank})")
+        if not rec.works:  # posted in the batch still being formed (cannot happen after _flush, kept for safety)
+            self._flush()
+        t = self._now()
+        for w in rec.works:
+            w.wait()
+        if self._trace:
+            self._result.trace.append((t, self._now(), f"wait {rec.action}"))
+        return rec.buffers
+
+    def _finish_sends(self, wait: bool) -> None:
+        """Release the activations whose sends are done; with `wait`, wait for all of them first."""
+        if not self._sends:
+            return
+        t = self._now()
+        if self._send_waiter is not None:
+            done = self._send_waiter.take_done(self._sends, wait)
+        elif wait:
+            for send in self._sends:
+                for w in send.works:
+                    w.wait()
+            done = list(self._sends)
+        else:
+            done = [send for send in self._sends if all(w.is_completed() for w in send.works)]
+        for send in done:
+            for out in send.frees:
+                # the data has left; the autograd node and the tensor's metadata stay for the backward
+                self._result.freed_bytes += out.untyped_storage().nbytes()
+                out.untyped_storage().resize_(0)
+        ids = {id(d) for d in done}
+        self._sends = [send for send in self._sends if id(send) not in ids]
+        if wait and self._trace:
+            self._result.trace.append((t, self._now(), "wait sends"))
+
+    def _check_drained(self) -> None:
+        """Everything a step starts must end in it: otherwise the action list was incomplete."""
+        left = {"posted receives never used": [str(r.action) for r in self._recvs.values()],
+                "weight gradients without W": [f"{s}.{m}" for s, m in self._wgrads],
+                "input gradients never sent": [f"{s}.{m}" for s, m in self._in_grads],
+                "local hand-overs never used": [f"{s}.{m}" for s, m in list(self._local_in) + list(self._out_grads)]}
+        if self._train:
+            left["forwards without backward"] = [f"{s}.{m}" for s, m in self._stage_in]
+        else:
+            left["activations never sent"] = [f"{s}.{m}" for s, m in self._stage_out]
+        left = {k: v for k, v in left.items() if v}
+        if left:
+            raise RuntimeError(f"pipeline rank {self.rank}: the action list left work unfinished: {left}")
+
+    # ------------------------------------------------------------------ timing
+    def _now(self) -> float:
+        return time.perf_counter() - self._t0
+
+    def _begin(self) -> None:
+        """Mark where a computation starts, after the waits for its data (those are traced on their own)."""
+        if self._start is None:
+            self._start = self._now()
+
+
+def mirror_grads(stage_modules: dict[int, nn.Module], layout: Layout, group=None,
+                 rank_mapping: Optional[Sequence[int]] = None) -> None:
+    """Sum the gradients of every model part held twice (DualPipe) so both copies hold the sum.
+
+    DualPipe runs part p on rank p (direction 0) and on rank PP-1-p (direction 1); each copy sees half of the
+    micro-batches, so the true gradient is the sum of the two. Each rank exchanges its copies' flattened
+    gradients with the mirror rank (one send and one receive per pair and dtype) and adds: a + b == b + a in
+    floating point, so both copies end bitwise equal and a step of the same optimizer keeps them equal.
+    No-op for layouts without duplicated parts. A missing .grad counts as zeros.
+    """
+    size = dist.get_world_size(group)
+    if rank_mapping is None:
+        rank_mapping = list(range(size))
+    rank = rank_mapping[dist.get_rank(group)]
+    group_rank_of = {p: g for g, p in enumerate(rank_mapping)}
+    # peer rank -> this rank's stages whose part also lives there, ordered by part (the same order on both sides)
+    by_peer: dict[int, list[int]] = {}
+    for s in sorted(stage_modules, key=lambda s: layout.stage_to_part[s]):
+        part = layout.stage_to_part[s]
+        for t in range(layout.num_stages):
+            if t != s and layout.stage_to_part[t] == part:
+                peer = layout.stage_to_rank[t]
+                if peer == rank:
+                    raise ValueError(f"layout puts two copies of part {part} on pipeline rank {rank}: "
+                                     f"nothing to mirror")
+                by_peer.setdefault(peer, []).append(s)
+    ops, pending = [], []
+    for peer, stages in sorted(by_peer.items()):
+        peer_global = dist.get_global_rank(group, group_rank_of[peer]) if group is not None else group_rank_of[peer]
+        # a parameter shared by two local parts (tied weights) is summed once: deduplicated in first-seen order,
+        # the same order on both sides since both walk the same parts
+        params = list({id(p): p for s in stages for p in stage_modules[s].parameters() if p.requires_grad}.values())
+        by_dtype: dict = {}
+        for p in params:
+            by_dtype.setdefault(p.dtype, []).append(p)
+        for dtype, ps in by_dtype.items():
+            mine = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps])
+            theirs = torch.empty_like(mine)
+            ops += [dist.P2POp(dist.isend, mine, peer_global, group),
+                    dist.P2POp(dist.irecv, theirs, peer_global, group)]
+            pending.append((ps, mine, theirs))
+    if not ops:
+        return
+    for w in dist.batch_isend_irecv(ops):
+        w.wait()
+    for ps, mine, theirs in pending:
+        total = mine + theirs
+        offset = 0
+        for p in ps:
+            g = total[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)

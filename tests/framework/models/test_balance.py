@@ -1,0 +1,113 @@
+"""Load balancing: the bias rule drives MaxVio down, the metrics and both balance losses follow their formulas."""
+from __future__ import annotations
+
+import torch
+
+from framework.config import ModelConfig
+from framework.models.deepseek_v3 import DeepSeekV3
+from framework.models.deepseek_v3.balance import (bias_update_rate, collect_aux_loss, expert_loads, max_vio,
+                                                  reset_loads, update_biases)
+from framework.models.deepseek_v3.moe import MoE, Router
+
+
+def cfg_(**kw) -> ModelConfig:
+    base = dict(name="deepseek_v3", vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                intermediate_size=32, max_position_embeddings=32, q_lora_rank=None, kv_lora_rank=8,
+                qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=4, n_routed_experts=16, num_experts_per_tok=4,
+                moe_intermediate_size=8, first_k_dense_replace=1, n_group=4, topk_group=2,
+                num_nextn_predict_layers=1, initializer_range=0.2, expert_impl="loop")
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def test_max_vio_and_bias_update_formulas():
+    loads = torch.tensor([[1.0, 1, 1, 1], [4, 0, 0, 0], [0, 0, 0, 0], [3, 1, 2, 2]])
+    assert max_vio(loads).tolist() == [0.0, 3.0, 0.0, 0.5]
+    model = torch.nn.ModuleList(Router(cfg_(n_routed_experts=4, n_group=1, topk_group=1, num_experts_per_tok=2))
+                                for _ in range(4))
+    update_biases(model, loads, 0.01)
+    for r, row in zip(model, loads):
+        want = 0.01 * torch.sign(row.mean() - row)                          # overloaded down, underloaded up
+        assert torch.equal(r.e_score_correction_bias, want)
+    c = cfg_(bias_update_rate=1e-3, bias_update_stop_fraction=0.9)
+    assert bias_update_rate(c, 0.5) == 1e-3 and bias_update_rate(c, 0.95) == 0.0
+
+
+def test_bias_update_balances_a_skewed_router():
+    """Experts aligned with the inputs' mean direction win most tokens; the sign rule alone evens the load."""
+    torch.manual_seed(0)
+    r = Router(cfg_())
+    torch.nn.init.normal_(r.weight, std=0.3)
+    direction = torch.randn(16)
+    with torch.no_grad():
+        r.weight += torch.linspace(-0.5, 0.5, 16)[:, None] * direction / direction.norm()
+    model = torch.nn.Sequential(r)
+    x = torch.randn(1024, 16) * 0.5 + direction
+    history = []
+    gate_before = r.weight.detach().clone()
+    for _ in range(400):
+        reset_loads(model)
+        r(x)
+        loads = expert_loads(model)
+        assert loads.shape == (1, 16) and loads.sum() == 1024 * 4
+        history.append(max_vio(loads).item())
+        update_biases(model, loads, 2e-3)
+    assert history[0] > 1.0
+    assert max(history[-100:]) < 0.2
+    # only the bias moved; the gate's weight is the optimizer's business
+    assert torch.equal(r.weight, gate_before) and r.e_score_correction_bias.abs().max() > 0.1
+
+
+def test_sequence_and_batch_balance_losses_match_their_formulas():
+    torch.manual_seed(0)
+    cfg = cfg_(seq_aux_loss_alpha=0.01, aux_loss_alpha=0.02)
+    moe = MoE(cfg).double().train()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    B, T, E, K = 3, 7, 16, 4
+    x = torch.randn(B, T, 16, dtype=torch.float64)
+    moe(x)
+    got = moe.aux_loss
+    idx, _, s = moe.gate.route(x.view(B * T, 16))
+    s_norm = s / s.sum(-1, keepdim=True)
+    seq = 0.0
+    for b in range(B):
+        rows = range(b * T, (b + 1) * T)
+        for i in range(E):
+            f = E / (K * T) * sum(int(i in idx[t].tolist()) for t in rows)
+            P = sum(s_norm[t, i].item() for t in rows) / T
+            seq += f * P
+    batch = 0.0
+    for i in range(E):
+        f = E / (K * B * T) * int((idx == i).sum())
+        batch += f * s_norm[:, i].mean().item()
+    assert abs(got.item() - (0.01 * seq / B + 0.02 * batch)) < 1e-12
+    # the loss trains the gate through the affinities P (f is a count)
+    got.backward()
+    assert moe.gate.weight.grad.abs().sum() > 0
+    # eval mode computes none
+    moe.eval()
+    moe.aux_loss = None
+    moe(x)
+    assert moe.aux_loss is None
+
+
+def test_model_loads_and_balance_loss_in_compute_loss():
+    torch.manual_seed(0)
+    model = DeepSeekV3(cfg_(seq_aux_loss_alpha=0.001))
+    ids = torch.randint(0, 64, (2, 12))
+    labels = torch.roll(ids, -1, 1)
+    reset_loads(model)
+    loss, metrics = model.compute_loss(ids, labels)
+    loads = expert_loads(model)                                             # layers 1, 2 and the MTP depth
+    assert loads.shape == (3, 16) and loads.sum(1).tolist() == [2 * 12 * 4] * 3
+    assert all(m.aux_loss is None for m in model.modules() if isinstance(m, MoE))  # collected by final()
+    torch.testing.assert_close(loss, metrics["loss/main"] + model.mtp_lambda * metrics["loss/mtp"]
+                               + metrics["loss/balance"], rtol=0, atol=1e-6)
+    # the same balance loss, recomputed layer by layer
+    model.hidden_states(ids)
+    per_layer = collect_aux_loss(model)
+    assert per_layer is not None and collect_aux_loss(model) is None
+    # forward() (logits only) leaves nothing behind
+    model(ids)
+    assert collect_aux_loss(model) is None

@@ -1,0 +1,158 @@
+"""Process groups of parallel/mesh.py on 4 gloo ranks, and parallel/comm.py's NCCL options on a CPU build.
+
+This file also owns the spawning used by every test in tests/parallel: one group of 2 ranks (test_expert.py) and
+one of 4 ranks (this file, test_data_parallel.py and the ep=4 part of test_expert.py), each spawned once per pytest
+run. Workers compute numbers; the tests assert on them here, in the parent process.
+"""
+import importlib
+import logging
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+
+# ------------------------------------------------------------------------------------------------ spawning
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, target: str, outdir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    module, fn = target.split(":")
+    try:
+        results = getattr(importlib.import_module(module), fn)(rank)
+        torch.save(results, os.path.join(outdir, f"{rank}.pt"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+_cache: dict = {}
+
+
+def spawn_ranks(world: int, target: str) -> list[dict]:
+    """Run `module:function`(rank) on `world` spawned ranks (env set for init_mesh); returns each rank's dict.
+    Cached per (world, target): a failure is re-raised for every test that needs the results."""
+    key = (world, target)
+    if key not in _cache:
+        try:
+            with tempfile.TemporaryDirectory() as outdir:
+                mp.spawn(_entry, args=(world, free_port(), target, outdir), nprocs=world, join=True)
+                _cache[key] = [torch.load(os.path.join(outdir, f"{r}.pt")) for r in range(world)]
+        except Exception as e:  # keep the worker's traceback for every dependent test
+            _cache[key] = e
+    if isinstance(_cache[key], Exception):
+        raise _cache[key]
+    return _cache[key]
+
+
+def four_rank_results() -> list[dict]:
+    return spawn_ranks(4, "tests.parallel.test_mesh:four_rank_checks")
+
+
+def _group_ranks(g) -> list[int]:
+    import torch.distributed as dist
+
+    return sorted(dist.get_process_group_ranks(g))
+
+
+def four_rank_checks(rank: int) -> dict:
+    """Everything that needs 4 ranks: meshes pp2/dp2/ep2 and dp4/ep2, data-parallel reduction, ep=4."""
+    import torch.distributed as dist
+
+    from parallel.comm import new_ep_group
+    from parallel.mesh import init_mesh
+    from tests.parallel.test_data_parallel import data_parallel_checks
+    from tests.parallel.test_expert import ep4_checks
+
+    out = {}
+    for pp, dp, ep in ((2, 2, 2), (1, 4, 2)):
+        mesh = init_mesh(pp, dp, ep, device="cpu", backend="gloo", timeout_s=120)
+        tag = f"pp{pp}dp{dp}ep{ep}"
+        out[tag] = dict(pp_rank=mesh.pp_rank, dp_rank=mesh.dp_rank, ep_rank=mesh.ep_rank,
+                        dp=_group_ranks(mesh.dp_group), pp=_group_ranks(mesh.pp_group),
+                        ep=_group_ranks(mesh.ep_group), edp=_group_ranks(mesh.edp_group))
+    # an expert-parallel group built with the SM budget (gloo: no options) carries collectives
+    g = new_ep_group([0, 1, 2, 3], "gloo", 20)
+    t = torch.tensor([float(rank)])
+    dist.all_reduce(t, group=g)
+    out["new_ep_group_sum"] = float(t)
+    out.update(data_parallel_checks(mesh))           # the dp=4, ep=2 mesh
+    out.update(ep4_checks(init_mesh(1, 4, 4, device="cpu", backend="gloo", timeout_s=120)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+# rank r of a pp x dp mesh: pipeline rank r // dp, data-parallel rank r % dp (written out, not computed)
+EXPECTED = {
+    "pp2dp2ep2": [
+        dict(pp_rank=0, dp_rank=0, ep_rank=0, dp=[0, 1], pp=[0, 2], ep=[0, 1], edp=[0]),
+        dict(pp_rank=0, dp_rank=1, ep_rank=1, dp=[0, 1], pp=[1, 3], ep=[0, 1], edp=[1]),
+        dict(pp_rank=1, dp_rank=0, ep_rank=0, dp=[2, 3], pp=[0, 2], ep=[2, 3], edp=[2]),
+        dict(pp_rank=1, dp_rank=1, ep_rank=1, dp=[2, 3], pp=[1, 3], ep=[2, 3], edp=[3]),
+    ],
+    "pp1dp4ep2": [
+        dict(pp_rank=0, dp_rank=0, ep_rank=0, dp=[0, 1, 2, 3], pp=[0], ep=[0, 1], edp=[0, 2]),
+        dict(pp_rank=0, dp_rank=1, ep_rank=1, dp=[0, 1, 2, 3], pp=[1], ep=[0, 1], edp=[1, 3]),
+        dict(pp_rank=0, dp_rank=2, ep_rank=0, dp=[0, 1, 2, 3], pp=[2], ep=[2, 3], edp=[0, 2]),
+        dict(pp_rank=0, dp_rank=3, ep_rank=1, dp=[0, 1, 2, 3], pp=[3], ep=[2, 3], edp=[1, 3]),
+    ],
+}
+
+
+@pytest.mark.parametrize("tag", sorted(EXPECTED))
+def test_mesh_groups(tag):
+    results = four_rank_results()
+    for rank, expected in enumerate(EXPECTED[tag]):
+        assert results[rank][tag] == expected, (tag, rank)
+
+
+def test_new_ep_group_carries_collectives():
+    assert [r["new_ep_group_sum"] for r in four_rank_results()] == [6.0] * 4
+
+
+def test_nccl_options_on_cpu_build_logs_once(monkeypatch, caplog):
+    import torch.distributed as dist
+
+    from parallel import comm
+
+    if dist.is_nccl_available():
+        pytest.skip("this torch build has NCCL: the options are built, see the GPU check")
+    monkeypatch.setattr(comm, "_said_not_applicable", False)
+    with caplog.at_level(logging.INFO, logger="parallel.comm"):
+        assert comm.nccl_options(20) is None
+        assert comm.nccl_options(20) is None
+    lines = [r.getMessage() for r in caplog.records if r.name == "parallel.comm"]
+    assert lines == ["parallel.comm.sm_budget=20: not applicable on gloo/CPU (NCCL CTA limits need CUDA)"]
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, None])
+def test_nccl_options_rejects_bad_budget(bad):
+    from parallel.comm import nccl_options
+
+    with pytest.raises(ValueError, match="parallel.comm.sm_budget"):
+        nccl_options(bad)
+
+
+def test_comm_stream_is_a_no_op_on_cpu():
+    from parallel.comm import CommStream
+
+    s = CommStream("cpu")
+    assert s.stream is None
+    with s.launch() as done:
+        x = torch.arange(3.0) * 2
+    done.wait()
+    assert x.tolist() == [0.0, 2.0, 4.0]

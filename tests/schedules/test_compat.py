@@ -1,0 +1,246 @@
+"""schedules.compat against one process running the whole model, the way deepseek-ai/DualPipe's examples check it.
+
+A stage is two linears written as a user of that library writes them (weight gradient handed to WeightGradStore
+when it is enabled) with an overlapped_forward_backward classmethod. Losses must equal the single-process
+reference bit for bit, outputs too, and gradients (after the user sums DualPipe's mirror copies) match in
+float64 to a cosine distance < 1e-13. One spawned group of 4 gloo ranks runs everything: sub-groups give
+DualPipe on 2 and 4 ranks and DualPipeV on 1, 2, 3 and 4, plus a reversed rank_mapping.
+"""
+from __future__ import annotations
+
+import socket
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+from schedules import compat
+from schedules.compat import (DualPipe, DualPipeV, WeightGradStore, run_backward, set_p2p_tensor_dtype,
+                              set_p2p_tensor_shapes)
+
+HIDDEN, MICRO_BATCH, SEQ = 8, 2, 3
+WORLD = 4
+
+
+class UserLinearFn(torch.autograd.Function):
+    """y = x W^T with the weight gradient deferred while WeightGradStore is enabled (the library's protocol)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+
+        def weight_grad():
+            g = grad_out.flatten(0, -2).T @ x.flatten(0, -2)
+            weight.grad = g if weight.grad is None else weight.grad + g
+
+        if WeightGradStore.enabled:
+            WeightGradStore.put(weight_grad)
+        else:
+            weight_grad()
+        return grad_out @ weight, None
+
+
+class UserLinear(nn.Linear):
+    def forward(self, x):
+        return UserLinearFn.apply(x, self.weight)
+
+
+class PipelineStage(nn.Module):
+    hook_calls = 0
+
+    def __init__(self):
+        super().__init__()
+        self.linear1 = UserLinear(HIDDEN, 4 * HIDDEN, bias=False)
+        self.linear2 = UserLinear(4 * HIDDEN, HIDDEN, bias=False)
+
+    def forward(self, x):
+        return self.linear2(F.gelu(self.linear1(x)))
+
+    @classmethod
+    def overlapped_forward_backward(cls, module0, inputs0, criterion0, labels0, module1, loss1, outputs1,
+                                    output_grads1):
+        cls.hook_calls += 1
+        outputs0 = module0(*inputs0)
+        outputs0 = [outputs0] if isinstance(outputs0, torch.Tensor) else outputs0
+        loss0 = criterion0(*outputs0, *labels0) if criterion0 is not None else None
+        if loss1 is not None:
+            loss1.backward()
+            loss1.detach_()
+        else:
+            run_backward(outputs1, output_grads1)
+        return outputs0, loss0
+
+
+def criterion(output, target):
+    return F.mse_loss(output, target).clone()
+
+
+def cal_diff(x, y):
+    x, y = x.double(), y.double()
+    return 1 - 2 * (x * y).sum().item() / (x * x + y * y).sum().item()
+
+
+def ref_step(x, labels, model, chunks):
+    losses, ys = [], []
+    for mx, ml in zip(x.chunk(chunks), labels.chunk(chunks)):
+        y = model(mx)
+        loss = criterion(y, ml)
+        loss.backward()
+        ys.append(y.detach())
+        losses.append(loss.detach())
+    return torch.stack(losses), torch.cat(ys)
+
+
+def full_model_and_data(num_parts, chunks):
+    torch.manual_seed(233)  # identical in every process
+    full = nn.Sequential(*[PipelineStage() for _ in range(num_parts)]).double()
+    x = torch.randn(chunks * MICRO_BATCH, SEQ, HIDDEN, dtype=torch.float64)
+    labels = torch.randn(chunks * MICRO_BATCH, SEQ, HIDDEN, dtype=torch.float64)
+    return full, x, labels
+
+
+def local_copies(full, idx):
+    local = nn.Sequential(*[PipelineStage() for _ in idx]).double()
+    for m, i in zip(local, idx):
+        m.load_state_dict(full[i].state_dict())
+    return local
+
+
+def check_dualpipe(group, pp, rank):
+    """deepseek-ai/DualPipe's example_dualpipe, in float64 on gloo."""
+    chunks = 2 * pp + 2
+    full, x, labels = full_model_and_data(pp, chunks)
+    loss_ref, out_ref = ref_step(x, labels, full, chunks)
+    local = local_copies(full, (rank, pp - 1 - rank))
+    pipe = DualPipe(local, process_group=group)
+    first, last = rank == 0, rank == pp - 1
+    px = x.chunk(2)[0] if first else x.chunk(2)[1] if last else None
+    pl = labels.chunk(2)[1] if first else labels.chunk(2)[0] if last else None
+    PipelineStage.hook_calls = 0
+
+    loss, outputs = pipe.step(px, num_chunks=chunks, criterion=criterion, labels=(pl,), return_outputs=False)
+    what = f"DualPipe pp={pp} rank={rank}"
+    if first:
+        assert torch.equal(loss, loss_ref.chunk(2)[1]), what
+    elif last:
+        assert torch.equal(loss, loss_ref.chunk(2)[0]), what
+    else:
+        assert loss is None, what
+    assert outputs is None and PipelineStage.hook_calls > 0, what
+    # the user sums the two copies of each part, as the library's example does
+    for p0, p1 in zip(local[0].parameters(), local[1].parameters()):
+        all0 = [torch.empty_like(p0) for _ in range(pp)]
+        all1 = [torch.empty_like(p1) for _ in range(pp)]
+        dist.all_gather(all0, p0.grad, group=group)
+        dist.all_gather(all1, p1.grad, group=group)
+        p0.grad += all1[pp - 1 - rank]
+        p1.grad += all0[pp - 1 - rank]
+    for (n, p), i in zip(local.named_parameters(), [rank] * 2 + [pp - 1 - rank] * 2):
+        ref = dict(full.named_parameters())[f"{i}.{n.split('.', 1)[1]}"].grad
+        assert cal_diff(p.grad, ref) < 1e-13, f"{what}: {n}"
+    local.zero_grad()
+
+    with torch.no_grad():
+        loss, outputs = pipe.step(px, num_chunks=chunks, criterion=criterion, labels=(pl,), return_outputs=True)
+    if first:
+        assert torch.equal(loss, loss_ref.chunk(2)[1]) and torch.equal(outputs, out_ref.chunk(2)[1]), what
+    elif last:
+        assert torch.equal(loss, loss_ref.chunk(2)[0]) and torch.equal(outputs, out_ref.chunk(2)[0]), what
+    else:
+        assert loss is None and outputs is None, what
+    assert all(p.grad is None for p in local.parameters()), f"{what}: inference touched gradients"
+
+
+def check_dualpipev(group, pp, rank, rank_mapping=None):
+    """deepseek-ai/DualPipe's example_dualpipev, in float64 on gloo."""
+    chunks = 2 * pp + 1
+    full, x, labels = full_model_and_data(2 * pp, chunks)
+    loss_ref, out_ref = ref_step(x, labels, full, chunks)
+    prank = rank_mapping[rank] if rank_mapping else rank
+    local = local_copies(full, (prank, 2 * pp - 1 - prank))
+    pipe = DualPipeV(local, process_group=group, rank_mapping=rank_mapping)
+    first = prank == 0
+    px, pl = (x, labels) if first else (None, None)
+    PipelineStage.hook_calls = 0
+
+    loss, outputs = pipe.step(px, num_chunks=chunks, criterion=criterion, labels=(pl,), return_outputs=False)
+    what = f"DualPipeV pp={pp} rank={rank} mapping={rank_mapping}"
+    assert torch.equal(loss, loss_ref) if first else loss is None, what
+    assert outputs is None and PipelineStage.hook_calls > 0, what
+    for (n, p), i in zip(local.named_parameters(), [prank] * 2 + [2 * pp - 1 - prank] * 2):
+        ref = dict(full.named_parameters())[f"{i}.{n.split('.', 1)[1]}"].grad
+        assert cal_diff(p.grad, ref) < 1e-13, f"{what}: {n}"
+    local.zero_grad()
+
+    with torch.no_grad():
+        loss, outputs = pipe.step(px, num_chunks=chunks, criterion=criterion, labels=(pl,), return_outputs=True)
+    if first:
+        assert torch.equal(loss, loss_ref) and torch.equal(outputs, out_ref), what
+    else:
+        assert loss is None and outputs is None, what
+
+
+def check_errors(rank, group3, pair):
+    if group3 is not None:
+        with pytest.raises(ValueError, match="process_group of size 3"):
+            DualPipe((PipelineStage(), PipelineStage()), process_group=group3)
+    pipe = DualPipe((PipelineStage().double(), PipelineStage().double()), process_group=pair)
+    for bad in (5, 2, 0):  # odd; fewer than 2 * ranks; none
+        with pytest.raises(ValueError, match=f"num_chunks={bad}"):
+            pipe.step(torch.zeros(1), num_chunks=bad, criterion=criterion)
+    with pytest.raises(ValueError, match="criterion=None"):
+        pipe.step(torch.zeros(1), num_chunks=4)
+    vpipe = DualPipeV((PipelineStage().double(), PipelineStage().double()), process_group=pair)
+    with pytest.raises(ValueError, match="num_chunks=3"):
+        vpipe.step(torch.zeros(1), num_chunks=3, criterion=criterion)
+
+
+def _worker(rank, port):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=120))
+    try:
+        # every sub-group is created by every rank, in the same order
+        solo = [dist.new_group([r]) for r in range(WORLD)]
+        pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        trio = dist.new_group([0, 1, 2])
+        world = dist.group.WORLD
+
+        with pytest.raises(RuntimeError, match="set_p2p_tensor_shapes"):
+            DualPipeV((PipelineStage(), PipelineStage()), process_group=solo[rank]).step(
+                torch.zeros(1), num_chunks=2, criterion=criterion)
+        set_p2p_tensor_shapes([(MICRO_BATCH, SEQ, HIDDEN)])
+        set_p2p_tensor_dtype(torch.float64)
+        assert compat.TENSOR_DTYPE is torch.float64
+
+        check_dualpipev(solo[rank], 1, 0)                        # every rank alone: pp=1
+        check_dualpipe(pairs[rank // 2], 2, rank % 2)            # two pp=2 pipes at once, global ranks 0,1 and 2,3
+        check_dualpipev(pairs[rank // 2], 2, rank % 2)
+        if rank < 3:
+            check_dualpipev(trio, 3, rank)
+        check_dualpipe(world, 4, rank)
+        check_dualpipev(world, 4, rank)
+        check_dualpipev(world, 4, rank, rank_mapping=[3, 2, 1, 0])
+        check_errors(rank, trio if rank < 3 else None, pairs[rank // 2])
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_compat_matches_reference_examples():
+    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)

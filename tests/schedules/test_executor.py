@@ -1,0 +1,302 @@
+"""PipelineExecutor against one process running the same model on the same micro-batches (float64).
+
+One spawned gloo group of 2 ranks and one of 4 run every check inside: for each schedule (gpipe, 1f1b, zb1p,
+dualpipe, dualpipev) a training step must give the reference's per-micro-batch losses and every parameter's
+gradient (after the mirror sum for DualPipe), a forward-only step its losses and outputs, and DualPipe's two
+copies of a part must stay bitwise equal after mirror_grads and an SGD step.
+"""
+from __future__ import annotations
+
+import copy
+import socket
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+from schedules.actions import Action
+from schedules.executor import PipelineExecutor, mirror_grads
+from schedules.registry import build, get_layout
+from schedules.weight_grad import WeightGradStore, enable_weight_grad_split, run_backward
+
+D, FF = 8, 16            # model width, MLP width
+MB_SHAPE = (2, 3, D)     # one micro-batch: [batch, seq, hidden]
+SCHEDULES = ("gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev")
+
+
+# ---------------------------------------------------------------- models
+class Block(nn.Module):
+    """One model part: a residual MLP. Given labels it returns its own loss (the criterion=None seam)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(D, FF)
+        self.down = nn.Linear(FF, D)
+
+    def forward(self, h, y=None):
+        out = h + self.down(F.gelu(self.up(h)))          # [b, s, D]; the add saves nothing: freeable once sent
+        return out if y is None else F.mse_loss(out, y)
+
+
+class HookBlock(Block):
+    """A Block offering the deepseek-ai/DualPipe overlap hook; counts how often the executor used it."""
+    calls = 0
+
+    @classmethod
+    def overlapped_forward_backward(cls, module0, inputs0, criterion0, labels0, module1, loss1, outputs1,
+                                    output_grads1):
+        cls.calls += 1
+        outputs0 = module0(*inputs0)
+        outputs0 = [outputs0] if isinstance(outputs0, torch.Tensor) else outputs0
+        loss0 = criterion0(*outputs0, *labels0) if criterion0 is not None else None
+        if loss1 is not None:
+            loss1.backward()
+            loss1.detach_()
+        else:
+            run_backward(outputs1, output_grads1)
+        return outputs0, loss0
+
+
+class TriBlock(nn.Module):
+    """A part whose stages exchange three tensors: two floating (both carry gradients) and integer positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(D, FF)
+        self.down = nn.Linear(FF, D)
+        self.mix = nn.Linear(D, D, bias=False)
+
+    def forward(self, h, a, pos):
+        h2 = h + self.down(torch.tanh(self.up(h + a))) + 0.01 * pos.unsqueeze(-1).to(h.dtype)
+        a2 = 0.5 * a + self.mix(h)
+        return h2, a2, pos
+
+
+def mse(out, y):
+    return F.mse_loss(out, y)
+
+
+def tri_loss(h, a, pos, y):
+    return F.mse_loss(h, y) + a.square().mean()
+
+
+def make_parts(cls, n):
+    torch.manual_seed(1234)  # same parameters in every process
+    return [cls().double() for _ in range(n)]
+
+
+def make_data(n, tri=False):
+    g = torch.Generator().manual_seed(99)
+    xs, ys = [], []
+    for _ in range(n):
+        h = torch.randn(MB_SHAPE, generator=g, dtype=torch.float64)
+        y = torch.randn(MB_SHAPE, generator=g, dtype=torch.float64)
+        if tri:
+            a = torch.randn(MB_SHAPE, generator=g, dtype=torch.float64)
+            pos = torch.randint(0, 5, MB_SHAPE[:2], generator=g)
+            xs.append((h, a, pos))
+        else:
+            xs.append((h,))
+        ys.append((y,))
+    return xs, ys
+
+
+def reference(parts, xs, ys, loss_fn):
+    """Every micro-batch through every part in one process: losses, outputs, and grads summed over micro-batches."""
+    ref = copy.deepcopy(parts)
+    losses, outputs = [], []
+    for x, y in zip(xs, ys):
+        out = x
+        for p in ref:
+            out = p(*out)
+            out = (out,) if isinstance(out, torch.Tensor) else out
+        loss = loss_fn(*out, *y)
+        loss.backward()
+        losses.append(loss.detach())
+        outputs.append(tuple(o.detach() for o in out))
+    return losses, outputs, [[q.grad.clone() for q in p.parameters()] for p in ref]
+
+
+# ---------------------------------------------------------------- comparisons
+def cos_dist(x, y):
+    x, y = x.double().flatten(), y.double().flatten()
+    return 1 - 2 * (x * y).sum().item() / (x * x + y * y).sum().item()
+
+
+def assert_grads(module, ref_grads, what):
+    for (n, p), g in zip(module.named_parameters(), ref_grads):
+        assert p.grad is not None, f"{what}: {n} has no gradient"
+        cd = cos_dist(p.grad, g)
+        rel = ((p.grad - g).abs().max() / g.abs().max()).item()
+        assert cd < 1e-13 and rel <= 1e-10, f"{what}: {n} cosine distance {cd:.3e}, max rel {rel:.3e}"
+
+
+# ---------------------------------------------------------------- one schedule
+def check_schedule(name, pp, rank, tri=False, loss_in_stage=False):
+    what = f"{name} pp={pp} rank={rank}" + (" tri" if tri else "") + (" loss-in-stage" if loss_in_stage else "")
+    layout = get_layout(name, pp)
+    n = 2 * pp + 2 if name == "dualpipe" else 2 * pp + 1
+    actions = build(name, pp, n)[rank]
+    cls = TriBlock if tri else (HookBlock if name in ("dualpipe", "dualpipev") else Block)
+    loss_fn = tri_loss if tri else mse
+    parts = make_parts(cls, layout.num_parts)
+    xs, ys = make_data(n, tri)
+    ref_losses, ref_outputs, ref_grads = reference(parts, xs, ys, loss_fn)
+
+    stages = {s: copy.deepcopy(parts[layout.stage_to_part[s]]) for s in layout.stages_of(rank)}
+    for m in stages.values():
+        enable_weight_grad_split(m)  # B computes input gradients only; W the rest
+    shapes = [MB_SHAPE] * (3 if tri else 1)
+    if tri:
+        shapes[2] = MB_SHAPE[:2]
+    ex = PipelineExecutor(layout, stages, criterion=None if loss_in_stage else loss_fn, p2p_shapes=shapes,
+                          p2p_dtype=[torch.float64, torch.float64, torch.int64] if tri else torch.float64)
+
+    # micro-batch -> its first and last stage (DualPipe: the second half enters from the other end)
+    def ends(mb):
+        first = layout.pp if (name == "dualpipe" and mb >= n // 2) else 0
+        last = first + layout.num_parts - 1
+        return first, last
+
+    inputs = {mb: xs[mb] for mb in range(n) if ends(mb)[0] in stages}
+    labels = {mb: ys[mb] for mb in range(n) if ends(mb)[1] in stages}
+    HookBlock.calls = 0
+    # a B leaves the weight gradient to its W: before this rank's first W, the weights hold no gradient yet
+    first_w = []
+    run_w = ex._do_W
+    ex._do_W = lambda a: (first_w.append(all(p.grad is None for p in stages[a.stage].parameters()))
+                          if not first_w else None, run_w(a))
+    res = ex.run(actions, n, inputs, labels, train=True, trace=True)
+    del ex._do_W
+    w_at = [i for i, a in enumerate(actions) if a.op == "W"]
+    if w_at:
+        stage = actions[w_at[0]].stage
+        only_b_before = all(a.op == "B" for a in actions[:w_at[0]]
+                            if (a.op in ("B", "BW") and a.stage == stage) or (a.op == "FB" and a.stage2 == stage))
+        assert first_w == [only_b_before], f"{what}: weight gradients before the first W: {first_w}"
+    # every activation sent to another rank had its storage released after the send
+    assert (res.freed_bytes > 0) == any(a.op == "SEND_F" for a in actions), f"{what}: freed {res.freed_bytes} B"
+
+    # losses on the ranks holding last stages, exactly the micro-batches ending here
+    assert sorted(res.losses) == sorted(labels), f"{what}: losses for {sorted(res.losses)}, expected {sorted(labels)}"
+    for mb, loss in res.losses.items():
+        assert abs(loss.item() - ref_losses[mb].item()) <= 1e-12, f"{what}: loss of micro-batch {mb}"
+    if name == "dualpipe":
+        mirror_grads(stages, layout)
+    for s, m in stages.items():
+        assert_grads(m, ref_grads[layout.stage_to_part[s]], f"{what} stage {s}")
+    if cls is HookBlock:
+        assert HookBlock.calls == sum(a.op == "FB" for a in actions), f"{what}: the overlap hook was not used"
+    # the trace lists every computation once, in order, with non-negative durations
+    computed = [a for a in actions if a.op not in ("SEND_F", "RECV_F", "SEND_B", "RECV_B")]
+    assert [sp[2] for sp in res.compute_spans] == computed, f"{what}: trace"
+    assert all(0 <= sp[0] <= sp[1] for sp in res.trace)
+
+    # forward only: same losses and last-stage outputs; no gradient is touched
+    for m in stages.values():
+        m.zero_grad(set_to_none=True)
+    res = ex.run(actions, n, inputs, labels, train=False, return_outputs=True)
+    assert sorted(res.losses) == sorted(labels) == sorted(res.outputs), f"{what}: forward-only results"
+    for mb in labels:
+        assert abs(res.losses[mb].item() - ref_losses[mb].item()) <= 1e-12, f"{what}: forward-only loss {mb}"
+        if not loss_in_stage:
+            for o, r in zip(res.outputs[mb], ref_outputs[mb]):
+                assert (o - r).abs().max().item() <= 1e-12, f"{what}: forward-only output {mb}"
+    assert all(p.grad is None for m in stages.values() for p in m.parameters()), f"{what}: forward-only made grads"
+
+    if name == "dualpipe":
+        check_mirror_step(ex, actions, n, inputs, labels, layout, stages, rank, what)
+
+
+def check_mirror_step(ex, actions, n, inputs, labels, layout, stages, rank, what):
+    """After mirror_grads and one SGD step both copies of each part are still bitwise equal."""
+    ex.run(actions, n, inputs, labels, train=True)
+    mirror_grads(stages, layout)
+    with torch.no_grad():  # plain SGD, written out: torch.optim's first use imports torch._dynamo (seconds)
+        for m in stages.values():
+            for p in m.parameters():
+                p.add_(p.grad, alpha=-0.1)
+    mine = {layout.stage_to_part[s]: torch.cat([p.detach().flatten() for p in m.parameters()])
+            for s, m in stages.items()}
+    everyone = [None] * layout.pp
+    dist.all_gather_object(everyone, mine)
+    for r, theirs in enumerate(everyone):
+        for part, flat in theirs.items():
+            if part in mine and r != rank:
+                assert torch.equal(flat, mine[part]), f"{what}: copies of part {part} differ after the SGD step"
+
+
+def check_errors(pp, rank):
+    layout = get_layout("1f1b", pp)
+    stages = {rank: Block().double()}
+    with pytest.raises(ValueError, match="stage_modules"):
+        PipelineExecutor(layout, {rank + pp: Block()})
+    ex = PipelineExecutor(layout, stages, criterion=mse, p2p_shapes=[MB_SHAPE])
+    with pytest.raises(ValueError, match="num_microbatches"):
+        ex.run([], 0)
+    with pytest.raises(ValueError, match="micro-batch outside"):
+        ex.run([Action("F", rank, 3)], 2)
+    if rank == 0:
+        with pytest.raises(ValueError, match="inputs has no micro-batch 0"):
+            ex.run([Action("F", 0, 0)], 1, inputs={})
+
+
+def test_split_linear_matches_nn_linear():
+    """SplitLinear gives nn.Linear's gradients bit for bit, now or (store enabled) when the store's closures run."""
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(5, 7), nn.GELU(), nn.Linear(7, 3, bias=False)).double()
+    split = copy.deepcopy(ref)
+    assert enable_weight_grad_split(split) == 2
+    assert list(split.state_dict()) == list(ref.state_dict()) and isinstance(split[0], nn.Linear)
+    x = torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True)
+    xs = x.detach().clone().requires_grad_()
+    ref(x).square().sum().backward()
+    for deferred in (False, True):
+        split.zero_grad(set_to_none=True)
+        xs.grad = None
+        WeightGradStore.clear()
+        WeightGradStore.enabled = deferred
+        split(xs).square().sum().backward()
+        WeightGradStore.enabled = False
+        assert torch.equal(xs.grad, x.grad)
+        if deferred:
+            assert all(p.grad is None for p in split.parameters()) and len(WeightGradStore.cache) == 2
+            WeightGradStore.flush()
+            WeightGradStore.pop()
+            assert WeightGradStore.funcs_queue.empty()
+        for p, q in zip(split.parameters(), ref.parameters()):
+            assert torch.equal(p.grad, q.grad)
+    with pytest.raises(RuntimeError, match="empty"):
+        WeightGradStore.pop()
+
+
+# ---------------------------------------------------------------- spawned workers
+def _worker(rank, world, port):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    try:
+        for name in SCHEDULES:
+            check_schedule(name, world, rank)
+        check_schedule("gpipe", world, rank, tri=True)           # several tensors per boundary, one integer
+        check_schedule("1f1b", world, rank, loss_in_stage=True)  # the last stage computes its own loss
+        check_schedule("dualpipev", world, rank, loss_in_stage=True)
+        check_errors(world, rank)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_executor_matches_single_process(world):
+    mp.spawn(_worker, args=(world, _free_port()), nprocs=world, join=True)
