@@ -160,7 +160,8 @@ class TrainConfig:
     resume: str = "auto"                   # auto (newest complete checkpoint in output_dir, if any) | none | <path>
     output_dir: str = "outputs/${run_id}"  # run folder shared by all ranks
     device: str = "auto"                   # auto | cpu | cuda
-    dtype: str = "float32"                 # float32 | bfloat16 (compute dtype of the working weights)
+    dtype: str = "float32"                 # float32 | bfloat16 | bf16_emulated (fp32 weights, linears with bf16-rounded
+                                           # operands: bf16 GEMM numerics at fp32 speed on CPU, the FP8 baseline)
 
 
 @dataclass
@@ -328,7 +329,9 @@ def validate(cfg: Config | DictConfig, world_size: int = 1) -> None:
     _positive("train.keep_checkpoints", t.keep_checkpoints)
     _positive("train.max_bad_steps", t.max_bad_steps)
     _choice("train.device", t.device, ("auto", "cpu", "cuda"))
-    _choice("train.dtype", t.dtype, ("float32", "bfloat16"))
+    _choice("train.dtype", t.dtype, ("float32", "bfloat16", "bf16_emulated"))
+    if f.enabled and t.dtype == "bf16_emulated":
+        _fail("train.dtype", t.dtype, "fp8.enabled=true already sets the linears' precision; use float32 or bfloat16")
     from framework.rl.config import validate_rl
 
     validate_rl(cfg.rl)

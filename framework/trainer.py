@@ -100,7 +100,7 @@ class Trainer:
         t = cfg.train
         torch.manual_seed(t.seed)
         self.run_dir = Path(t.output_dir)
-        self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[t.dtype]
+        self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16_emulated": torch.float32}[t.dtype]
 
         prepared = prepare_data(cfg, mesh)
         self.train_windows = TokenWindows(prepared.train_bin, prepared.dtype, t.seq_len)
@@ -114,6 +114,9 @@ class Trainer:
         if cfg.fp8.enabled:
             from framework.fp8 import convert_to_fp8
             convert_to_fp8(self.model, exclude=list(cfg.fp8.exclude), backend=cfg.fp8.backend, pow2=cfg.fp8.pow2_scales)
+        elif t.dtype == "bf16_emulated":
+            from framework.fp8.emulate import convert_to_bf16_emulation
+            convert_to_bf16_emulation(self.model, exclude=list(cfg.fp8.exclude))
         if step_factory is None:
             from framework.step import LocalStep
             step_factory = LocalStep
