@@ -43,7 +43,7 @@ def nccl_options(sm_budget: int):
     _check_sm_budget(sm_budget)
     if not dist.is_nccl_available():
         if not _said_not_applicable:
-            log.warning(f"parallel.comm.sm_budget={sm_budget}: not applicable on gloo/CPU (NCCL CTA limits need CUDA)")
+            log.info(f"parallel.comm.sm_budget={sm_budget}: not applicable on gloo/CPU (NCCL CTA limits need CUDA)")
             _said_not_applicable = True
         return None
     opts = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
