@@ -10,6 +10,10 @@ the pipeline layout. DualPipe places the first and last parts on the same ranks 
 and part PP-1-r of the other), which is how DeepSeek-V3 shares the embedding between the main model and the MTP
 module physically (V3 §2.2): the last part reaches the embedding through the model without registering it, so each
 parameter belongs to exactly one part and mirror_grads sums it once.
+
+A part also offers its training forward as sub-stages (`forward_steps`, cut at the MoE all-to-alls) and the
+deepseek-ai/DualPipe `overlapped_forward_backward` hook built on them, so the executor's F&B actions run one chunk's
+exchanges under the other chunk's compute (schedules/overlap.py).
 """
 from __future__ import annotations
 
@@ -58,9 +62,46 @@ class ModelPart(nn.Module):
                 self.mtp = model.mtp
         self.loss_scale = 1.0
         self.metrics: list[dict] = []               # what final() reported, one dict per micro-batch
+        # training forward as sub-stages (schedules/overlap.py): cut at the MoE all-to-alls so that an F&B pair can
+        # run one chunk's exchanges under the other's compute (parallel.overlap), and/or with RMSNorm and SwiGLU
+        # outputs recomputed in backward (parallel.recompute)
+        self.overlap = True
+        self.recompute = False
+
+    def uses_steps(self) -> bool:
+        """Whether a training forward runs as sub-stages: recomputation asked for, or overlap with expert all-to-alls
+        to hide (a MoE layer whose dispatcher exchanges tokens between processes)."""
+        if not (self.training and torch.is_grad_enabled()):
+            return False
+        from .overlap import exchanges_async
+        return self.recompute or (self.overlap and any(exchanges_async(m) for m in self.layers.modules()))
+
+    def forward_steps(self, x: torch.Tensor, input_ids: Optional[torch.Tensor] = None,
+                      labels: Optional[torch.Tensor] = None):
+        """The forward as a generator that yields whenever an all-to-all is in flight and returns the outputs
+        (the sub-stage protocol of schedules/overlap.py); a plain forward, in one step, when uses_steps() is False."""
+        from .overlap import part_steps
+        if self.uses_steps():
+            return (yield from part_steps(self, x, input_ids, labels, recompute=self.recompute))
+        return self._forward(x, input_ids, labels)
+
+    @classmethod
+    def overlapped_forward_backward(cls, module0, inputs0, criterion0, labels0, module1, loss1, outputs1,
+                                    output_grads1):
+        """deepseek-ai/DualPipe's F&B hook: module0's forward interleaved with the backward of module1's chunk."""
+        from .overlap import overlapped_forward_backward
+        return overlapped_forward_backward(module0, inputs0, criterion0, labels0, module1, loss1, outputs1,
+                                           output_grads1)
 
     def forward(self, x: torch.Tensor, input_ids: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None):
+        if self.uses_steps():
+            from .overlap import run_steps
+            return run_steps(self.forward_steps(x, input_ids, labels))
+        return self._forward(x, input_ids, labels)
+
+    def _forward(self, x: torch.Tensor, input_ids: Optional[torch.Tensor] = None,
+                 labels: Optional[torch.Tensor] = None):
         model = self._model[0]
         h = model.embed_tokens(x) if self.first else x          # first: x = input_ids [B, T]; else h [B, T, C]
         for layer in self.layers:

@@ -84,14 +84,16 @@ class SplitLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.bias = bias  # a leaf parameter (or None): kept by handle so a deferred gradient lands in its .grad
+        ctx.save_for_backward(x)
+        # weight and bias kept by handle, not saved: a deferred gradient must land in the parameter's own .grad, and
+        # under torch.utils.checkpoint a saved tensor comes back as an alias whose .grad nobody reads
+        ctx.weight, ctx.bias = weight, bias
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        bias = ctx.bias
+        (x,) = ctx.saved_tensors
+        weight, bias = ctx.weight, ctx.bias
         want_x, want_w, want_b = ctx.needs_input_grad
         want_b = want_b and bias is not None
         grad_x = grad_out @ weight if want_x else None                      # [..., in]
