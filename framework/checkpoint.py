@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from framework import faults
+
 FORMAT_VERSION = 1
 
 
@@ -115,6 +117,7 @@ class Checkpointer:
         try:
             dcp.save(tensors, checkpoint_id=str(tmp))
             _barrier()
+            faults.in_save(step, _rank(), self.root.parent)   # tests: a crash with the shards written, meta not
             if _rank() == 0:
                 meta = {**meta, "format_version": FORMAT_VERSION, "step": step, "files": _file_table(tmp),
                         "metadata_sha256": hashlib.sha256((tmp / ".metadata").read_bytes()).hexdigest()}
@@ -133,12 +136,19 @@ class Checkpointer:
         return final
 
     @staticmethod
-    def load(folder: str | Path, tensors: dict[str, torch.Tensor]) -> dict:
-        """Load in place into `tensors` (the keys this rank holds). Mismatched shapes or missing keys are named."""
+    def verify(folder: str | Path) -> dict:
+        """meta.json of a complete checkpoint folder, or CheckpointError naming what is wrong. Cheap: sizes and the
+        checksum of .metadata; call it before anything else reads the folder."""
         folder = Path(folder)
         if not folder.is_dir():
             raise CheckpointError(f"train.resume={str(folder)!r}: no such checkpoint folder")
-        meta = check_complete(folder)
+        return check_complete(folder)
+
+    @staticmethod
+    def load(folder: str | Path, tensors: dict[str, torch.Tensor]) -> dict:
+        """Load in place into `tensors` (the keys this rank holds). Mismatched shapes or missing keys are named."""
+        folder = Path(folder)
+        meta = Checkpointer.verify(folder)
         saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
         missing = [k for k in tensors if k not in saved]
         wrong = [f"{k} {tuple(saved[k].size)} vs model {tuple(t.shape)}" for k, t in tensors.items()

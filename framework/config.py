@@ -82,6 +82,7 @@ class ParallelConfig:
     schedule: str = "1f1b"                 # dualpipe | dualpipev | 1f1b | zb1p | gpipe
     layers_per_part: Optional[list[int]] = None  # layers in each pipeline part; null = balanced
     overlap: bool = True                   # overlap MoE all-to-all inside F&B pairs
+    recompute: bool = False                # recompute RMSNorm and SwiGLU outputs in backward (V3 §3.3), pipeline parts
     timeout_s: float = 300.0               # collective timeout
     backend: str = "auto"                  # auto (nccl on cuda, gloo on cpu) | gloo | nccl
     comm: CommConfig = field(default_factory=CommConfig)
@@ -105,7 +106,8 @@ class OptimConfig:
     warmup_steps: int = 20
     decay_fraction: float = 0.2            # wsd: fraction of steps spent decaying at the end
     grad_clip: float = 1.0                 # max global grad norm; 0 = off
-    zero: bool = False                     # ZeRO-1: shard optimizer state over data-parallel ranks
+    zero: bool = False                     # ZeRO-1: shard optimizer state (and master weights) over data-parallel ranks
+    convert_state: bool = False            # resuming from a checkpoint whose moments have another format converts them
     state: OptimStateConfig = field(default_factory=OptimStateConfig)
 
 
@@ -133,6 +135,8 @@ class WandbConfig:
 class LoggingConfig:
     console: str = "auto"                  # auto (rich bar on a TTY, plain lines otherwise) | rich | plain | none
     log_interval: int = 1                  # steps between console lines
+    dashboard_interval: int = 50           # steps between dashboard images and reports (timeline, expert load,
+                                           # optimizer bytes); 0 = off
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -318,6 +322,7 @@ def validate(cfg: Config | DictConfig, world_size: int = 1) -> None:
     # logging
     _choice("logging.console", lg.console, ("auto", "rich", "plain", "none"))
     _positive("logging.log_interval", lg.log_interval)
+    _positive("logging.dashboard_interval", lg.dashboard_interval, zero_ok=True)
     _choice("logging.wandb.mode", lg.wandb.mode, ("offline", "online", "disabled"))
     # fp8
     _choice("fp8.backend", f.backend, ("auto", "torch", "triton"))

@@ -1,12 +1,20 @@
 """One metrics API, several sinks: a JSONL file (always), the console, and Weights & Biases (rank 0).
 
 Sinks never stop training: a sink that raises is reported once and switched off.
+
+After a restart the steps between the checkpoint and the crash run again. metrics.jsonl is truncated on resume to the
+rows up to the checkpoint's step, so every step appears once and the replayed values are the ones kept. W&B cannot
+rewind a run: it ignores a step lower than one it has seen, so it keeps the values from before the crash (equal to
+the replayed ones: the resume is exact, only timings differ).
+Secrets never reach a log: values of environment variables such as WANDB_API_KEY are masked in every config that is
+written or uploaded (`redact`).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -23,9 +31,50 @@ def _plain(v: Any) -> Any:
     return v
 
 
+# environment variables whose values must never be written anywhere
+SECRET_ENV = re.compile(r"(API_KEY|TOKEN|SECRET|PASSWORD)", re.IGNORECASE)
+
+
+def secret_values() -> dict[str, str]:
+    """{value: variable name} of the secrets in this process's environment (values of 6+ characters)."""
+    return {v: k for k, v in os.environ.items() if SECRET_ENV.search(k) and len(v) >= 6}
+
+
+def redact(obj: Any, secrets: dict[str, str] | None = None) -> Any:
+    """A copy of a plain config (dicts, lists, strings) with every secret value replaced by '<NAME redacted>'."""
+    secrets = secret_values() if secrets is None else secrets
+    if isinstance(obj, dict):
+        return {k: redact(v, secrets) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact(v, secrets) for v in obj)
+    if isinstance(obj, str):
+        for value, name in secrets.items():
+            obj = obj.replace(value, f"<{name} redacted>")
+    return obj
+
+
+def truncate_jsonl(path: Path, last_step: int) -> int:
+    """Keep the rows with step <= last_step (all of them gone when last_step is 0: a fresh run). Returns rows kept."""
+    if not path.is_file():
+        return 0
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:               # a line cut short by a crash
+            continue
+        if last_step > 0 and row.get("step", 0) <= last_step:
+            keep.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+    return len(keep)
+
+
 class JsonlSink:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, start_step: int = 0):
         path.parent.mkdir(parents=True, exist_ok=True)
+        truncate_jsonl(path, start_step)          # drop what a restart will replay
         self.f = open(path, "a", buffering=1)
 
     def log(self, step: int, metrics: dict) -> None:
@@ -126,7 +175,8 @@ def build_metrics(cfg, run_dir: Path, rank: int, total_steps: int, start_step: i
     """Rank 0 gets every sink; other ranks log nothing (their numbers are reduced to rank 0 first)."""
     if rank != 0:
         return Metrics([])
-    sinks: list = [JsonlSink(run_dir / "metrics.jsonl")]
+    sinks: list = [JsonlSink(run_dir / "metrics.jsonl", start_step)]
+    config = redact(config)
     if cfg.console != "none":
         sinks.append(ConsoleSink(cfg.console, total_steps, start_step, cfg.log_interval))
     if cfg.wandb.mode != "disabled":

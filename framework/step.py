@@ -94,6 +94,8 @@ class PipelineStep:
         for part in self.stages.values():
             enable_weight_grad_split(part)   # B computes input gradients, W the deferred weight gradients
             part.loss_scale = 1.0 / self.n
+            part.overlap = p.overlap         # F&B pairs hide one chunk's all-to-all under the other's compute
+            part.recompute = p.recompute     # RMSNorm and SwiGLU outputs recomputed in backward (V3 §3.3)
         self.first_mbs = {mb for s in self.stages if self.layout.is_first(s)
                           for mb in microbatches_of(self.layout, s, self.n)}
         self.last_mbs = {mb for s in self.stages if self.layout.is_last(s)
@@ -142,7 +144,10 @@ class PipelineStep:
         for part in self._last_parts():
             part.metrics.clear()
         inputs, labels = self._feed(micro_batches)
-        result = self.executor.run(self.actions, self.n, inputs, labels, train=True)
+        # the trainer asks for a trace on dashboard steps (pipeline timeline and measured bubble)
+        result = self.executor.run(self.actions, self.n, inputs, labels, train=True,
+                                   trace=getattr(self, "trace_next", False))
+        self.last_result = result
         mirror_grads(self.stages, self.layout, group=self.mesh.pp_group)
         reduce_gradients(self.named_parameters(), self.mesh)
         loss_sum = sum(float(v) for v in result.losses.values()) * self.n   # parts return loss / n

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import base64
+import functools
+import logging
 import math
 import time
 from pathlib import Path
@@ -10,18 +12,37 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from framework import faults
 from framework.checkpoint import Checkpointer
 from framework.config import to_container
+from framework.dashboards import Dashboards, optimizer_bytes
 from framework.data.dataset import Sampler, TokenWindows, validation_batches
 from framework.data.prepare import prepare
-from framework.metrics import build_metrics
+from framework.metrics import build_metrics, redact
 from framework.models import build_model
 from framework.optim.lr import make_scheduler
+from framework.watchdog import STALL_EXIT, Watchdog
 from parallel.mesh import Mesh
 
 
+log = logging.getLogger("duet")
+
+
 class TrainingAborted(RuntimeError):
-    pass
+    """Training cannot go on (non-finite steps, a hung or dead rank). str(err) is one line; exit_code for the CLI."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def is_comm_failure(err: BaseException) -> bool:
+    """A collective that failed because a peer is gone or late (gloo/NCCL timeouts, closed connections)."""
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(
+        w in text for w in ("timed out", "timeout", "connection closed", "connection reset", "gloo", "nccl"))
 
 
 def prepare_data(cfg, mesh: Mesh):
@@ -64,30 +85,24 @@ def adamw_param_groups(named_params, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(cfg, named_params):
+def build_optimizer(cfg, named_params, mesh=None):
+    """AdamW through the optimizer-state manager: fp32 | bf16 | fp8 moments, ZeRO-1 over the data-parallel ranks
+    with optim.zero. With fp32 moments it equals torch.optim.AdamW bit for bit. The trainer reduces and clips the
+    gradients itself (it needs the global norm and the finite check), so the manager does not reduce them again."""
+    from framework.optim.manager import OptimizerStateManager
+
     o = cfg.optim
-    groups = adamw_param_groups(named_params, o.weight_decay)
-    if o.state.exp_avg == "fp32" and o.state.exp_avg_sq == "fp32" and not o.zero:
-        opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=False)
-        for g in opt.param_groups:  # eager state, so a resume can load into it before the first step
-            for p in g["params"]:
-                opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
-        return opt
-    from framework.optim.manager import OptimizerStateManager  # compact states / ZeRO-1
-
-    return OptimizerStateManager(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                 exp_avg=o.state.exp_avg, exp_avg_sq=o.state.exp_avg_sq)
+    zero = o.zero and mesh is not None and mesh.dp > 1
+    return OptimizerStateManager(adamw_param_groups(named_params, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+                                 eps=o.eps, weight_decay=o.weight_decay, exp_avg=o.state.exp_avg,
+                                 exp_avg_sq=o.state.exp_avg_sq, names={p: n for n, p in named_params},
+                                 dp_group=mesh.dp_group if zero else None,
+                                 expert_dp_group=mesh.edp_group if zero else None, average_grads=False)
 
 
-def optimizer_tensors(opt, names: dict) -> dict[str, torch.Tensor]:
-    if hasattr(opt, "sharded_state_dict"):
-        return opt.sharded_state_dict()
-    out = {}
-    for p, st in opt.state.items():
-        for k, v in st.items():
-            out[f"optim/{names[p]}/{k}"] = v
-    return out
+def optimizer_tensors(opt, names: dict, like=None, convert: bool = False) -> dict[str, torch.Tensor]:
+    """The optimizer's state keyed by parameter name, as stored (a format change on load needs convert=True)."""
+    return opt.sharded_state_dict(like=like, convert=convert)
 
 
 def _rng_state_b64() -> str:
@@ -98,6 +113,7 @@ class Trainer:
     def __init__(self, cfg, mesh: Mesh, step_factory=None):
         self.cfg, self.mesh = cfg, mesh
         t = cfg.train
+        faults.active()                        # a malformed DUET_FAULT fails here, not in the middle of the run
         torch.manual_seed(t.seed)
         self.run_dir = Path(t.output_dir)
         self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16_emulated": torch.float32}[t.dtype]
@@ -124,7 +140,7 @@ class Trainer:
         named = self.step_fn.named_parameters()
         self.param_names = {p: n for n, p in named}
         self.params = [p for _, p in named]
-        self.optimizer = build_optimizer(cfg, named)
+        self.optimizer = build_optimizer(cfg, named, mesh)
         self.scheduler = make_scheduler(self.optimizer, t.steps, cfg.optim.schedule, cfg.optim.warmup_steps,
                                         cfg.optim.min_lr_ratio, cfg.optim.decay_fraction)
         micro = t.global_batch_size // (mesh.dp * t.micro_batches)
@@ -136,7 +152,12 @@ class Trainer:
         self.flops_per_token = self.model.flops_per_token(t.seq_len)
         self.peak_flops = measure_peak_flops(mesh.device, self.dtype)
         self.metrics = build_metrics(cfg.logging, self.run_dir, mesh.rank, t.steps, self.step, to_container(cfg))
-        self.bad_steps = 0
+        self.dashboards = Dashboards(cfg, self.run_dir, mesh)
+        self.bad_steps = 0                     # non-finite steps in a row
+        self.skipped_total = 0
+        self.first_bad: tuple[int, str] | None = None  # (step, where) that began the current run of bad steps
+        self.last_expert_loads: torch.Tensor | None = None
+        self.watchdog: Watchdog | None = None
         self.history: list[dict] = []
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
@@ -154,21 +175,38 @@ class Trainer:
             folder = Path(r)
         if folder is None:
             return 0
-        meta = Checkpointer.load(folder, self._checkpoint_tensors())
+        Checkpointer.verify(folder)            # complete and uncorrupted, before the optimizer reads its layout
+        tensors = {f"model/{k}": v for k, v in self.step_fn.state_tensors().items()}
+        convert = self.cfg.optim.convert_state
+        optim_sd = optimizer_tensors(self.optimizer, self.param_names, like=folder, convert=convert)
+        meta = Checkpointer.load(folder, {**tensors, **optim_sd})
+        self.optimizer.load_sharded_state_dict(optim_sd, convert=convert)
         self.sampler.load_state_dict(meta["sampler"])
         self.scheduler.load_state_dict(meta["scheduler"])
         for g, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
             g["lr"] = lr
         rng = torch.frombuffer(bytearray(base64.b64decode(meta["rng"])), dtype=torch.uint8)
         torch.set_rng_state(rng)
-        if self.mesh.rank == 0:
-            print(f"resumed from {folder} at step {meta['step']}", flush=True)
+        log.info(f"resumed from {folder} at step {meta['step']}")   # console (rank 0) and every rank's log file
         return int(meta["step"])
 
     def save_checkpoint(self) -> Path:
+        tensors = self._checkpoint_tensors()
+        self._check_finite(tensors)
         meta = {"sampler": self.sampler.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": _rng_state_b64(), "config": to_container(self.cfg), "world_size": self.mesh.world_size}
-        return self.ckpt.save(self.step, self._checkpoint_tensors(), meta)
+                "rng": _rng_state_b64(), "config": redact(to_container(self.cfg)), "world_size": self.mesh.world_size}
+        return self.ckpt.save(self.step, tensors, meta)
+
+    def _check_finite(self, tensors: dict[str, torch.Tensor]) -> None:
+        """A checkpoint never holds NaN or inf: resuming from one would only replay the failure. Collective."""
+        bad = [k for k, v in tensors.items() if v.is_floating_point()
+               and not bool(torch.isfinite(v if v.element_size() > 1 else v.float()).all())]  # fp8: no isfinite
+        if self._sum([float(len(bad))])[0] == 0:
+            return
+        names = self._gather(bad)
+        more = f" (+{len(names) - 3} more)" if len(names) > 3 else ""
+        raise TrainingAborted(f"step {self.step}: not saving a checkpoint with non-finite values in "
+                              f"{', '.join(names[:3])}{more}")
 
     # -- reductions ----------------------------------------------------------------------------------------------
     def _sum(self, values: list[float]) -> list[float]:
@@ -176,6 +214,14 @@ class Trainer:
         if self.mesh.distributed:
             dist.all_reduce(t)
         return t.tolist()
+
+    def _gather(self, items: list) -> list:
+        """Every rank's list, concatenated in rank order."""
+        if not self.mesh.distributed:
+            return list(items)
+        gathered = [None] * self.mesh.world_size
+        dist.all_gather_object(gathered, list(items))
+        return [x for g in gathered for x in g]
 
     def _mean_metrics(self, metrics: dict) -> dict:
         """Average each metric over the ranks that reported it (pipeline stages report different keys)."""
@@ -235,6 +281,7 @@ class Trainer:
         for m in models:
             balance.update_biases(m, loads, rate)
             balance.reset_loads(m)
+        self.last_expert_loads = loads
         vio = balance.max_vio(loads[loads.sum(-1) > 0]) if (loads.sum(-1) > 0).any() else None
         if vio is not None:
             out["moe/maxvio_batch"] = vio.mean().item()
@@ -243,7 +290,12 @@ class Trainer:
 
     def train_step(self, micro_batches) -> dict:
         t0 = time.perf_counter()
+        n = self.step + 1                      # the step being run, numbered as in the metrics
+        self.dashboards.begin_step(self.step_fn, n)
+        self._mark("forward_backward")
         loss_sum, count, model_metrics = self.step_fn.forward_backward(micro_batches)
+        faults.poison_grads(n, self.step_fn.named_parameters())
+        self._mark("all_reduce loss and gradient norm")
         loss_sum, count = self._sum([loss_sum, count])
         loss = loss_sum / count
         grad_norm = math.sqrt(self._sum([self.step_fn.grad_norm_sq().item()])[0])
@@ -254,42 +306,127 @@ class Trainer:
                 for p in self.params:
                     if p.grad is not None:
                         p.grad.mul_(clip / (grad_norm + 1e-6))
+            self._mark("optimizer")
             self.optimizer.step()
-            self.bad_steps = 0
+            self.bad_steps, self.first_bad = 0, None
         else:  # the update would poison the weights: skip it, keep the step count honest
-            self.bad_steps += 1
-            if self.bad_steps >= self.cfg.train.max_bad_steps:
-                raise TrainingAborted(f"step {self.step}: loss={loss} grad_norm={grad_norm}: non-finite "
-                                      f"{self.bad_steps} steps in a row (train.max_bad_steps)")
+            self._skip_nonfinite(n, loss, grad_norm, micro_batches)
+        if self.dashboards.due(n):             # measured while gradients and moments are both allocated
+            model_metrics.update(optimizer_bytes(self.optimizer, self.params))
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
+        self._mark("balancing and metrics", n)
         extra = self._post_step_hooks()
         dt = time.perf_counter() - t0
         tps = self.tokens_per_step / dt
         out = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": dt, "tokens_per_s": tps,
                "mfu": self.flops_per_token * tps / (self.peak_flops * self.mesh.world_size),
-               "tokens": self.step * self.tokens_per_step, "skipped_steps": float(not finite)}
+               "tokens": self.step * self.tokens_per_step, "skipped_steps": float(not finite),
+               "skipped_steps_total": float(self.skipped_total)}
+        model_metrics.update(self.dashboards.local_scalars(self.step_fn.models()))
         out.update(self._mean_metrics(model_metrics))
         out.update(extra)
+        out.update(self.dashboards.memory())
+        out.update(self.dashboards.pipeline(self.step_fn, n, self.metrics))
+        self.dashboards.expert_load(self.last_expert_loads, n, self.metrics)
         return out
+
+    # -- non-finite steps ----------------------------------------------------------------------------------------
+    def _skip_nonfinite(self, n: int, loss: float, grad_norm: float, micro_batches) -> None:
+        self.bad_steps += 1
+        self.skipped_total += 1
+        if self.first_bad is None:
+            self.first_bad = (n, self._locate_nonfinite(loss, micro_batches))
+        K = self.cfg.train.max_bad_steps
+        if self.mesh.rank == 0:
+            log.warning(f"step {n}: loss={loss:.4g} grad_norm={grad_norm:.4g}: non-finite, update skipped "
+                        f"({self.bad_steps}/{K} in a row)")
+        if self.bad_steps >= K:
+            first, where = self.first_bad
+            raise TrainingAborted(f"step {n}: loss={loss:.4g} grad_norm={grad_norm:.4g}: non-finite {self.bad_steps} "
+                                  f"steps in a row (train.max_bad_steps={K}); first at step {first} in {where}")
+
+    def _locate_nonfinite(self, loss: float, micro_batches) -> str:
+        """Where a non-finite step came from, over all ranks: the first module whose forward output is non-finite
+        (one process per pipeline, by replaying the step's first micro-batches), else the parameters whose weights or
+        gradients are. Parameters are named in model order, so the first one named is the shallowest."""
+        named = self.step_fn.named_parameters()
+        weights = [n for n, p in named if not bool(torch.isfinite(p.detach()).all())]
+        grads = [n for n, p in named if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        module = self._first_nonfinite_module(micro_batches) if not math.isfinite(loss) and self.mesh.pp == 1 else None
+        tag = f" (rank {self.mesh.rank})" if self.mesh.distributed else ""
+        parts = [f"the forward output of module '{module}'{tag}"] if module else []
+        parts += [f"weight '{w}'{tag}" for w in weights[:1]]
+        more = f" (+{len(grads) - 1} more)" if len(grads) > 1 else ""
+        parts += [f"gradient of '{g}'{tag}{more}" for g in grads[:1]]
+        found = self._gather(parts[:1])
+        return found[0] if found else f"the loss (loss={loss:.4g}; every weight and gradient finite)"
+
+    @torch.no_grad()
+    def _first_nonfinite_module(self, micro_batches) -> str | None:
+        model = self.step_fn.models()[0]
+        found: list[str] = []
+
+        def check(name, module, args, output):
+            outs = output if isinstance(output, (tuple, list)) else (output,)
+            bad = (isinstance(o, torch.Tensor) and o.is_floating_point() and not bool(torch.isfinite(o).all())
+                   for o in outs)
+            if not found and any(bad):
+                found.append(name)   # hooks run as modules finish: the innermost, earliest culprit comes first
+
+        moe = self.cfg.model.name == "deepseek_v3"
+        if moe:  # the replay must not count towards the expert loads that drive the bias update
+            from framework.models.deepseek_v3 import balance
+            saved = balance.expert_loads(model).clone()
+        handles = [m.register_forward_hook(functools.partial(check, name)) for name, m in model.named_modules() if name]
+        try:
+            for x, y in micro_batches:   # all of them on every rank: expert-parallel layers exchange tokens
+                model.compute_loss(x.to(self.mesh.device), y.to(self.mesh.device))
+        finally:
+            for h in handles:
+                h.remove()
+            if moe:
+                for r, row in zip(balance.routers(model), saved):
+                    r.load.copy_(row)
+        return found[0] if found else None
+
+    def _mark(self, op: str, step: int | None = None) -> None:
+        if self.watchdog is not None:
+            self.watchdog.mark(self.step + 1 if step is None else step, op)
 
     def fit(self) -> list[dict]:
         t = self.cfg.train
+        self.watchdog = Watchdog.for_process_group(self.cfg.parallel.timeout_s)
+        if self.watchdog is not None:
+            self.watchdog.start()
         try:
             if self.step == 0:
+                self._mark("evaluate", 0)
                 val = self.evaluate()
                 self.metrics.log(0, val)
                 self.history.append({"step": 0, **val})
             while self.step < t.steps:
+                self._mark("data")
+                faults.at_step(self.step + 1, self.mesh.rank, self.run_dir)
                 out = self.train_step(self.sampler.next_batch())
                 if (t.eval_interval and self.step % t.eval_interval == 0) or self.step == t.steps:
+                    self._mark("evaluate", self.step)
                     out.update(self.evaluate())
                 self.metrics.log(self.step, out)
                 self.history.append({"step": self.step, **out})
                 if (t.checkpoint_interval and self.step % t.checkpoint_interval == 0) or self.step == t.steps:
+                    self._mark("checkpoint save", self.step)
                     self.save_checkpoint()
+        except Exception as e:
+            if self.watchdog is not None and is_comm_failure(e):   # name the rank that left the others waiting
+                cause = (str(e).strip().splitlines() or [""])[0][:200]
+                raise TrainingAborted(f"{self.watchdog.diagnose()} [{type(e).__name__}: {cause}]",
+                                      exit_code=STALL_EXIT) from e
+            raise
         finally:
+            if self.watchdog is not None:
+                self.watchdog.stop()
             self.metrics.close()
         return self.history

@@ -2,12 +2,18 @@
 
   python -m launch.train [hydra overrides]                                  one process
   torchrun --standalone --nproc-per-node=N -m launch.train [overrides]      N processes on this machine
-Configuration problems are reported in one line naming the key, with exit status 2, before any process group starts.
+  torchrun --nnodes=M --nproc-per-node=N --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT --rdzv-id=JOB \
+           --max-restarts=R -m launch.train [overrides]                   M nodes (launch/multinode.sh, slurm.sbatch)
+  python -m launch.train -m optim.lr=1e-3,3e-3                              a sweep: one run (and W&B run) per job,
+                                                                            grouped under the sweep's id
+Exit status: 2 for bad input (configuration, data, checkpoint), reported in one line naming the culprit before any
+process group starts where possible; 1 when training aborts (non-finite steps); 3 when a rank hung or died.
 """
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -47,9 +53,11 @@ def check_overrides(overrides: list[str]) -> object:
 
 
 def setup_logging(run_dir: Path, rank: int) -> None:
-    """Rank 0 talks on the console; every rank keeps its own log file (ranks never share a file)."""
+    """Rank 0 talks on the console; every rank keeps its own log file (ranks never share a file), appended to across
+    restarts, each line tagged with torchrun's restart count."""
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(message)s")
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    fmt = logging.Formatter(f"%(asctime)s rank{rank} restart{restart} %(levelname)s %(message)s")
     fh = logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")
     fh.setFormatter(fmt)
     ch = logging.StreamHandler(sys.stdout)
@@ -58,6 +66,26 @@ def setup_logging(run_dir: Path, rank: int) -> None:
     root = logging.getLogger()
     root.handlers[:] = [fh, ch]
     root.setLevel(logging.INFO)
+
+
+def log_to_file(message: str) -> None:
+    """Into this rank's log file only (the console already got it)."""
+    record = logging.LogRecord("duet", logging.ERROR, __file__, 0, message, None, None)
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)
+
+
+def scrub_secrets(run_dir: Path) -> None:
+    """Hydra wrote the composed config before we ran: mask any secret an override interpolated into it."""
+    from framework.metrics import redact
+
+    for path in [*sorted((run_dir / ".hydra").glob("*.yaml")), run_dir.parent / "multirun.yaml"]:
+        if path.is_file():
+            text = path.read_text()
+            clean = redact(text)
+            if clean != text:
+                path.write_text(clean)
 
 
 def run(cfg) -> list[dict]:
@@ -71,7 +99,11 @@ def run(cfg) -> list[dict]:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    if rank == 0:
+        scrub_secrets(Path(cfg.train.output_dir))
     setup_logging(Path(cfg.train.output_dir), rank)
+    log.info(f"rank {rank}/{world} on {socket.gethostname()} pid {os.getpid()}: run {cfg.run_id} in "
+             f"{cfg.train.output_dir} (restart {os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')})")
     p = cfg.parallel
     mesh = init_mesh(p.pp, p.dp, p.ep, cfg.train.device, p.backend, p.timeout_s, p.comm.sm_budget)
     try:
@@ -82,9 +114,26 @@ def run(cfg) -> list[dict]:
             from framework.step import PipelineStep
             step_factory = PipelineStep
         history = Trainer(cfg, mesh, step_factory).fit()
+        log.info(f"rank {rank}: finished at step {history[-1]['step'] if history else 0}")
     finally:
         shutdown()
     return history
+
+
+def name_sweep_run(cfg) -> None:
+    """In a Hydra sweep (-m) each job is its own W&B run, grouped under the sweep's id (the sweep folder's name)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return
+    sweep = Path(hc.sweep.dir).name
+    w = cfg.logging.wandb
+    if w.group is None:
+        w.group = sweep
+    if w.name is None:
+        w.name = f"{sweep}-{hc.job.num}"
 
 
 def main() -> None:
@@ -104,13 +153,20 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
     def _main(cfg) -> None:
+        name_sweep_run(cfg)
         try:
             run(cfg)
-        except (ValueError, FileNotFoundError) as e:  # bad data / checkpoint / launch input: one line, exit 2
-            if os.environ.get("DUET_TRACEBACK"):
+        except Exception as e:  # bad input and aborted training: one line, no traceback; anything else: traceback
+            from framework.checkpoint import CheckpointError  # (imported here: a config error never loads torch)
+            from framework.trainer import TrainingAborted
+
+            if not isinstance(e, (ValueError, FileNotFoundError, CheckpointError, TrainingAborted)) \
+                    or os.environ.get("DUET_TRACEBACK"):
                 raise
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            kind = "training aborted" if isinstance(e, TrainingAborted) else "error"
+            print(f"{kind}: {e}", file=sys.stderr, flush=True)
+            log_to_file(f"{kind}: {e}")
+            sys.exit(getattr(e, "exit_code", 2))
 
     _main()
 

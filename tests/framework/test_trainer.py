@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from framework.checkpoint import CheckpointError, Checkpointer, check_complete
-from framework.trainer import Trainer
+from framework.trainer import Trainer, TrainingAborted
 from parallel.mesh import init_mesh
 
 
@@ -94,3 +94,82 @@ def test_corrupt_and_mismatched_checkpoints(make_cfg, tmp_path):
     # another model shape: the error names the tensors
     with pytest.raises(CheckpointError, match=r"another model shape: model/.*\(.*32.*\) vs model \(.*48"):
         trainer(make_cfg("model.hidden_size=48", f"train.resume={s1}", out=tmp_path / "y"))
+
+
+# -- non-finite steps ------------------------------------------------------------------------------------------------
+def test_nan_gradient_is_skipped_then_aborts_naming_step_and_parameter(make_cfg, tmp_path, monkeypatch):
+    """DUET_FAULT puts a NaN into one gradient from step 2 on: each such step leaves the weights as they were, and the
+    third in a row aborts with the step where it began and the parameter it came from."""
+    monkeypatch.setenv("DUET_FAULT", "nan:step=2:param=layers.1.mlp.up_proj.weight:count=100")
+    t = trainer(make_cfg("train.max_bad_steps=3", out=tmp_path / "r"))
+    first = t.train_step(t.sampler.next_batch())
+    assert first["skipped_steps"] == 0.0 and t.bad_steps == 0
+    before = params(t)
+    for n in (2, 3):
+        out = t.train_step(t.sampler.next_batch())
+        assert out["skipped_steps"] == 1.0 and out["skipped_steps_total"] == n - 1
+        assert out["grad_norm"] != out["grad_norm"]                          # NaN
+        assert all(torch.equal(before[k], v) for k, v in params(t).items())     # no update from a poisoned step
+    with pytest.raises(TrainingAborted) as e:
+        t.train_step(t.sampler.next_batch())
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("step 4:"), msg
+    assert "non-finite 3 steps in a row (train.max_bad_steps=3); first at step 2 in gradient of " \
+           "'layers.1.mlp.up_proj.weight'" in msg, msg
+    assert t.step == 3 and t.sampler.state.samples_consumed == 4 * 8   # skipped steps still consume their data
+
+
+def test_single_nan_step_is_skipped_and_training_goes_on(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("DUET_FAULT", "nan:step=3")
+    hist = trainer(make_cfg(out=tmp_path / "r")).fit()
+    steps = [h for h in hist if "loss" in h]
+    assert [h["skipped_steps"] for h in steps] == [0, 0, 1, 0, 0, 0]
+    assert steps[-1]["skipped_steps_total"] == 1
+    assert all(h["grad_norm"] == h["grad_norm"] for h in steps if h["step"] != 3)    # finite again after step 3
+
+
+def test_forward_nan_is_traced_to_its_module(make_cfg, tmp_path):
+    t = trainer(make_cfg("train.max_bad_steps=1", out=tmp_path / "r"))
+    with torch.no_grad():
+        t.model.layers[1].self_attn.v_proj.weight[3, 5] = float("inf")
+    with pytest.raises(TrainingAborted, match=r"^step 1: loss=nan .*first at step 1 in the forward output of module "
+                                              r"'layers\.1\.self_attn\.v_proj'$"):
+        t.train_step(t.sampler.next_batch())
+
+
+def test_checkpoint_refuses_non_finite_values(make_cfg, tmp_path):
+    t = trainer(make_cfg(out=tmp_path / "r"))
+    t.train_step(t.sampler.next_batch())
+    good = t.save_checkpoint()
+    with torch.no_grad():
+        t.model.norm.weight[0] = float("nan")
+    t.step += 1
+    with pytest.raises(TrainingAborted,
+                       match=r"step 2: not saving a checkpoint with non-finite values in model/norm\.weight$"):
+        t.save_checkpoint()
+    ck = Checkpointer(tmp_path / "r" / "checkpoints")
+    assert ck.complete_checkpoints() == [good] and ck.latest() == good
+
+
+def test_secrets_never_reach_the_checkpoint_config(make_cfg, tmp_path, monkeypatch):
+    key = "wandb-fake-key-7f3a9c"
+    monkeypatch.setenv("WANDB_API_KEY", key)
+    t = trainer(make_cfg(f"logging.wandb.name=run-{key}", out=tmp_path / "r"))
+    t.train_step(t.sampler.next_batch())
+    folder = t.save_checkpoint()
+    text = (folder / "meta.json").read_text()
+    assert key not in text and '"name": "run-<WANDB_API_KEY redacted>"' in text
+
+
+def test_checkpoints_load_without_pickle():
+    """Checkpoints are DCP shards + JSON; nothing in the framework unpickles (torch.load only with weights_only)."""
+    import re
+    from tests.conftest import ROOT
+
+    offenders = []
+    for folder in ("framework", "parallel", "schedules", "launch"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for i, line in enumerate(path.read_text().splitlines(), 1):
+                if re.search(r"\bpickle\b|torch\.load\(", line) and "weights_only=True" not in line:
+                    offenders.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
+    assert offenders == []
