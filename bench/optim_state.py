@@ -228,17 +228,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--block", type=int, default=128, help="fp8 block of the --study")
     args = ap.parse_args()
-    print("## Optimizer state: bytes per parameter (memory_report, 4 x 1024 x 1024)\n")
-    print(bytes_table(), "\n", flush=True)
-    print("## Optimizer step time\n")
-    print(time_table(args.matrices, args.dim, args.steps), "\n", flush=True)
-    print("## Update error vs fp32 states: noisy quadratic\n")
-    print(quadratic_table(), "\n", flush=True)
-    if args.study:
-        print(f"## fp8 second moment: update error ||u_q - u|| / ||u|| vs fp32 states (300 steps, 262144 values, "
-              f"block {args.block})\n")
-        print(study_table(args.block), flush=True)
+    from bench.common import machine, write_report
 
+    cmd = "python -m bench.optim_state" + (" --study" if args.study else "")
+    parts = ["### Optimizer state manager", "", f"Command: `{cmd}`; {machine()}.", "",
+             "#### Bytes per parameter (memory_report, 4 x 1024 x 1024)", "", bytes_table(), "",
+             "#### Optimizer step time", "", time_table(args.matrices, args.dim, args.steps), "",
+             "#### Update error vs fp32 states: noisy quadratic", "", quadratic_table()]
+    if args.study:
+        parts += ["", f"#### fp8 second moment: update error ||u_q - u|| / ||u|| vs fp32 states (300 steps, 262144 "
+                      f"values, block {args.block})", "", study_table(args.block)]
+    write_report("optim_state", "\n".join(parts))
 
 if __name__ == "__main__":
     main()
