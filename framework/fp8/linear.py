@@ -117,7 +117,9 @@ class Fp8Stats:
 def _observe_act(stats, x2, q, s):
     """x2 [M, K] with its 1x128 tile scales s [M, G]."""
     if stats is not None:
-        tiles = Q._pad_dim(x2.float(), 1, Q.BLOCK).view(*s.shape, Q.BLOCK)  # [M, G, 128]
+        M, K = x2.shape
+        tiles = (x2.float().view(M, 1, K) if s.shape[1] == 1  # one tile per row: no padding needed
+                 else Q._pad_dim(x2.float(), 1, Q.BLOCK).view(*s.shape, Q.BLOCK))  # [M, G, 128]
         stats.observe(tiles, q, s.unsqueeze(-1))
 
 
@@ -226,7 +228,9 @@ class Fp8Linear(nn.Linear):
         return new
 
     def forward(self, x):
-        return fp8_linear(x, self.weight, self.bias, self.backend, self.pow2, self.fp8_stats)
+        # statistics describe training steps: a validation pass (no grad) would mix into the next step's numbers
+        stats = self.fp8_stats if torch.is_grad_enabled() else None
+        return fp8_linear(x, self.weight, self.bias, self.backend, self.pow2, stats)
 
     def extra_repr(self):
         return f"{super().extra_repr()}, backend={self.backend}, pow2={self.pow2}"
@@ -236,22 +240,64 @@ class Fp8Linear(nn.Linear):
 # model conversion and metrics
 
 
-def convert_to_fp8(model, exclude=DEFAULT_EXCLUDE, backend="auto", pow2=False, track_stats=True):
-    """Swap every plain nn.Linear of `model` whose qualified name matches no `exclude` pattern for an Fp8Linear.
+class Fp8ExpertGemms:
+    """The `linear_fn` of a MoE Experts module in FP8: both expert GEMMs (gate_up, then down) run through
+    fp8_grouped_linear, with the Fp8Linear recipe, and keep one Fp8Stats per projection."""
 
-    Patterns are fnmatch globs against names from model.named_modules() (e.g. "layers.0.mlp.gate").
-    Subclasses of nn.Linear are left alone (they may have their own forward). Parameters are shared, not
-    copied. Returns the converted names in module order.
-    """
-    check_backend(backend)
+    PROJS = ("gate_up_proj", "down_proj")
+
+    def __init__(self, backend="auto", pow2=False, track_stats=True):
+        check_backend(backend)
+        self.backend, self.pow2 = backend, bool(pow2)
+        self.stats = {p: Fp8Stats() for p in self.PROJS} if track_stats else None
+
+    def __call__(self, x_sorted, counts, weight, proj):
+        if proj not in self.PROJS:
+            raise ValueError(f"proj must be one of {self.PROJS}, got {proj!r}")
+        stats = self.stats[proj] if self.stats is not None and torch.is_grad_enabled() else None
+        return fp8_grouped_linear(x_sorted, counts, weight, self.backend, self.pow2, stats)
+
+    def __repr__(self):
+        return f"Fp8ExpertGemms(backend={self.backend}, pow2={self.pow2})"
+
+
+def _check_exclude(exclude):
     if isinstance(exclude, str) or not all(isinstance(p, str) for p in exclude):
         raise ValueError(f"exclude must be a list of fnmatch patterns (str), got {exclude!r}")
+
+
+def _excluded(name, exclude):
+    return any(fnmatch.fnmatchcase(name, p) for p in exclude)
+
+
+def expert_modules(model, exclude=()):
+    """(name, module) of every MoE Experts module whose GEMMs a precision hook may replace (linear_fn unset)."""
+    from framework.models.deepseek_v3.moe import Experts  # only here: the numerics do not depend on the model code
+
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, Experts) and m.linear_fn is None and not _excluded(name, exclude)]
+
+
+def convert_to_fp8(model, exclude=DEFAULT_EXCLUDE, backend="auto", pow2=False, track_stats=True):
+    """Swap every plain nn.Linear of `model` whose qualified name matches no `exclude` pattern for an Fp8Linear,
+    and route the GEMMs of every MoE Experts module (same rule on its name) through FP8 (Fp8ExpertGemms).
+
+    Patterns are fnmatch globs against names from model.named_modules() (e.g. "layers.0.mlp.gate").
+    Subclasses of nn.Linear are left alone (they may have their own forward), as are Experts whose linear_fn is
+    already set. Parameters are shared, not copied. Returns the converted names in module order.
+    """
+    check_backend(backend)
+    _check_exclude(exclude)
     if type(model) is nn.Linear:
         raise ValueError("model is itself an nn.Linear: convert_to_fp8 swaps children; wrap it in a container "
                          "or use Fp8Linear.from_linear")
+    experts = dict(expert_modules(model, exclude))
     names = [name for name, m in model.named_modules()
-             if type(m) is nn.Linear and not any(fnmatch.fnmatchcase(name, p) for p in exclude)]
+             if (type(m) is nn.Linear and not _excluded(name, exclude)) or name in experts]
     for name in names:
+        if name in experts:
+            experts[name].linear_fn = Fp8ExpertGemms(backend=backend, pow2=pow2, track_stats=track_stats)
+            continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, Fp8Linear.from_linear(getattr(parent, child), backend=backend, pow2=pow2,
@@ -259,18 +305,29 @@ def convert_to_fp8(model, exclude=DEFAULT_EXCLUDE, backend="auto", pow2=False, t
     return names
 
 
+def iter_fp8_stats(model):
+    """(layer name, Fp8Stats) of every FP8 GEMM site of `model`: each Fp8Linear, and each projection of FP8
+    experts ("<experts module>.gate_up_proj", "<experts module>.down_proj")."""
+    for name, m in model.named_modules():
+        stats = getattr(m, "fp8_stats", None)
+        if isinstance(stats, Fp8Stats):
+            yield name, stats
+        hook = getattr(m, "linear_fn", None)
+        if isinstance(hook, Fp8ExpertGemms) and hook.stats is not None:
+            for proj, st in hook.stats.items():
+                yield f"{name}.{proj}" if name else proj, st
+
+
 def collect_fp8_stats(model, reset=True):
     """Per-layer and overall FP8 metrics since the last reset, as floats for the metrics sink.
 
     Keys: "fp8/<layer>/<role>_<metric>" and "fp8/<role>_<metric>" (all layers), role in x, w, dy and metric in
-    amax, saturated_frac, underflow_frac. Reading them synchronizes with the device once per value.
+    amax, saturated_frac, underflow_frac. Reading them synchronizes with the device once per value; for every
+    step, framework.fp8.metrics.fp8_metrics gives the per-role summary with a single synchronization.
     """
     out = {}
     totals = {}
-    for name, m in model.named_modules():
-        stats = getattr(m, "fp8_stats", None)
-        if not isinstance(stats, Fp8Stats):
-            continue
+    for name, stats in iter_fp8_stats(model):
         for role in ("x", "w", "dy"):
             rs = getattr(stats, role)
             for key, value in rs.summary().items():

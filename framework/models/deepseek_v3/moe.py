@@ -19,7 +19,7 @@ per-expert layout (experts.E.gate_proj/up_proj/down_proj) is a slice/concat away
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -176,6 +176,10 @@ class Experts(nn.Module):
     expert_impl=grouped runs one torch._grouped_mm per projection (offsets = cumulative group sizes; no host sync)
     where it applies (float32/bfloat16/float16, hidden_size and moe_intermediate_size multiples of 16 bytes), and the
     per-expert loop otherwise (float64 reference runs); expert_impl=loop always runs one matmul per expert.
+
+    linear_fn (None by default) replaces both grouped GEMMs when set, for other GEMM numerics (FP8, emulated bf16:
+    framework/fp8 sets it): linear_fn(x [M, K], counts [E_local] ints, weight [E_local, N, K], proj) -> [M, N], with
+    proj "gate_up_proj" or "down_proj" naming the weight (so per-projection statistics can be kept).
     """
 
     def __init__(self, cfg, local_experts: Optional[range] = None):
@@ -192,8 +196,11 @@ class Experts(nn.Module):
         n = len(self.expert_ids)
         self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * I, C))           # [E_local, 2I, C]: gate rows, up rows
         self.down_proj = nn.Parameter(torch.empty(n, C, I))                  # [E_local, C, I]
+        self.linear_fn: Optional[Callable] = None
 
     def forward(self, x_sorted: torch.Tensor, tokens_per_expert: Union[torch.Tensor, Sequence[int]]) -> torch.Tensor:
+        if self.linear_fn is not None:
+            return self._with_linear_fn(x_sorted, tokens_per_expert)
         if self.impl == "grouped":
             return self._grouped(x_sorted, tokens_per_expert)
         return self._loop(x_sorted, tokens_per_expert)
@@ -220,6 +227,11 @@ class Experts(nn.Module):
         gate, up = gate_up.split(self.inter, dim=-1)
         h = (F.silu(gate) * up).contiguous()                                 # [M, I]
         return _contiguous_grad(torch._grouped_mm(h, w_d, offs=offs))       # [M, C]
+
+    def _with_linear_fn(self, x, tokens_per_expert):
+        counts = tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert) else list(tokens_per_expert)
+        gate, up = self.linear_fn(x, counts, self.gate_up_proj, "gate_up_proj").split(self.inter, dim=-1)
+        return self.linear_fn(F.silu(gate) * up, counts, self.down_proj, "down_proj")  # [M, C]
 
     def _loop(self, x, tokens_per_expert):
         counts = tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert) else list(tokens_per_expert)
