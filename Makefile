@@ -27,7 +27,7 @@ train: data
 test: $(STAMP)
 	$(PY) -m pytest tests $(ARGS)
 
-rl: data
+rl: $(STAMP)
 	$(PY) -m launch.rl $(ARGS)
 
 bench: $(STAMP)

@@ -22,19 +22,19 @@ class RLConfig:
     task_min_digits: int = 1               # operand length range (digits)
     task_max_digits: int = 3
     task_ops: str = "+"                    # operators drawn from: any of "+-" (subtraction keeps the result >= 0)
-    task_heldout_mod: int = 10             # (a, b) pairs with hash % mod == 0 are held out for evaluation only
+    task_heldout_mod: int = 10             # problems (a, op, b) with crc32 % mod == 0 are for evaluation only
     sft_examples: int = 20000              # distinct task examples in the SFT set
     sft_reason_fraction: float = 0.3       # share of SFT completions that work digit by digit inside <think>
     sft_bad_format_fraction: float = 0.1   # share with a broken format (no <think>, or no tags at all)
     sft_wrong_fraction: float = 0.0        # share whose final answer is corrupted (label noise)
     # --- SFT / distillation ---
-    sft_steps: int = 300                   # optimizer steps of SFT; 0 = skip
+    sft_steps: int = 1000                  # optimizer steps of SFT; 0 = skip
     sft_batch_size: int = 32               # sequences per SFT step, all data-parallel ranks together
     sft_seq_len: int = 128                 # packed sequence length
     sft_pack: bool = True                  # pack several examples per sequence (they can attend to earlier ones)
     sft_lr: float = 3e-3                   # peak lr of SFT (optim.schedule, optim.warmup_steps, optim.min_lr_ratio)
     # --- GRPO (DeepSeekMath §4.1; R1 §2.2) ---
-    grpo_steps: int = 60                   # sampling rounds; 0 = skip
+    grpo_steps: int = 40                   # sampling rounds; 0 = skip
     prompts_per_step: int = 32             # prompts per round, all ranks together (sharded by prompt)
     group_size: int = 8                    # G: samples per prompt (DeepSeekMath 64, R1 16)
     updates_per_batch: int = 2             # optimizer steps on each batch of samples (mu; old log-probs kept)
@@ -43,8 +43,11 @@ class RLConfig:
     lr: float = 1e-4                       # GRPO learning rate (constant after rl.warmup_steps)
     warmup_steps: int = 5                  # GRPO lr warmup (optimizer steps)
     ref_refresh_steps: int = 0             # copy the policy into the reference every N rounds (R1: 400); 0 = never
-    std_floor: float = 1e-4                # advantages divide by max(std, floor); groups with std <= floor skipped
-    rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.5})  # name -> weight
+    std_floor: float = 1e-4                # advantages divide by max(std, floor); groups whose rewards are all equal
+                                           # are skipped (and counted: grpo/groups/skipped)
+    rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.5})
+                                           # name -> weight; change one with rl.rewards.format=0, add one with
+                                           # +rl.rewards.length=0.2 (built-in: accuracy, format, length, language)
     length_target: int = 64                # length reward: 0 up to this many completion tokens, then down to -1
     language_alphabet: str = "0123456789+-=, "  # language reward: share of <think> characters drawn from this set
     # --- sampling ---
@@ -91,7 +94,8 @@ def validate_rl(rl: RLConfig) -> None:
     if not 0 < rl.top_p <= 1:
         _fail("rl.top_p", rl.top_p, "must be in (0, 1]")
     if not rl.rewards:
-        _fail("rl.rewards", dict(rl.rewards), f"at least one reward, e.g. {{accuracy: 1.0}}; built-in: {', '.join(REWARD_NAMES)}")
+        _fail("rl.rewards", dict(rl.rewards),
+              f"at least one reward, e.g. {{accuracy: 1.0}}; built-in: {', '.join(REWARD_NAMES)}")
     from framework.rl.rewards import REGISTRY
 
     for name, weight in rl.rewards.items():
@@ -117,4 +121,5 @@ def validate_rl_run(rl: RLConfig, model_cfg, parallel_cfg, world_size: int) -> N
     if rl.sft_batch_size % world_size:
         _fail("rl.sft_batch_size", rl.sft_batch_size, f"must be a multiple of the world size {world_size}")
     if rl.sft_seq_len > model_cfg.max_position_embeddings:
-        _fail("rl.sft_seq_len", rl.sft_seq_len, f"must be <= model.max_position_embeddings={model_cfg.max_position_embeddings}")
+        _fail("rl.sft_seq_len", rl.sft_seq_len,
+              f"must be <= model.max_position_embeddings={model_cfg.max_position_embeddings}")
