@@ -21,9 +21,13 @@ FORMATS = {"fp32": ("fp32", "fp32"), "bf16": ("bf16", "bf16"), "fp8": ("fp8", "f
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     args = ap.parse_args()
+    if "fp32" not in args.formats:
+        args.formats.insert(0, "fp32")  # the reference every gap is measured against
     rows = {}
-    for name, (m, v) in FORMATS.items():
+    for name in args.formats:
+        m, v = FORMATS[name]
         with tempfile.TemporaryDirectory() as d:
             trainer, hist = train_in_process(Path(d), "model=deepseek_v3_tiny", f"train.steps={args.steps}",
                                              f"train.eval_interval={args.steps}", "train.micro_batches=2",
@@ -38,7 +42,7 @@ def main() -> None:
         rows[name] = (hist[-1]["val/loss"], sum(tail) / len(tail), report, step_ms)
     base_val, base_tail = rows["fp32"][0], rows["fp32"][1]
     lines = [f"### Optimizer-state formats on deepseek_v3_tiny ({args.steps} steps)", "",
-             f"Command: `python -m bench.optim_loss --steps {args.steps}`; {machine()}.", "",
+             f"Command: `python -m bench.optim_loss --steps {args.steps} --formats {' '.join(args.formats)}`; {machine()}.", "",
              "| moments | val loss | gap vs fp32 | train loss, last 10% | gap vs fp32 | bytes/param (exp_avg + exp_avg_sq) | optimizer step (ms) |",
              "|---|---|---|---|---|---|---|"]
     for name, (val, tail, rep, ms) in rows.items():
