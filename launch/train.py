@@ -88,6 +88,18 @@ def scrub_secrets(run_dir: Path) -> None:
                 path.write_text(clean)
 
 
+def _drop_fresh_run_dir(run_dir: Path) -> None:
+    """Hydra creates the run folder (with .hydra/) before the config is validated: a refused run leaves nothing
+    behind. A folder holding anything else (an earlier run's checkpoints, logs) is left as it was."""
+    import shutil
+
+    try:
+        if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra"}:
+            shutil.rmtree(run_dir)
+    except OSError:
+        pass
+
+
 def run(cfg) -> list[dict]:
     """Validate, build the mesh, train. Returns the metric history (rank 0's view)."""
     from framework.config import ConfigError, validate
@@ -98,6 +110,7 @@ def run(cfg) -> list[dict]:
         validate(cfg, world)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr, flush=True)
+        _drop_fresh_run_dir(Path(cfg.train.output_dir))
         sys.exit(2)
     if rank == 0:
         scrub_secrets(Path(cfg.train.output_dir))

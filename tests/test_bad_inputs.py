@@ -254,6 +254,7 @@ def test_command_line(world, untouched):
         assert p.returncode == 2, (name, p.returncode, err[-2000:])
         assert len(lines) == 1 and lines[0].startswith(rows[name][1]), (name, err[-2000:])
     assert not (root / "cli0" / "checkpoints").exists() and not (root / "cli3" / "checkpoints").exists()
+    assert not (root / "cli0").exists()  # a config refused by validation leaves no run folder behind
 
 
 def _has_cuda() -> bool:
