@@ -258,16 +258,10 @@ def main() -> None:
     import hydra
 
     from framework.config import register_configs
-    from launch.train import CONF_DIR, _one_line, check_overrides
+    from launch.train import CONF_DIR, precheck
 
     args = with_defaults(sys.argv[1:])
-    if not any(a in ("-m", "--multirun", "--help", "-h", "--cfg", "-c", "--info") or a.startswith("--cfg")
-               for a in args):
-        try:
-            check_overrides([a for a in args if not a.startswith("-")])
-        except Exception as e:  # composition errors: unknown key, wrong type, missing option
-            print(f"config error: {_one_line(e)}", file=sys.stderr, flush=True)
-            sys.exit(2)
+    precheck(args)
     sys.argv = sys.argv[:1] + args
     register_configs()
 

@@ -149,19 +149,24 @@ def name_sweep_run(cfg) -> None:
         w.name = f"{sweep}-{hc.job.num}"
 
 
+def precheck(args: list[str]) -> None:
+    """Compose the overrides before Hydra's own main does: a composition error (unknown key, wrong type, missing
+    option) becomes one line and exit status 2. Sweeps and Hydra's informational flags are left to Hydra."""
+    if any(a in ("-m", "--multirun", "--help", "-h", "--cfg", "-c", "--info") or a.startswith("--cfg") for a in args):
+        return
+    try:
+        check_overrides([a for a in args if not a.startswith("-")])
+    except Exception as e:
+        print(f"config error: {_one_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def main() -> None:
     import hydra
 
     from framework.config import register_configs
 
-    args = sys.argv[1:]
-    if not any(a in ("-m", "--multirun", "--help", "-h", "--cfg", "-c", "--info") or a.startswith("--cfg")
-               for a in args):
-        try:
-            check_overrides([a for a in args if not a.startswith("-")])
-        except Exception as e:  # composition errors: unknown key, wrong type, missing option
-            print(f"config error: {_one_line(e)}", file=sys.stderr, flush=True)
-            sys.exit(2)
+    precheck(sys.argv[1:])
     register_configs()
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
