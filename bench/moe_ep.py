@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -26,6 +25,7 @@ import torch
 import torch.multiprocessing as mp
 
 from bench.common import machine, write_report
+from parallel.mesh import free_port
 
 
 def moe_config(a):
@@ -117,12 +117,6 @@ def _worker(rank: int, port: int, a, outdir: str) -> None:
     if rank == 0:
         torch.save(rows, os.path.join(outdir, "rows.pt"))
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv=None) -> str:

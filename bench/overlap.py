@@ -32,6 +32,7 @@ import torch
 import torch.multiprocessing as mp
 
 from bench.common import OUT, compose, machine, write_report
+from parallel.mesh import free_port
 
 VARIANTS = [("ours DualPipe, overlap", "dualpipe", True), ("ours DualPipe, no overlap", "dualpipe", False),
             ("ours DualPipeV, overlap", "dualpipev", True), ("ours DualPipeV, no overlap", "dualpipev", False),
@@ -221,14 +222,6 @@ def _worker(rank: int, port: int, a, outdir: str) -> None:
     torch.save({"rows": rows, "lines": lines}, os.path.join(outdir, f"{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def draw(per_rank: list[dict], name: str, path, title: str) -> None:

@@ -25,7 +25,6 @@ import argparse
 import copy
 import os
 import pickle
-import socket
 import statistics
 import sys
 import tempfile
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 
 from bench._pipeline_peers import PEER_NAMES, PEERS, Timed, build_peer
 from bench.common import OUT, machine, write_report
+from parallel.mesh import free_port
 
 OURS = ("1f1b", "zb1p", "dualpipe", "dualpipev")
 OUR_NAMES = {"1f1b": "ours 1F1B", "zb1p": "ours ZB1P", "dualpipe": "ours DualPipe", "dualpipev": "ours DualPipeV"}
@@ -218,12 +218,6 @@ def _worker(rank: int, port: int, a, out_path: str) -> None:
             pickle.dump(dict(records=gathered, meta=meta), f)
     dist.barrier()
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- analysis

@@ -98,6 +98,15 @@ def init_mesh(pp: int, dp: Optional[int], ep: int, device: str = "auto", backend
     return mesh
 
 
+def free_port() -> int:
+    """A free TCP port on this machine, for a local rendezvous (tests, benchmarks, single-node spawns)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -4,7 +4,6 @@ One spawned gloo group of 2 ranks and one of 4 run all the checks: the loss and 
 holds must equal the single-process gradient of the mean loss over the same global batch.
 """
 import os
-import socket
 import traceback
 
 import pytest
@@ -13,14 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.conftest import ROOT, compose_cfg
+from parallel.mesh import free_port
 
 SCHEDULES = ("gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def model_overrides(name: str) -> list[str]:

@@ -10,7 +10,6 @@ Four jobs start together (they spend most of their time importing torch, so over
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,16 +19,11 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
+from parallel.mesh import free_port
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"
 STEPS = 8
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_moe(corpus, cache, *extra):

@@ -7,21 +7,15 @@ run. Workers compute numbers; the tests assert on them here, in the parent proce
 import importlib
 import logging
 import os
-import socket
 import tempfile
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from parallel.mesh import free_port
 
 
 # ------------------------------------------------------------------------------------------------ spawning
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank: int, world: int, port: int, target: str, outdir: str) -> None:

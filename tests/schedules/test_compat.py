@@ -8,7 +8,6 @@ DualPipe on 2 and 4 ranks and DualPipeV on 1, 2, 3 and 4, plus a reversed rank_m
 """
 from __future__ import annotations
 
-import socket
 from datetime import timedelta
 
 import pytest
@@ -19,8 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from schedules import compat
-from schedules.compat import (DualPipe, DualPipeV, WeightGradStore, run_backward, set_p2p_tensor_dtype,
+from schedules.compat import (DualPipe, DualPipeV, WeightGradStore, set_p2p_tensor_dtype,
                               set_p2p_tensor_shapes)
+from parallel.mesh import free_port as _free_port
+from tests.schedules.hooks import sequential_overlapped_forward_backward
 
 HIDDEN, MICRO_BATCH, SEQ = 8, 2, 3
 WORLD = 4
@@ -69,15 +70,8 @@ class PipelineStage(nn.Module):
     def overlapped_forward_backward(cls, module0, inputs0, criterion0, labels0, module1, loss1, outputs1,
                                     output_grads1):
         cls.hook_calls += 1
-        outputs0 = module0(*inputs0)
-        outputs0 = [outputs0] if isinstance(outputs0, torch.Tensor) else outputs0
-        loss0 = criterion0(*outputs0, *labels0) if criterion0 is not None else None
-        if loss1 is not None:
-            loss1.backward()
-            loss1.detach_()
-        else:
-            run_backward(outputs1, output_grads1)
-        return outputs0, loss0
+        return sequential_overlapped_forward_backward(module0, inputs0, criterion0, labels0, module1, loss1,
+                                                      outputs1, output_grads1)
 
 
 def criterion(output, target):
@@ -234,12 +228,6 @@ def _worker(rank, port):
         dist.barrier()
     finally:
         dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_compat_matches_reference_examples():

@@ -8,7 +8,6 @@ copies of a part must stay bitwise equal after mirror_grads and an SGD step.
 from __future__ import annotations
 
 import copy
-import socket
 from datetime import timedelta
 
 import pytest
@@ -21,7 +20,9 @@ import torch.nn.functional as F
 from schedules.actions import Action
 from schedules.executor import PipelineExecutor, mirror_grads
 from schedules.registry import build, get_layout
-from schedules.weight_grad import WeightGradStore, enable_weight_grad_split, run_backward
+from schedules.weight_grad import WeightGradStore, enable_weight_grad_split
+from parallel.mesh import free_port as _free_port
+from tests.schedules.hooks import sequential_overlapped_forward_backward
 
 D, FF = 8, 16            # model width, MLP width
 MB_SHAPE = (2, 3, D)     # one micro-batch: [batch, seq, hidden]
@@ -50,15 +51,8 @@ class HookBlock(Block):
     def overlapped_forward_backward(cls, module0, inputs0, criterion0, labels0, module1, loss1, outputs1,
                                     output_grads1):
         cls.calls += 1
-        outputs0 = module0(*inputs0)
-        outputs0 = [outputs0] if isinstance(outputs0, torch.Tensor) else outputs0
-        loss0 = criterion0(*outputs0, *labels0) if criterion0 is not None else None
-        if loss1 is not None:
-            loss1.backward()
-            loss1.detach_()
-        else:
-            run_backward(outputs1, output_grads1)
-        return outputs0, loss0
+        return sequential_overlapped_forward_backward(module0, inputs0, criterion0, labels0, module1, loss1,
+                                                      outputs1, output_grads1)
 
 
 class TriBlock(nn.Module):
@@ -289,12 +283,6 @@ def _worker(rank, world, port):
         dist.barrier()
     finally:
         dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import statistics
 
 import pytest
@@ -19,6 +18,7 @@ from framework.rl.grpo import (GRPO, Rollout, build_batch, group_advantages, grp
                                sequence_logprobs)
 from framework.rl.rewards import RewardSet, register
 from framework.rl.task import ArithmeticTask, CharTokenizer
+from parallel.mesh import free_port as _free_port
 
 
 def test_group_advantages_by_hand():
@@ -178,12 +178,6 @@ def _dp_worker(rank: int, world: int, port: int, rollout, rl, q):
         q.put((rank, {k: v.numpy() for k, v in state.items()}, metrics))  # plain arrays: no shared-memory handles
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_data_parallel_learn_equals_one_process():
