@@ -19,7 +19,7 @@ Variants, measured in interleaved rounds (one step of each per round) so that ma
 Hidden fraction = 1 - (time blocked in wait(), at most the exchange's own time) / (exchange time, start to
 completion), from the exchange traces; "steady state" counts the exchanges started inside F&B actions, "all" every
 exchange of the step. The per-layer token-count exchange (the host sync before a dispatch, see parallel/expert.py)
-is waited for at once by design and counted as exposed in "all".
+travels under a turn of the other chunk, like the rows; reported with and without it.
 """
 from __future__ import annotations
 
@@ -66,13 +66,14 @@ class OursStep:
 
     def run(self, batches):
         from parallel.data_parallel import reduce_gradients
-        from schedules.executor import mirror_grads
 
         s = self.step
         inputs = {mb: (batches[mb][0],) for mb in s.first_mbs}
         labels = {mb: (batches[mb][0], batches[mb][1]) for mb in s.last_mbs}
-        result = s.executor.run(s.actions, s.n, inputs, labels, train=True, trace=True)
-        mirror_grads(s.stages, s.layout, group=self.mesh.pp_group)
+        result = s.executor.run(s.actions, s.n, inputs, labels, train=True, trace=True,
+                                grads_ready=s.mirror.stage_done if s.mirror else None)
+        if s.mirror is not None:
+            s.mirror.finish()
         reduce_gradients(s.named_parameters(), self.mesh)
         for _, p in s.named_parameters():
             p.grad = None
@@ -148,6 +149,14 @@ def build_variant(name, schedule, overlap, mesh, a, link, recorder):
 
 
 # ------------------------------------------------------------------------------------------- measurement
+KINDS = ("counts", "dispatch", "combine", "dispatch.backward", "combine.backward")
+
+
+def exchange_kind(name: str) -> str:
+    """'layers.3.moe.dispatch.backward' -> 'dispatch.backward' (the longest matching suffix of KINDS)."""
+    return max((k for k in KINDS if name.endswith("." + k) or name == k), key=len, default="other")
+
+
 def exchange_stats(records, t0: float, spans) -> dict:
     """Seconds of exchange time and of waiting, for every exchange and for those started inside an F&B action."""
     fb = [(s, e) for s, e, label in spans if "&" in label]
@@ -157,7 +166,7 @@ def exchange_stats(records, t0: float, spans) -> dict:
         # exposed: the part of the exchange the caller sat waiting for; a wait can outlast the exchange by the
         # thread's wake-up delay on a loaded machine, which is not communication
         exposed = min(r.waited, r.duration)
-        kinds = ["all"] + ([] if r.name.endswith(".counts") else ["payload"])
+        kinds = ["all"] + ([] if r.name.endswith(".counts") else ["payload"]) + [exchange_kind(r.name)]
         scopes = ["step"] + (["fb"] if any(s <= start <= e for s, e in fb) else [])
         for scope in scopes:
             for kind in kinds:
@@ -180,7 +189,7 @@ def _worker(rank: int, port: int, a, outdir: str) -> None:
     logging.getLogger("parallel.comm").setLevel(logging.ERROR)
     mesh = init_mesh(2, 2, 2, device="cpu", backend="gloo")
     link = comm.EmulatedLink(a.latency_us, a.gbps)
-    variants = [v for v in VARIANTS if v[1] != "torch" or not a.no_torch]
+    variants = [v for v in VARIANTS if (v[1] != "torch" or not a.no_torch) and (not a.only or v[0] in a.only)]
     recorders = [comm.CommRecorder() for _ in variants]
     steps = [build_variant(*v, mesh, a, link, rec) for v, rec in zip(variants, recorders)]
     g = torch.Generator().manual_seed(1 + mesh.dp_rank)   # each data-parallel replica its own tokens
@@ -205,7 +214,8 @@ def _worker(rank: int, port: int, a, outdir: str) -> None:
         steps_max = torch.tensor(times[v], dtype=torch.float64)
         dist.all_reduce(steps_max, op=dist.ReduceOp.MAX)               # a step ends when the slowest rank ends
         median_step.append(int((steps_max - steps_max.median()).abs().argmin()))
-        keys = [f"{scope}_{kind}_{x}" for scope in ("step", "fb") for kind in ("all", "payload") for x in ("comm", "wait")]
+        keys = [f"{scope}_{kind}_{x}" for scope in ("step", "fb") for kind in ("all", "payload", *KINDS)
+                for x in ("comm", "wait")]
         sums = torch.tensor([sum(s.get(k, 0.0) for s in stats[v]) for k in keys], dtype=torch.float64)
         dist.all_reduce(sums)                                            # over steps and ranks
         rows.append(dict(name=name, step_s=float(steps_max.median()), steps=[float(x) for x in steps_max],
@@ -236,6 +246,13 @@ def pct(wait: float, total: float) -> str:
     return f"{100 * (1 - wait / total):.0f}%" if total > 0 else "-"
 
 
+def measure(a) -> list[dict]:
+    """Spawn the 4 workers for the settings in `a`; returns each rank's results."""
+    with tempfile.TemporaryDirectory() as outdir:
+        mp.spawn(_worker, args=(free_port(), a, outdir), nprocs=4, join=True)
+        return [torch.load(os.path.join(outdir, f"{r}.pt")) for r in range(4)]
+
+
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--chunks", type=int, default=8, help="micro-batches per step (DualPipe: even, >= 4)")
@@ -247,13 +264,19 @@ def main(argv=None) -> str:
     p.add_argument("--latency-us", type=float, default=3000.0, help="emulated link latency per exchange")
     p.add_argument("--gbps", type=float, default=1.0, help="emulated link bandwidth, gigabits/s")
     p.add_argument("--no-torch", action="store_true", help="leave out torch's ScheduleDualPipeV")
+    p.add_argument("--sweep-latency-us", type=float, nargs="*", default=[300.0, 1000.0],
+                   help="after the main run, ours DualPipe with and without overlap at these link latencies")
     a = p.parse_args(argv)
+    a.only = None
     if a.chunks % 2 or a.chunks < 4:
         raise ValueError(f"--chunks={a.chunks}: DualPipe on 2 pipeline ranks needs an even number >= 4")
-    with tempfile.TemporaryDirectory() as outdir:
-        mp.spawn(_worker, args=(free_port(), a, outdir), nprocs=4, join=True)
-        per_rank = [torch.load(os.path.join(outdir, f"{r}.pt")) for r in range(4)]
+    per_rank = measure(a)
     rows = per_rank[0]["rows"]
+    sweep = []
+    for latency in a.sweep_latency_us:
+        b = argparse.Namespace(**{**vars(a), "latency_us": latency,
+                                  "only": ["ours DualPipe, overlap", "ours DualPipe, no overlap"]})
+        sweep.append((latency, measure(b)[0]["rows"]))
     OUT.mkdir(exist_ok=True)
     png, png_off = OUT / "overlap_timeline.png", OUT / "overlap_timeline_no_overlap.png"
     link = f"latency {a.latency_us:g} us + bytes / {a.gbps:g} Gb/s per exchange"
@@ -275,12 +298,28 @@ def main(argv=None) -> str:
                   for scope in ("fb", "step") for kind in ("payload", "all")]
         table.append(f"| {r['name']} | {1e3 * r['step_s']:.0f} | " + " | ".join(hidden) +
                      f" | {1e3 * r['step_all_comm'] / n:.0f} | {1e3 * r['step_all_wait'] / n:.0f} |")
+    table += ["", "Steady state (F&B) by exchange, hidden fraction / exchange ms per rank-step:", "",
+              "| variant | " + " | ".join(KINDS) + " |", "|---|" + "---|" * len(KINDS)]
+    for r in rows:
+        if r["fb_all_comm"] > 0:
+            table.append(f"| {r['name']} | " + " | ".join(
+                f"{pct(r[f'fb_{k}_wait'], r[f'fb_{k}_comm'])} / {1e3 * r[f'fb_{k}_comm'] / n:.0f}" for k in KINDS) + " |")
+    if sweep:
+        table += ["", f"Ours DualPipe at other link latencies (same bandwidth, separate runs of {a.steps} steps; steady "
+                  "state): the hidden fraction is bounded by how much compute the other chunk has in each turn.", "",
+                  "| link latency (us) | step ms, overlap | step ms, no overlap | exchange ms per rank-step | hidden: "
+                  "dispatch + combine | hidden: + token counts |", "|---|---|---|---|---|---|"]
+        for latency, srows in sweep:
+            on, off = srows[0], srows[1]
+            table.append(f"| {latency:g} | {1e3 * on['step_s']:.0f} | {1e3 * off['step_s']:.0f} | "
+                         f"{1e3 * on['step_all_comm'] / n:.0f} | {pct(on['fb_payload_wait'], on['fb_payload_comm'])} | "
+                         f"{pct(on['fb_all_wait'], on['fb_all_comm'])} |")
     notes = ("\n\nHidden = 1 - exposed / exchange time (start to completion), summed over ranks and measured steps; "
              "exposed = time blocked in wait(), capped at the exchange's own time (a wait also holds the thread's "
              "wake-up delay, which on this shared machine is not communication). Steady state: exchanges started inside F&B actions (for variants without overlap the "
              "same actions run forward then backward; torch's schedule has no such span: '-'); whole step: every "
              "exchange. Dispatch + combine: the token rows, forward and backward; '+ token counts' adds the "
-             "per-layer count exchange before each dispatch, a host sync waited for at once. On 2 cores shared by 4 processes compute cannot speed up, so the step time "
+             "per-layer count exchange before each dispatch (the host sync). On 2 cores shared by 4 processes compute cannot speed up, so the step time "
              "gains only what the emulated link would have cost in waits (PLATFORM.md). Timelines of the median step: "
              f"`bench/out/{png.name}` (overlap) and `bench/out/{png_off.name}`, rows = global ranks 0-3 "
              "(pipeline rank = rank // 2), grey bars = exchanges.")

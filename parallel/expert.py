@@ -15,9 +15,11 @@ The routing weights never travel: each source rank multiplies the returned exper
 gate's gradient stays local and the payload back is just the expert outputs.
 
 The host sync: the receive buffer's size and the split sizes of all_to_all_single must be known on the host, and only
-the peers know how many rows they will send. So `start_dispatch` exchanges the [ep, E_local] count matrix and reads it
+the peers know how many rows they will send. So a dispatch exchanges the [ep, E_local] count matrix and reads it
 (`.tolist()`) before it can start the row exchange: on a GPU this waits for the router's kernels and the count
-exchange; nothing else in dispatch or combine syncs. Padding every expert to a fixed capacity would remove it, at the
+exchange; nothing else in dispatch or combine syncs. `start_counts` + `.start_rows()` split the two so that the caller
+can compute (the other chunk of an F&B pair, schedules/overlap.py) while the counts travel; `start_dispatch` does both
+at once. Padding every expert to a fixed capacity would remove it, at the
 price of dropping or padding tokens; V3 drops none (§2.1.2), and DeepEP's normal kernels make the same CPU wait.
 
 Backward: the gradient of a dispatch is a combine-direction exchange of the row gradients and vice versa; `_Exchange`
@@ -117,6 +119,19 @@ def _exchange(x: torch.Tensor, route: _Route) -> tuple[torch.Tensor, comm.Exchan
     return out, holder[0]
 
 
+class CountsInFlight:
+    """A dispatch whose token counts are travelling; start_rows() waits for them and starts the row exchange."""
+
+    def __init__(self, start_rows):
+        self._start_rows = start_rows
+
+    def start_rows(self) -> "Pending":
+        start, self._start_rows = self._start_rows, None
+        if start is None:
+            raise RuntimeError("start_rows() was already called for this dispatch")
+        return start()
+
+
 class Pending:
     """A dispatch or combine in flight: wait() blocks until its exchange is done and returns the result."""
 
@@ -185,6 +200,11 @@ class ExpertParallelDispatcher(Dispatcher):
 
         Returns once the row exchange is in flight: compute launched before wait() runs under it.
         """
+        return self.start_counts(x, topk_idx, topk_weight).start_rows()
+
+    def start_counts(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> "CountsInFlight":
+        """First half of start_dispatch: permute the rows and start the token-count exchange only. Compute run
+        before `.start_rows()` (which waits for the counts, then starts the row exchange) hides the counts."""
         if (x.dim() != 2 or topk_idx.dim() != 2 or topk_idx.shape[0] != x.shape[0]
                 or topk_weight.shape != topk_idx.shape):
             raise ValueError(f"dispatch: x [N, C], topk_idx [N, K] and topk_weight [N, K] expected, got "
@@ -201,8 +221,13 @@ class ExpertParallelDispatcher(Dispatcher):
         # counts: recv_counts[j, e] = rows rank j sends to my local expert e; .tolist() is the host sync
         recv_counts = torch.empty_like(send_counts)
         counts_route = self._route("counts", [E_local] * ep, [E_local] * ep)
-        comm.all_to_all(recv_counts, send_counts, counts_route.out_splits, counts_route.in_splits, self.group,
-                        counts_route.name, self.link, self.recorder, self.stream).wait()
+        exchange = comm.all_to_all(recv_counts, send_counts, counts_route.out_splits, counts_route.in_splits,
+                                   self.group, counts_route.name, self.link, self.recorder, self.stream)
+        return CountsInFlight(lambda: self._start_rows(x_send, exchange, recv_counts, send_counts, token, weight, N))
+
+    def _start_rows(self, x_send, counts_exchange, recv_counts, send_counts, token, weight, N) -> Pending:
+        ep, E_local = self.ep, self.n_local
+        counts_exchange.wait()
         recv_counts = recv_counts.view(ep, E_local)
         send_splits = send_counts.view(ep, E_local).sum(dim=1).tolist()
         recv_splits = recv_counts.sum(dim=1).tolist()
@@ -210,10 +235,10 @@ class ExpertParallelDispatcher(Dispatcher):
 
         def regroup():
             # [source][local expert] -> [local expert][source]: a stable sort on the local expert id of each row
-            expert_of_row = torch.arange(E_local, device=x.device).repeat(ep).repeat_interleave(recv_counts.reshape(-1))
+            expert_of_row = torch.arange(E_local, device=x_send.device).repeat(ep).repeat_interleave(recv_counts.reshape(-1))
             by_expert = torch.argsort(expert_of_row, stable=True)               # [M_recv]
             unsort = torch.empty_like(by_expert)
-            unsort[by_expert] = torch.arange(by_expert.numel(), device=x.device)
+            unsort[by_expert] = torch.arange(by_expert.numel(), device=x_send.device)
             x_sorted = x_recv.index_select(0, by_expert)                       # [M_recv, C]
             tokens_per_expert = recv_counts.sum(dim=0)                         # [E_local]
             return x_sorted, tokens_per_expert, DispatchContext(token, weight, N, send_splits, recv_splits, unsort)

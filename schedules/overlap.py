@@ -6,8 +6,10 @@ backward of another: while one chunk's tokens travel, the other chunk computes. 
 block's forward is cut where the tokens travel:
 
     attention   h1 = h + MLA(norm(h)),  x = norm(h1),  route(x)     compute
+    counts      how many rows go to each expert                    all-to-all (tiny; the host must read it)
     dispatch    rows to the ranks owning their experts             all-to-all
-    experts     routed experts (grouped GEMM) + shared expert      compute
+    shared      shared expert(x), needs no travelling token        compute
+    experts     routed experts (grouped GEMM)                      compute
     combine     expert outputs back to the tokens' ranks           all-to-all
     residual    h1 + sum_k w_k * expert_k(x) + shared(x)           compute (runs on into the next block)
 
@@ -15,11 +17,22 @@ A chunk's forward is a generator (`part_steps`) that yields each time it has sta
 only when resumed, because its next piece needs the result. Tensors crossing an exchange are cut from the autograd
 graph (detached leaves), so each compute segment back-propagates on its own, and the backward (`backward_steps`)
 is a generator too: segment by segment in reverse, with the reverse all-to-all of every exchange started
-asynchronously here (not inside autograd, where it would block). `interleave` alternates the two generators, which
-gives Figure 4's pairing:
+asynchronously here (not inside autograd, where it would block). `interleave` alternates the two generators turn by
+turn; per MoE block each side takes three turns (B = the backward chunk, F = the forward chunk):
 
-    compute     ATTN(B) ... | ATTN(F)    | MLP(B)      | MLP(F)      | ATTN(B)    | ...
-    in flight   COMBINE(B)  |            | DISPATCH(F) | DISPATCH(B) | COMBINE(F) | ...
+    turn   computes                                             leaves in flight   which travels under
+    B1     ATTN(B): attention input gradients (+ residual)       COMBINE(B)         F1, B2, F2
+    F1     ATTN(F): residual, attention, router                  COUNTS(F)          B2
+    B2     SHARED(B) + ATTN(W): shared expert backward, and the  -                  -
+           attention weight gradients held back from B1
+    F2     SHARED(F), after starting the rows                    DISPATCH(F)        F2, B3
+    B3     MLP(B): routed experts backward                       DISPATCH(B)        F3
+    F3     MLP(F): routed experts                                COMBINE(F)         next B1
+
+Holding the attention's weight gradients back (V3 Figure 4's ATTN(W)) and giving the shared expert turns of its
+own fill the short turns where only a small piece of the other chunk would run; the counts travel under a turn of
+their own instead of blocking the host, which on a GPU would also stop it from queueing the other chunk's kernels.
+When a schedule already defers weight gradients to W actions (WeightGradStore enabled), they stay there.
 
 Every expert-parallel peer runs the same action list, so the exchanges are issued in the same order everywhere.
 
@@ -41,7 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from .weight_grad import run_backward
+from .weight_grad import WeightGradStore, run_backward
 
 Steps = Generator[str, None, object]  # yields a label at each exchange it leaves in flight; returns its result
 
@@ -126,6 +139,7 @@ class Tape:
         self.open = _Segment()
         self.out_leaves: list[Optional[torch.Tensor]] = []
         self.released = False
+        self.deferred_w: list[Callable[[], None]] = []   # weight gradients of segments already back-propagated
 
     def cut(self, t: torch.Tensor) -> torch.Tensor:
         """A leaf standing for `t` in later pieces: their backward leaves the gradient of `t` in leaf.grad."""
@@ -172,10 +186,33 @@ class Tape:
         while entries:
             entry = entries.pop()
             if isinstance(entry, _Segment):
-                entry.backward()
+                self._segment_backward(entry)
             else:
                 yield from entry()
+        self.run_deferred_w()
         self.out_leaves = []
+
+    def _segment_backward(self, segment: _Segment) -> None:
+        """A segment's backward; unless the schedule already defers weight gradients to W actions (the store is
+        enabled), the split linears' weight gradients are kept for `run_deferred_w` (V3 Figure 4's ATTN(W)): input
+        gradients first, so the next exchange starts sooner, and the weight-gradient GEMMs later fill the slot
+        under a dispatch, where the other chunk's compute alone (its experts) is short."""
+        if WeightGradStore.enabled:
+            segment.backward()
+            return
+        outer = WeightGradStore.take_cache()
+        WeightGradStore.enabled = True
+        try:
+            segment.backward()
+        finally:
+            WeightGradStore.enabled = False
+            self.deferred_w += WeightGradStore.take_cache()
+            WeightGradStore.cache = outer
+
+    def run_deferred_w(self) -> None:
+        funcs, self.deferred_w = self.deferred_w, []
+        for f in funcs:
+            f()
 
 
 class _Stitch(torch.autograd.Function):
@@ -277,7 +314,17 @@ def moe_block_steps(block: nn.Module, h: torch.Tensor, tape: Tape, recompute: bo
 
     # ---- dispatch: rows leave; the routing weights stay (ctx.weight keeps their graph to the leaf `topk_weight`)
     h1, flat, topk_weight = tape.cut(h1), tape.cut(flat), tape.cut(topk_weight)
-    pending = dispatcher.start_dispatch(flat.detach(), topk_idx, topk_weight)
+    counting = dispatcher.start_counts(flat.detach(), topk_idx, topk_weight)
+    yield f"{dispatcher.name}.counts"
+    pending = counting.start_rows()
+    # the shared expert needs no travelling token: it runs under its own block's row exchange, and its backward
+    # under the dispatch's backward exchange (a segment of its own, run by dispatch_backward)
+    shared, shared_segment = None, _Segment()
+    if moe.shared_experts is not None:
+        shared_out = _swiglu(moe.shared_experts, flat, recompute)             # [N, C]
+        shared = shared_out.detach().requires_grad_() if shared_out.requires_grad else shared_out
+        if shared_out.requires_grad:
+            shared_segment.cuts.append((shared_out, shared))
     yield f"{dispatcher.name}.dispatch"
     x_sorted, tokens_per_expert, ctx = pending.wait()                          # [M_recv, C], [E_local]
     x_sorted = x_sorted.detach().requires_grad_()
@@ -297,11 +344,8 @@ def moe_block_steps(block: nn.Module, h: torch.Tensor, tape: Tape, recompute: bo
 
     tape.exchange(dispatch_backward)
 
-    # ---- experts, and the shared expert (it needs no travelling token)
+    # ---- routed experts
     y_sorted = tape.cut(_routed_experts(moe.experts, x_sorted, tokens_per_expert, recompute))   # [M_recv, C]
-    shared = None
-    if moe.shared_experts is not None:
-        shared = tape.cut(_swiglu(moe.shared_experts, flat, recompute))      # [N, C]
 
     # ---- combine: expert outputs go home in [source rank][expert] order
     y_recv = y_sorted.detach().index_select(0, ctx.unsort)                     # [M_recv, C]
@@ -319,6 +363,11 @@ def moe_block_steps(block: nn.Module, h: torch.Tensor, tape: Tape, recompute: bo
         exchange = comm.all_to_all(g_recv, g_back, ctx.recv_splits, ctx.send_splits, dispatcher.group,
                                    f"{dispatcher.name}.combine.backward", dispatcher.link, dispatcher.recorder,
                                    dispatcher.stream)
+        yield f"{dispatcher.name}.combine.backward"
+        # a turn of its own for compute that needs no exchange: the shared expert's backward and the weight
+        # gradients deferred so far (V3 Figure 4's ATTN(W)); the other chunk's token counts travel under it
+        shared_segment.backward()
+        tape.run_deferred_w()
         yield f"{dispatcher.name}.combine.backward"
         exchange.wait()
         if isinstance(y_sorted, torch.Tensor) and y_sorted.requires_grad:
