@@ -14,7 +14,8 @@ model FLOPs on the same global batch. Layouts differ only in where blocks sit:
   1F1B-like (ours 1F1B, ZB1P; torch 1F1B; DeepSpeed 1F1B)  2 stages of L/2 blocks, one per rank
   DualPipe   2 parts of L/2 blocks; rank r holds part r (direction 0) AND a copy of part 1-r (direction 1), N/2
              micro-batches enter at each end: same FLOPs per rank, twice the parameters, plus the exchange that sums
-             the two copies' gradients (mirror_grads) and an AdamW step over both copies; both are in its step time
+             the two copies' gradients (schedules/mirror.py: each part's exchange starts when this rank's copy is
+             final, under the rest of the step) and an AdamW step over both copies; both are in its step time
   DualPipeV  4 parts of L/4 blocks in a V: rank r holds parts r and 3-r, one copy of the parameters
 
     python -m bench.pipeline [--blocks 8 --hidden 256 --ffn 1024 --batch 4 --seq 64 --microbatches 8 --steps 30]
@@ -81,6 +82,7 @@ class Ours(Timed):
 
         from schedules import build, get_layout
         from schedules.executor import PipelineExecutor
+        from schedules.mirror import build_mirror_exchange
         from schedules.verify import microbatches_of
         from schedules.weight_grad import enable_weight_grad_split
 
@@ -102,18 +104,21 @@ class Ours(Timed):
         self.inputs = {mb: (micro_batches[mb][0],) for mb in first}
         self.labels = {mb: (micro_batches[mb][1],) for mb in last}
         self.n = n
+        # DualPipe: each part's copies are summed as soon as this rank's copy is final, under the rest of the step
+        self.mirror = build_mirror_exchange(self.parts, self.layout, [list(range(pp))])
         params = list({id(p): p for m in self.parts.values() for p in m.parameters()}.values())
         self.opt = torch.optim.AdamW(params, lr=lr)
         self.comm: list = []
 
     def step(self) -> tuple[float, int]:
         from schedules.actions import Action
-        from schedules.executor import mirror_grads
 
         self.clear()
-        res = self.executor.run(self.actions, self.n, self.inputs, self.labels, trace=True)
+        res = self.executor.run(self.actions, self.n, self.inputs, self.labels, trace=True,
+                                grads_ready=self.mirror.stage_done if self.mirror else None)
         t = time.time()
-        mirror_grads(self.parts, self.layout)         # DualPipe: sum the two copies; a no-op for the others
+        if self.mirror is not None:                   # DualPipe: wait for the sums of the two copies
+            self.mirror.finish()
         self.sync_s = time.time() - t
         t = time.time()
         self.opt.step()
@@ -382,7 +387,7 @@ def report(a, data: dict, argv) -> str:
     lines += _contender_table(a, records, meta, order, stats)
     lines.append(
         "\nms / step: median step, first rank's start to last rank's end, including the gradient exchange of "
-        "DualPipe's two copies (executor.mirror_grads) and AdamW. vs ours DualPipe: median over rounds of the step "
+        "DualPipe's two copies (schedules.mirror: waited for after the pipeline, started as each part finishes) and AdamW. vs ours DualPipe: median over rounds of the step "
         "time ratio within a round (< 1: faster than ours DualPipe). Compute window: first computation's start "
         "to last one's end over both ranks. Bubble of a rank: idle time in that window / window "
         "(schedules.measured_bubble over the traced computations; waits, communication and framework bookkeeping "
@@ -394,7 +399,7 @@ def report(a, data: dict, argv) -> str:
         "Equal work: every contender runs the same blocks on the same micro-batches. 1F1B-like layouts put "
         f"{a.blocks // 2} blocks on each rank; DualPipe cuts the model in 2 parts and rank r holds part r "
         "(direction 0) and a copy of part 1-r (direction 1), each direction carrying half of the micro-batches, so "
-        "it does the same FLOPs per rank but holds, exchanges (mirror_grads) and updates twice the parameters; "
+        "it does the same FLOPs per rank but holds, exchanges (schedules.mirror) and updates twice the parameters; "
         f"DualPipeV cuts 4 parts of {a.blocks // 4} blocks, rank r holding parts r and 3-r (one copy). DeepSpeed "
         "has no weight-gradient split (its BackwardPass is a full backward); torch's DualPipeV runs its F&B pairs "
         "one after the other, as ours does on CPU (no overlap hook).\n")

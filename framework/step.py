@@ -67,7 +67,7 @@ class PipelineStep:
 
     Every rank of a pipeline gets the same micro-batches from the sampler (they share a data-parallel rank) and
     passes the executor only what its stages need: token ids where a first stage is local, (token ids, labels) where
-    a last stage is. DualPipe's two copies of each part are summed by mirror_grads, then replicas are averaged over
+    a last stage is. DualPipe's two copies of each part are summed by schedules.mirror, then replicas are averaged over
     the data-parallel group.
     """
 
@@ -76,6 +76,7 @@ class PipelineStep:
         from schedules.executor import PipelineExecutor
         from schedules.stage import split_model
         from schedules.verify import microbatches_of
+        from schedules.mirror import build_mirror_exchange, pipelines_of
         from schedules.weight_grad import enable_weight_grad_split
 
         p, t = cfg.parallel, cfg.train
@@ -102,6 +103,8 @@ class PipelineStep:
                          for mb in microbatches_of(self.layout, s, self.n)}
         micro = t.global_batch_size // (mesh.dp * self.n)
         dtype = next(model.parameters()).dtype
+        # DualPipe: each part's two copies are summed as soon as this rank's copy is final (schedules/mirror.py)
+        self.mirror = build_mirror_exchange(self.stages, self.layout, pipelines_of(mesh)) if mesh.distributed else None
         self.executor = PipelineExecutor(self.layout, self.stages, group=mesh.pp_group,
                                          p2p_shapes=[[micro, t.seq_len, model.config.hidden_size]], p2p_dtype=dtype,
                                          device=mesh.device)
@@ -139,16 +142,16 @@ class PipelineStep:
         return [part for s, part in self.stages.items() if self.layout.is_last(s)]
 
     def forward_backward(self, micro_batches):
-        from schedules.executor import mirror_grads
-
         for part in self._last_parts():
             part.metrics.clear()
         inputs, labels = self._feed(micro_batches)
         # the trainer asks for a trace on dashboard steps (pipeline timeline and measured bubble)
         result = self.executor.run(self.actions, self.n, inputs, labels, train=True,
-                                   trace=getattr(self, "trace_next", False))
+                                   trace=getattr(self, "trace_next", False),
+                                   grads_ready=self.mirror.stage_done if self.mirror else None)
         self.last_result = result
-        mirror_grads(self.stages, self.layout, group=self.mesh.pp_group)
+        if self.mirror is not None:
+            self.mirror.finish()
         reduce_gradients(self.named_parameters(), self.mesh)
         loss_sum = sum(float(v) for v in result.losses.values()) * self.n   # parts return loss / n
         metrics: dict = {}

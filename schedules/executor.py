@@ -209,8 +209,11 @@ class PipelineExecutor:
     # ------------------------------------------------------------------ public
     def run(self, actions: Sequence[Action], num_microbatches: int, inputs: Optional[dict] = None,
             labels: Optional[dict] = None, train: bool = True, return_outputs: bool = False,
-            trace: bool = False) -> StepResult:
-        """Execute this rank's `actions` for one step; gradients accumulate into the stages' parameters."""
+            trace: bool = False, grads_ready: Optional[Callable[[int], None]] = None) -> StepResult:
+        """Execute this rank's `actions` for one step; gradients accumulate into the stages' parameters.
+
+        grads_ready(stage), in training, right after the stage's last gradient-writing action (mirror.MirrorExchange
+        starts the exchange of DualPipe's two copies there, under the rest of the step)."""
         if not isinstance(num_microbatches, int) or num_microbatches < 1:
             raise ValueError(f"num_microbatches={num_microbatches!r}: must be an integer >= 1")
         mine = set(self.stage_modules)
@@ -244,10 +247,16 @@ class PipelineExecutor:
         # gloo reports a send complete only once someone waits for it: a thread does, so the main thread
         # learns when an activation can be released without ever blocking on a send itself
         self._send_waiter = _SendWaiter() if dist.get_backend(self.group) == "gloo" else None
+        ready_after: dict[int, list[int]] = {}
+        if train and grads_ready is not None:
+            from .mirror import last_backward_index
+
+            for stage, i in last_backward_index(actions).items():
+                ready_after.setdefault(i, []).append(stage)
         WeightGradStore.clear()
         try:
             with torch.enable_grad() if train else torch.no_grad():
-                for a in actions:
+                for i, a in enumerate(actions):
                     if a.op in COMM_OPS:
                         self._post(a)
                         continue
@@ -257,6 +266,8 @@ class PipelineExecutor:
                     if trace:
                         end = self._now()
                         self._result.trace.append((self._start if self._start is not None else end, end, a))
+                    for stage in ready_after.get(i, ()):
+                        grads_ready(stage)
             self._flush()
             self._finish_sends(wait=True)
             self._check_drained()

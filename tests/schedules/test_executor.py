@@ -207,9 +207,25 @@ def check_schedule(name, pp, rank, tri=False, loss_in_stage=False):
 
 
 def check_mirror_step(ex, actions, n, inputs, labels, layout, stages, rank, what):
-    """After mirror_grads and one SGD step both copies of each part are still bitwise equal."""
+    """MirrorExchange (each part's sum started right after its last backward action) gives mirror_grads' gradients
+    bit for bit; after one SGD step both copies of each part are still bitwise equal."""
+    from schedules.mirror import build_mirror_exchange, last_backward_index
+
+    exchange = build_mirror_exchange(stages, layout, [list(range(layout.pp))])
+    calls = []
+    ex.run(actions, n, inputs, labels, train=True, grads_ready=lambda s: (calls.append(s), exchange.stage_done(s)))
+    assert sorted(calls) == sorted(stages), f"{what}: grads_ready for stages {calls}, holds {sorted(stages)}"
+    last = last_backward_index(actions)
+    assert min(last.values()) < len(actions) - 1, f"{what}: no part finishes before the end, nothing to overlap"
+    exchange.finish()
+    early = {id(p): p.grad.clone() for m in stages.values() for p in m.parameters()}
+    for m in stages.values():
+        m.zero_grad(set_to_none=True)
     ex.run(actions, n, inputs, labels, train=True)
     mirror_grads(stages, layout)
+    for s, m in stages.items():
+        for p in m.parameters():
+            assert torch.equal(p.grad, early[id(p)]), f"{what}: MirrorExchange differs from mirror_grads (stage {s})"
     with torch.no_grad():  # plain SGD, written out: torch.optim's first use imports torch._dynamo (seconds)
         for m in stages.values():
             for p in m.parameters():

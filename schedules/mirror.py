@@ -1,0 +1,165 @@
+"""DualPipe's two copies of every part, summed while the pipeline is still draining.
+
+DualPipe holds part p on rank p (direction 0) and on rank PP-1-p (direction 1); each copy sees half of the
+micro-batches, so before the optimizer step both copies must hold the sum of their gradients (V3 §3.2.1: the
+parameters are duplicated, the gradients reduced). `executor.mirror_grads` does that after the step, blocking: on a
+small model that exchange is as long as several micro-batches' compute and nothing runs under it.
+
+`MirrorExchange` starts each part's exchange as soon as this rank's copy has its final gradient, i.e. right after the
+part's last backward action in the rank's list (a W, B, BW or the backward half of an FB), and waits for all of them
+only before the optimizer: the exchanges of the part that finishes early travel under the other part's remaining
+backward work. Each part has a two-rank process group of its own, so the exchanges never meet the pipeline's
+activation traffic nor each other, whatever order the two ranks reach them in, on gloo as on NCCL.
+
+The sum is an all-reduce of two: every element is a + b computed once and copied to both ranks, so both copies stay
+bitwise equal (and equal to mirror_grads' result: a + b == b + a in floating point).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .actions import Action, Layout
+
+
+def duplicated_parts(layout: Layout) -> dict[int, tuple[int, int]]:
+    """part -> the two pipeline ranks holding a copy of it (only parts held twice, i.e. DualPipe's)."""
+    holders: dict[int, set] = {}
+    for s in range(layout.num_stages):
+        holders.setdefault(layout.stage_to_part[s], set()).add(layout.stage_to_rank[s])
+    out = {}
+    for part, ranks in sorted(holders.items()):
+        if len(ranks) == 2:
+            out[part] = tuple(sorted(ranks))
+    return out
+
+
+def mirror_groups(layout: Layout, pipelines: Sequence[Sequence[int]]) -> dict[int, dist.ProcessGroup]:
+    """part -> the two-rank process group of this process's pair for that part.
+
+    Collective: every process of the world calls it with the same `pipelines` (the global ranks of each pipeline,
+    indexed by pipeline rank), since every process must create every group, in the same order.
+    """
+    me = dist.get_rank()
+    out = {}
+    for ranks in pipelines:
+        if len(ranks) != layout.pp:
+            raise ValueError(f"pipeline {list(ranks)}: {len(ranks)} ranks for layout.pp={layout.pp}")
+        for part, pair in duplicated_parts(layout).items():
+            members = [ranks[r] for r in pair]
+            group = dist.new_group(members)
+            if me in members:
+                out[part] = group
+    return out
+
+
+def last_backward_index(actions: Sequence[Action]) -> dict[int, int]:
+    """stage -> index in `actions` of the last action that writes gradients of the stage's parameters."""
+    last = {}
+    for i, a in enumerate(actions):
+        if a.op in ("B", "W", "BW"):
+            last[a.stage] = i
+        elif a.op == "FB":
+            last[a.stage2] = i
+    return last
+
+
+class _Unit:
+    """One part's exchange: its parameters (per dtype), the local stages that must be done first, the group."""
+
+    def __init__(self, part: int, params: list[nn.Parameter], stages: set[int], group):
+        self.part, self.params, self.stages, self.group = part, params, stages, group
+        self.pending: list = []   # (params, flat sum buffer, Work)
+
+    def start(self) -> None:
+        by_dtype: dict = {}
+        for p in self.params:
+            by_dtype.setdefault(p.dtype, []).append(p)
+        for ps in by_dtype.values():
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps])
+            self.pending.append((ps, flat, dist.all_reduce(flat, group=self.group, async_op=True)))
+
+    def finish(self) -> None:
+        for ps, flat, work in self.pending:
+            work.wait()
+            offset = 0
+            for p in ps:
+                g = flat[offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
+                if p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    p.grad.copy_(g)
+        self.pending = []
+
+
+class MirrorExchange:
+    """Sums the two copies of each duplicated part, each exchange started as soon as its gradients are final.
+
+    Per step: `stage_done(stage)` after a stage's last backward action (PipelineExecutor.run's `grads_ready`
+    callback does this), then `finish()` before the optimizer. `finish()` alone (no callback) is mirror_grads with
+    the exchanges in flight together.
+    """
+
+    def __init__(self, stage_modules: dict[int, nn.Module], layout: Layout, groups: dict[int, object]):
+        dup = duplicated_parts(layout)
+        local = {layout.stage_to_part[s] for s in stage_modules} & set(dup)
+        if set(groups) != local:
+            raise ValueError(f"mirror groups for parts {sorted(groups)}: this rank holds duplicated parts "
+                             f"{sorted(local)}")
+        self.units: list[_Unit] = []
+        seen: set[int] = set()
+        owner: dict[int, _Unit] = {}
+        # parts in a fixed order on both ranks of a pair; a parameter shared by two local parts (tied weights) goes
+        # with the first and is summed once, and its exchange waits for every stage that writes it
+        for s in sorted(stage_modules, key=lambda s: layout.stage_to_part[s]):
+            part = layout.stage_to_part[s]
+            if part not in dup:
+                continue
+            params = []
+            unit = _Unit(part, params, {s}, groups[part])
+            for p in stage_modules[s].parameters():
+                if not p.requires_grad:
+                    continue
+                if id(p) in seen:
+                    owner[id(p)].stages.add(s)
+                    continue
+                seen.add(id(p))
+                owner[id(p)] = unit
+                params.append(p)
+            self.units.append(unit)
+        self._done: set[int] = set()
+        self._started: set[int] = set()
+
+    def stage_done(self, stage: int) -> None:
+        self._done.add(stage)
+        for i, unit in enumerate(self.units):
+            if i not in self._started and unit.stages <= self._done:
+                self._started.add(i)
+                unit.start()
+
+    def finish(self) -> None:
+        """Start what has not started yet, wait for every exchange and write the sums into the gradients."""
+        for i, unit in enumerate(self.units):
+            if i not in self._started:
+                unit.start()
+        for unit in self.units:
+            unit.finish()
+        self._done, self._started = set(), set()
+
+
+def pipelines_of(mesh) -> list[list[int]]:
+    """The global ranks of every pipeline of a parallel.mesh.Mesh (pipeline rank p, data-parallel rank d sits at
+    global rank p * dp + d)."""
+    return [[p * mesh.dp + d for p in range(mesh.pp)] for d in range(mesh.dp)]
+
+
+def build_mirror_exchange(stage_modules: dict[int, nn.Module], layout: Layout,
+                          pipelines: Sequence[Sequence[int]]) -> Optional[MirrorExchange]:
+    """A MirrorExchange for a layout with duplicated parts (DualPipe), else None. Collective (see mirror_groups)."""
+    if not duplicated_parts(layout):
+        return None
+    return MirrorExchange(stage_modules, layout, mirror_groups(layout, pipelines))
