@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import platform
 from pathlib import Path
@@ -30,6 +31,15 @@ def train_in_process(out_dir: Path, *overrides: str):
     trainer = Trainer(cfg, init_mesh(1, 1, 1, "cpu"))
     trainer.save_checkpoint = lambda: None  # benchmarks measure training, not I/O
     return trainer, trainer.fit()
+
+
+def mean_sem(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (nan for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
 def machine() -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import OUT, compose, machine, train_in_process, write_report
+from bench.common import OUT, compose, machine, mean_sem, train_in_process, write_report
 
 VARIANTS = {"fp8": ["fp8=blockwise", "fp8.backend=torch"], "bf16": ["train.dtype=bf16_emulated"]}
 # optional third run: how far the loss moves when only the rounding changes (bf16 vs fp32 GEMM operands), the
@@ -222,6 +222,18 @@ def main() -> None:
         for k, v in gaps.items():
             lines.append(f"| {k} | {seed} | {100 * v:+.3f}% | {'yes' if abs(v) <= TARGET else 'NO'} |"
                          + (f" {100 * floor[k]:+.3f}% |" if floor else ""))
+    if len(seeds) > 1:
+        lines += ["", f"Mean over the {len(seeds)} seeds, +- its standard error:", "",
+                  "| relative gap | FP8 vs BF16 | within V3's 0.25%? |" + (" BF16 vs FP32 (noise floor) |" if args.fp32
+                                                                           else ""),
+                  "|---|---|---|" + ("---|" if args.fp32 else "")]
+        for k in summary[seeds[0]]["gaps"]:
+            m, e = mean_sem([summary[s]["gaps"][k] for s in seeds])
+            row = f"| {k} | {100 * m:+.3f}% +- {100 * e:.3f}% | {'yes' if abs(m) <= TARGET else 'NO'} |"
+            if args.fp32:
+                fm, fe = mean_sem([summary[s]["floor"][k] for s in seeds])
+                row += f" {100 * fm:+.3f}% +- {100 * fe:.3f}% |"
+            lines.append(row)
     fp8_stats = runs[seeds[0]]["fp8"]["fp8"]
     if fp8_stats:
         lines += ["", f"FP8 statistics of the FP8 run (seed {seeds[0]}), logged every step by the trainer "
