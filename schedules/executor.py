@@ -213,7 +213,9 @@ class PipelineExecutor:
         """Execute this rank's `actions` for one step; gradients accumulate into the stages' parameters.
 
         grads_ready(stage), in training, right after the stage's last gradient-writing action (mirror.MirrorExchange
-        starts the exchange of DualPipe's two copies there, under the rest of the step)."""
+        starts the exchange of DualPipe's two copies there, under the rest of the step); when that action is a W,
+        also grads_ready(stage, params) as soon as the listed parameters' gradients are final: first those the W does
+        not write, then the ones each of its weight-gradient closures wrote, one closure at a time."""
         if not isinstance(num_microbatches, int) or num_microbatches < 1:
             raise ValueError(f"num_microbatches={num_microbatches!r}: must be an integer >= 1")
         mine = set(self.stage_modules)
@@ -248,11 +250,14 @@ class PipelineExecutor:
         # learns when an activation can be released without ever blocking on a send itself
         self._send_waiter = _SendWaiter() if dist.get_backend(self.group) == "gloo" else None
         ready_after: dict[int, list[int]] = {}
+        self._grads_ready, self._final_w = grads_ready, set()
         if train and grads_ready is not None:
             from .mirror import last_backward_index
 
             for stage, i in last_backward_index(actions).items():
                 ready_after.setdefault(i, []).append(stage)
+                if actions[i].op == "W":
+                    self._final_w.add((stage, actions[i].mb))
         WeightGradStore.clear()
         try:
             with torch.enable_grad() if train else torch.no_grad():
@@ -301,8 +306,17 @@ class PipelineExecutor:
         key = (a.stage, a.mb)
         if key not in self._wgrads:
             raise RuntimeError(f"action {a}: no B ran for stage {a.stage}, micro-batch {a.mb} before its W")
-        for func in self._wgrads.pop(key):
+        funcs = self._wgrads.pop(key)
+        if key not in self._final_w or not all(hasattr(f, "params") for f in funcs):
+            for func in funcs:
+                func()
+            return
+        # the stage's last W: report each parameter as soon as its gradient is final
+        written = {id(p) for f in funcs for p in f.params}
+        self._grads_ready(a.stage, [p for p in self.stage_modules[a.stage].parameters() if id(p) not in written])
+        for func in funcs:
             func()
+            self._grads_ready(a.stage, func.params)
 
     def _do_FB(self, a: Action) -> None:
         """Forward of (stage, mb) with the backward of (stage2, mb2).

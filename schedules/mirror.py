@@ -6,9 +6,9 @@ parameters are duplicated, the gradients reduced). `executor.mirror_grads` does 
 small model that exchange is as long as several micro-batches' compute and nothing runs under it.
 
 `MirrorExchange` starts each part's exchange as soon as this rank's copy has its final gradient, i.e. right after the
-part's last backward action in the rank's list (a W, B, BW or the backward half of an FB), and waits for all of them
-only before the optimizer: the exchanges of the part that finishes early travel under the other part's remaining
-backward work. Each part has a two-rank process group of its own, so the exchanges never meet the pipeline's
+part's last backward action in the rank's list (a W, B, BW or the backward half of an FB), bucket by bucket while that
+action is a W, and waits for all of them only before the optimizer: the exchanges of the part that finishes early
+travel under the other part's remaining backward work, and most of the last part's under its own last W. Each part has a two-rank process group of its own, so the exchanges never meet the pipeline's
 activation traffic nor each other, whatever order the two ranks reach them in, on gloo as on NCCL.
 
 The sum is an all-reduce of two: every element is a + b computed once and copied to both ranks, so both copies stay
@@ -67,11 +67,11 @@ def last_backward_index(actions: Sequence[Action]) -> dict[int, int]:
     return last
 
 
-class _Unit:
-    """One part's exchange: its parameters (per dtype), the local stages that must be done first, the group."""
+class _Bucket:
+    """Parameters of one part summed by one all-reduce per dtype, on the part's group."""
 
-    def __init__(self, part: int, params: list[nn.Parameter], stages: set[int], group):
-        self.part, self.params, self.stages, self.group = part, params, stages, group
+    def __init__(self, params: list[nn.Parameter], group):
+        self.params, self.group = params, group
         self.pending: list = []   # (params, flat sum buffer, Work)
 
     def start(self) -> None:
@@ -97,58 +97,77 @@ class _Unit:
 
 
 class MirrorExchange:
-    """Sums the two copies of each duplicated part, each exchange started as soon as its gradients are final.
+    """Sums the two copies of each duplicated part, each bucket's exchange started as soon as its gradients are final.
 
-    Per step: `stage_done(stage)` after a stage's last backward action (PipelineExecutor.run's `grads_ready`
-    callback does this), then `finish()` before the optimizer. `finish()` alone (no callback) is mirror_grads with
-    the exchanges in flight together.
+    Per step: the executor reports final gradients (`PipelineExecutor.run(..., grads_ready=exchange.stage_done)`):
+    a whole stage after its last backward action, or single parameters while that action is a W; `finish()` then
+    waits before the optimizer. `finish()` alone (no reports) is mirror_grads with the exchanges in flight together.
+
+    A part's parameters are cut into buckets of about `bucket_elems` elements, in reverse order (the order a backward,
+    and so a W, produces them); the buckets of a part start strictly in that order, so both ranks of a pair issue the
+    same collectives in the same order on the part's group whatever their own action lists look like.
     """
 
-    def __init__(self, stage_modules: dict[int, nn.Module], layout: Layout, groups: dict[int, object]):
+    def __init__(self, stage_modules: dict[int, nn.Module], layout: Layout, groups: dict[int, object],
+                 bucket_elems: int = 1 << 19):
         dup = duplicated_parts(layout)
         local = {layout.stage_to_part[s] for s in stage_modules} & set(dup)
         if set(groups) != local:
             raise ValueError(f"mirror groups for parts {sorted(groups)}: this rank holds duplicated parts "
                              f"{sorted(local)}")
-        self.units: list[_Unit] = []
+        # a parameter shared by two local parts (tied weights) goes with the first part, in a fixed part order on
+        # both ranks of a pair, is summed once, and is final only when every local stage holding it is done
+        self._stages_of: dict[int, set[int]] = {}
+        self._stage_params: dict[int, list[nn.Parameter]] = {}
+        self.parts: list[list[_Bucket]] = []
         seen: set[int] = set()
-        owner: dict[int, _Unit] = {}
-        # parts in a fixed order on both ranks of a pair; a parameter shared by two local parts (tied weights) goes
-        # with the first and is summed once, and its exchange waits for every stage that writes it
         for s in sorted(stage_modules, key=lambda s: layout.stage_to_part[s]):
+            params = [p for p in stage_modules[s].parameters() if p.requires_grad]
+            self._stage_params[s] = params
+            for p in params:
+                self._stages_of.setdefault(id(p), set()).add(s)
             part = layout.stage_to_part[s]
             if part not in dup:
                 continue
-            params = []
-            unit = _Unit(part, params, {s}, groups[part])
-            for p in stage_modules[s].parameters():
-                if not p.requires_grad:
-                    continue
-                if id(p) in seen:
-                    owner[id(p)].stages.add(s)
-                    continue
-                seen.add(id(p))
-                owner[id(p)] = unit
-                params.append(p)
-            self.units.append(unit)
-        self._done: set[int] = set()
-        self._started: set[int] = set()
+            own = [p for p in params if id(p) not in seen]
+            seen.update(id(p) for p in own)
+            buckets, current, size = [], [], 0
+            for p in reversed(own):
+                current.append(p)
+                size += p.numel()
+                if size >= bucket_elems:
+                    buckets.append(_Bucket(current, groups[part]))
+                    current, size = [], 0
+            if current:
+                buckets.append(_Bucket(current, groups[part]))
+            self.parts.append(buckets)
+        self._reset()
 
-    def stage_done(self, stage: int) -> None:
-        self._done.add(stage)
-        for i, unit in enumerate(self.units):
-            if i not in self._started and unit.stages <= self._done:
-                self._started.add(i)
-                unit.start()
+    def _reset(self) -> None:
+        self._final: set[tuple[int, int]] = set()   # (id(param), stage) whose gradient is final
+        self._next = [0] * len(self.parts)          # per part: the next bucket to start
+
+    def _is_final(self, p: nn.Parameter) -> bool:
+        return all((id(p), s) in self._final for s in self._stages_of[id(p)])
+
+    def stage_done(self, stage: int, params: Optional[Sequence[nn.Parameter]] = None) -> None:
+        """The gradients of `params` (default: every parameter) of `stage` are final for this step."""
+        for p in (self._stage_params[stage] if params is None else params):
+            self._final.add((id(p), stage))
+        for i, buckets in enumerate(self.parts):
+            while self._next[i] < len(buckets) and all(self._is_final(p) for p in buckets[self._next[i]].params):
+                buckets[self._next[i]].start()
+                self._next[i] += 1
 
     def finish(self) -> None:
         """Start what has not started yet, wait for every exchange and write the sums into the gradients."""
-        for i, unit in enumerate(self.units):
-            if i not in self._started:
-                unit.start()
-        for unit in self.units:
-            unit.finish()
-        self._done, self._started = set(), set()
+        for i, buckets in enumerate(self.parts):
+            for b in buckets[self._next[i]:]:
+                b.start()
+        for buckets in self.parts:
+            for b in buckets:
+                b.finish()
+        self._reset()
 
 
 def pipelines_of(mesh) -> list[list[int]]:
@@ -157,9 +176,9 @@ def pipelines_of(mesh) -> list[list[int]]:
     return [[p * mesh.dp + d for p in range(mesh.pp)] for d in range(mesh.dp)]
 
 
-def build_mirror_exchange(stage_modules: dict[int, nn.Module], layout: Layout,
-                          pipelines: Sequence[Sequence[int]]) -> Optional[MirrorExchange]:
+def build_mirror_exchange(stage_modules: dict[int, nn.Module], layout: Layout, pipelines: Sequence[Sequence[int]],
+                          bucket_elems: int = 1 << 19) -> Optional[MirrorExchange]:
     """A MirrorExchange for a layout with duplicated parts (DualPipe), else None. Collective (see mirror_groups)."""
     if not duplicated_parts(layout):
         return None
-    return MirrorExchange(stage_modules, layout, mirror_groups(layout, pipelines))
+    return MirrorExchange(stage_modules, layout, mirror_groups(layout, pipelines), bucket_elems)

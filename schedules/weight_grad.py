@@ -115,6 +115,8 @@ class SplitLinearFunction(torch.autograd.Function):
                 if gb is not None:
                     _accumulate(bias, gb)
 
+            # the parameters it writes, for callers that act as soon as a parameter's gradient is final
+            deferred.params = tuple(p for p, want in ((weight, want_w), (bias, want_b)) if want)
             WeightGradStore.put(deferred)
             return grad_x, None, None
         gw, gb = weight_grads()

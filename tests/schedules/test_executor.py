@@ -211,12 +211,16 @@ def check_mirror_step(ex, actions, n, inputs, labels, layout, stages, rank, what
     bit for bit; after one SGD step both copies of each part are still bitwise equal."""
     from schedules.mirror import build_mirror_exchange, last_backward_index
 
-    exchange = build_mirror_exchange(stages, layout, [list(range(layout.pp))])
-    calls = []
-    ex.run(actions, n, inputs, labels, train=True, grads_ready=lambda s: (calls.append(s), exchange.stage_done(s)))
+    exchange = build_mirror_exchange(stages, layout, [list(range(layout.pp))], bucket_elems=1)  # a bucket per tensor
+    calls, param_calls = [], []
+    ex.run(actions, n, inputs, labels, train=True,
+           grads_ready=lambda s, ps=None: ((calls if ps is None else param_calls).append(s), exchange.stage_done(s, ps)))
     assert sorted(calls) == sorted(stages), f"{what}: grads_ready for stages {calls}, holds {sorted(stages)}"
     last = last_backward_index(actions)
+    ends_with_w = sorted(s for s, i in last.items() if actions[i].op == "W")
+    assert sorted(set(param_calls)) == ends_with_w, f"{what}: per-parameter reports {param_calls}, final Ws {ends_with_w}"
     assert min(last.values()) < len(actions) - 1, f"{what}: no part finishes before the end, nothing to overlap"
+    assert all(n == len(b) for n, b in zip(exchange._next, exchange.parts)), f"{what}: buckets left for finish()"
     exchange.finish()
     early = {id(p): p.grad.clone() for m in stages.values() for p in m.parameters()}
     for m in stages.values():
