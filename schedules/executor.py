@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .actions import COMM_OPS, Action, Layout
+from .mirror import flat_grads, last_backward_index, write_grads
 from .weight_grad import WeightGradStore
 
 Shapes = Sequence[Sequence[int]]
@@ -252,8 +253,6 @@ class PipelineExecutor:
         ready_after: dict[int, list[int]] = {}
         self._grads_ready, self._final_w = grads_ready, set()
         if train and grads_ready is not None:
-            from .mirror import last_backward_index
-
             for stage, i in last_backward_index(actions).items():
                 ready_after.setdefault(i, []).append(stage)
                 if actions[i].op == "W":
@@ -641,7 +640,7 @@ def mirror_grads(stage_modules: dict[int, nn.Module], layout: Layout, group=None
         for p in params:
             by_dtype.setdefault(p.dtype, []).append(p)
         for dtype, ps in by_dtype.items():
-            mine = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps])
+            mine = flat_grads(ps)
             theirs = torch.empty_like(mine)
             ops += [dist.P2POp(dist.isend, mine, peer_global, group),
                     dist.P2POp(dist.irecv, theirs, peer_global, group)]
@@ -651,12 +650,4 @@ def mirror_grads(stage_modules: dict[int, nn.Module], layout: Layout, group=None
     for w in dist.batch_isend_irecv(ops):
         w.wait()
     for ps, mine, theirs in pending:
-        total = mine + theirs
-        offset = 0
-        for p in ps:
-            g = total[offset:offset + p.numel()].view_as(p)
-            offset += p.numel()
-            if p.grad is None:
-                p.grad = g.clone()
-            else:
-                p.grad.copy_(g)
+        write_grads(ps, mine + theirs)

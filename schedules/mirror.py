@@ -67,6 +67,23 @@ def last_backward_index(actions: Sequence[Action]) -> dict[int, int]:
     return last
 
 
+def flat_grads(params: Sequence[nn.Parameter]) -> torch.Tensor:
+    """The gradients of `params` (zeros where missing) in one flat tensor."""
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+
+
+def write_grads(params: Sequence[nn.Parameter], flat: torch.Tensor) -> None:
+    """Inverse of flat_grads: copy the slices of `flat` into the parameters' gradients."""
+    offset = 0
+    for p in params:
+        g = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+        if p.grad is None:
+            p.grad = g.clone()
+        else:
+            p.grad.copy_(g)
+
+
 class _Bucket:
     """Parameters of one part summed by one all-reduce per dtype, on the part's group."""
 
@@ -79,20 +96,13 @@ class _Bucket:
         for p in self.params:
             by_dtype.setdefault(p.dtype, []).append(p)
         for ps in by_dtype.values():
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps])
+            flat = flat_grads(ps)
             self.pending.append((ps, flat, dist.all_reduce(flat, group=self.group, async_op=True)))
 
     def finish(self) -> None:
         for ps, flat, work in self.pending:
             work.wait()
-            offset = 0
-            for p in ps:
-                g = flat[offset:offset + p.numel()].view_as(p)
-                offset += p.numel()
-                if p.grad is None:
-                    p.grad = g.clone()
-                else:
-                    p.grad.copy_(g)
+            write_grads(ps, flat)
         self.pending = []
 
 
