@@ -105,10 +105,11 @@ def plot(runs: dict, path: Path, smooth: int) -> None:
     colors = {"fp8": "tab:red", "bf16": "tab:blue", "fp32": "tab:grey"}
     first = next(iter(runs))
     for name, r in runs[first].items():
-        ax.plot(r["steps"], r["losses"], color=colors[name], lw=0.5, alpha=0.35)
-        ax.plot(r["steps"], moving_average(r["losses"], smooth), color=colors[name], lw=1.3,
+        color = colors.get(name, "tab:green")
+        ax.plot(r["steps"], r["losses"], color=color, lw=0.5, alpha=0.35)
+        ax.plot(r["steps"], moving_average(r["losses"], smooth), color=color, lw=1.3,
                 label=f"{name} train ({smooth}-step mean)")
-        ax.plot(r["val_steps"], r["val_losses"], "o--", color=colors[name], ms=4, lw=0.8, label=f"{name} validation")
+        ax.plot(r["val_steps"], r["val_losses"], "o--", color=color, ms=4, lw=0.8, label=f"{name} validation")
     ax.set_ylabel(f"loss (main + MTP), seed {first}")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
@@ -177,6 +178,9 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="run folders (metrics.jsonl per run); default: a temporary one")
     ap.add_argument("--reuse", action="store_true", help="reuse the runs already in --workdir (report only)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, see below)")
+    ap.add_argument("--control-lr", type=float, default=None, metavar="K",
+                    help="also train bf16 with the peak learning rate times K: how far a change of the step size "
+                         "alone moves the loss, to read the FP8 gap against")
     args = ap.parse_args()
     # on a shared, oversubscribed CPU, intra-op threads wait on preempted siblings: a step of the FP8 emulation
     # measured ~10x faster with 1 thread than with 2 under load. Every run uses the same setting.
@@ -189,13 +193,17 @@ def main() -> None:
     seeds = args.seeds or [t.seed]
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="fp8_loss_"))
     variants = {**VARIANTS, **(FP32 if args.fp32 else {})}
-    runs = {seed: {name: run_variant(work / f"seed{seed}", name, [*common, f"train.seed={seed}", *over], args.reuse)
+    control = f"bf16 lr x{args.control_lr:g}" if args.control_lr is not None else None
+    if control:
+        variants[control] = [*VARIANTS["bf16"], f"optim.lr={cfg.optim.lr * args.control_lr!r}"]
+    runs = {seed: {name: run_variant(work / f"seed{seed}", name.replace(" ", "_"), [*common, f"train.seed={seed}", *over],
+                                     args.reuse)
                    for name, over in variants.items()} for seed in seeds}
     mem = measure_saved_bytes(common)
     plot(runs, OUT / "fp8_loss.png", smooth=max(1, args.steps // 30))
 
     command = (f"python -m bench.fp8_loss --steps {args.steps}" + (" --seeds " + " ".join(map(str, seeds)) if args.seeds
-               else "") + (" --fp32" if args.fp32 else ""))
+               else "") + (" --fp32" if args.fp32 else "") + (f" --control-lr {args.control_lr:g}" if control else ""))
     lines = [f"### FP8 vs BF16 training loss on deepseek_v3_tiny ({args.steps} steps)", "",
              f"Command: `{command}`; {machine()}. Curves: `bench/out/fp8_loss.png`.",
              f"Per seed, the runs share data, seed and initial weights; {t.global_batch_size} x {t.seq_len} tokens per "
@@ -219,20 +227,26 @@ def main() -> None:
         gaps = gaps_of(rs["fp8"], rs["bf16"])
         floor = gaps_of(rs["bf16"], rs["fp32"]) if "fp32" in rs else {}
         summary[seed] = {"gaps": gaps, "floor": floor}
+        if control:
+            summary[seed]["control"] = gaps_of(rs[control], rs["bf16"])
         for k, v in gaps.items():
             lines.append(f"| {k} | {seed} | {100 * v:+.3f}% | {'yes' if abs(v) <= TARGET else 'NO'} |"
                          + (f" {100 * floor[k]:+.3f}% |" if floor else ""))
     if len(seeds) > 1:
         lines += ["", f"Mean over the {len(seeds)} seeds, +- its standard error:", "",
                   "| relative gap | FP8 vs BF16 | within V3's 0.25%? |" + (" BF16 vs FP32 (noise floor) |" if args.fp32
-                                                                           else ""),
-                  "|---|---|---|" + ("---|" if args.fp32 else "")]
+                                                                           else "")
+                  + (f" {control} vs BF16 (step size control) |" if control else ""),
+                  "|---|---|---|" + ("---|" if args.fp32 else "") + ("---|" if control else "")]
         for k in summary[seeds[0]]["gaps"]:
             m, e = mean_sem([summary[s]["gaps"][k] for s in seeds])
             row = f"| {k} | {100 * m:+.3f}% +- {100 * e:.3f}% | {'yes' if abs(m) <= TARGET else 'NO'} |"
             if args.fp32:
                 fm, fe = mean_sem([summary[s]["floor"][k] for s in seeds])
                 row += f" {100 * fm:+.3f}% +- {100 * fe:.3f}% |"
+            if control:
+                cm, ce = mean_sem([summary[s]["control"][k] for s in seeds])
+                row += f" {100 * cm:+.3f}% +- {100 * ce:.3f}% |"
             lines.append(row)
     fp8_stats = runs[seeds[0]]["fp8"]["fp8"]
     if fp8_stats:

@@ -26,15 +26,22 @@ TARGET = 0.0025
 
 
 def run_one(work: Path, seed: int, name: str, steps: int, reuse: bool) -> dict:
-    saved = work / f"seed{seed}" / name / "result.json"
+    """name: a format of FORMATS, or 'fp32 lr xK' (fp32 moments, peak learning rate times K: the control run)."""
+    saved = work / f"seed{seed}" / name.replace(" ", "_") / "result.json"
     if reuse and saved.exists():
         return json.loads(saved.read_text())
-    m, v = FORMATS[name]
+    fmt, _, scale = name.partition(" lr x")
+    m, v = FORMATS[fmt]
+    extra = []
+    if scale:
+        from bench.common import compose
+
+        extra = [f"optim.lr={compose('model=deepseek_v3_tiny').optim.lr * float(scale)!r}"]
     saved.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     trainer, hist = train_in_process(saved.parent, "model=deepseek_v3_tiny", f"train.steps={steps}",
                                      f"train.eval_interval={steps}", "train.micro_batches=2", f"train.seed={seed}",
-                                     f"optim.state.exp_avg={m}", f"optim.state.exp_avg_sq={v}")
+                                     f"optim.state.exp_avg={m}", f"optim.state.exp_avg_sq={v}", *extra)
     wall = time.perf_counter() - t0
     losses = [h["loss"] for h in hist if "loss" in h]
     tail = losses[-max(1, len(losses) // 10):]
@@ -59,10 +66,15 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="per-run results; default: a temporary folder")
     ap.add_argument("--reuse", action="store_true", help="reuse finished runs found in --workdir")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: see bench/fp8_loss.py)")
+    ap.add_argument("--control-lr", type=float, default=None, metavar="K",
+                    help="also train fp32 moments with the peak learning rate times K: how far a change of the step "
+                         "size alone moves the loss, to read the gaps against")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if "fp32" not in args.formats:
         args.formats.insert(0, "fp32")  # the reference every gap is measured against
+    if args.control_lr is not None:
+        args.formats.append(f"fp32 lr x{args.control_lr:g}")
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="optim_loss_"))
     runs = {s: {f: run_one(work, s, f, args.steps, args.reuse) for f in args.formats} for s in args.seeds}
 
@@ -70,8 +82,9 @@ def main() -> None:
         return (runs[s][f][key] - runs[s]["fp32"][key]) / runs[s]["fp32"][key]
 
     lines = [f"### Optimizer-state formats on deepseek_v3_tiny ({args.steps} steps, {len(args.seeds)} seeds)", "",
-             f"Command: `python -m bench.optim_loss --steps {args.steps} --formats {' '.join(args.formats)} --seeds "
-             f"{' '.join(map(str, args.seeds))}`; {machine()}.", "",
+             f"Command: `python -m bench.optim_loss --steps {args.steps} --formats "
+             f"{' '.join(f for f in args.formats if f in FORMATS)} --seeds {' '.join(map(str, args.seeds))}"
+             + (f" --control-lr {args.control_lr:g}" if args.control_lr is not None else "") + f"`; {machine()}.", "",
              "| moments | seed | val loss | gap vs fp32 | train loss, last 10% | gap vs fp32 | bytes/param "
              "(exp_avg + exp_avg_sq) | optimizer step (ms) | wall |",
              "|---|---|---|---|---|---|---|---|---|"]
