@@ -310,12 +310,15 @@ class PipelineExecutor:
             for func in funcs:
                 func()
             return
-        # the stage's last W: report each parameter as soon as its gradient is final
-        written = {id(p) for f in funcs for p in f.params}
-        self._grads_ready(a.stage, [p for p in self.stage_modules[a.stage].parameters() if id(p) not in written])
-        for func in funcs:
+        # the stage's last W: report each parameter as soon as its gradient is final, i.e. after the last closure
+        # that writes it (a linear called twice in one forward, like a head shared with MTP, leaves two)
+        last = {id(p): j for j, f in enumerate(funcs) for p in f.params}
+        self._grads_ready(a.stage, [p for p in self.stage_modules[a.stage].parameters() if id(p) not in last])
+        for j, func in enumerate(funcs):
             func()
-            self._grads_ready(a.stage, func.params)
+            done = [p for p in func.params if last[id(p)] == j]
+            if done:
+                self._grads_ready(a.stage, done)
 
     def _do_FB(self, a: Action) -> None:
         """Forward of (stage, mb) with the backward of (stage2, mb2).

@@ -31,15 +31,17 @@ SCHEDULES = ("gpipe", "1f1b", "zb1p", "dualpipe", "dualpipev")
 
 # ---------------------------------------------------------------- models
 class Block(nn.Module):
-    """One model part: a residual MLP. Given labels it returns its own loss (the criterion=None seam)."""
+    """One model part: a residual MLP, plus a linear applied twice (two weight-gradient closures for one weight, as a
+    head shared with MTP leaves). Given labels it returns its own loss (the criterion=None seam)."""
 
     def __init__(self):
         super().__init__()
         self.up = nn.Linear(D, FF)
         self.down = nn.Linear(FF, D)
+        self.mix = nn.Linear(D, D, bias=False)
 
     def forward(self, h, y=None):
-        out = h + self.down(F.gelu(self.up(h)))          # [b, s, D]; the add saves nothing: freeable once sent
+        out = h + self.down(F.gelu(self.up(h))) + 0.1 * self.mix(torch.tanh(self.mix(h)))   # [b, s, D]; freeable
         return out if y is None else F.mse_loss(out, y)
 
 
