@@ -248,6 +248,15 @@ def main() -> None:
                 cm, ce = mean_sem([summary[s]["control"][k] for s in seeds])
                 row += f" {100 * cm:+.3f}% +- {100 * ce:.3f}% |"
             lines.append(row)
+    val_gaps = [summary[s]["gaps"]["final validation loss"] for s in seeds]
+    m, e = mean_sem(val_gaps)
+    lines += ["", f"Reading: FP8 ends {100 * m:+.3f}%" + (f" +- {100 * e:.3f}%" if len(seeds) > 1 else "")
+              + f" from BF16 in final validation loss over {len(seeds)} seed(s) ("
+              + ("within" if abs(m) <= TARGET else "outside") + " V3's 0.25%); single seeds range from "
+              f"{100 * min(val_gaps):+.3f}% to {100 * max(val_gaps):+.3f}%, the run-to-run scatter of a model this "
+              "small." + (f" A {100 * (args.control_lr - 1):+.0f}% learning rate moves BF16 by "
+                          f"{100 * mean_sem([summary[s]['control']['final validation loss'] for s in seeds])[0]:+.3f}%."
+                          if control else "")]
     fp8_stats = runs[seeds[0]]["fp8"]["fp8"]
     if fp8_stats:
         lines += ["", f"FP8 statistics of the FP8 run (seed {seeds[0]}), logged every step by the trainer "
