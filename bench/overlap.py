@@ -319,7 +319,11 @@ def main(argv=None) -> str:
              "wake-up delay, which on this shared machine is not communication). Steady state: exchanges started inside F&B actions (for variants without overlap the "
              "same actions run forward then backward; torch's schedule has no such span: '-'); whole step: every "
              "exchange. Dispatch + combine: the token rows, forward and backward; '+ token counts' adds the "
-             "per-layer count exchange before each dispatch (the host sync). On 2 cores shared by 4 processes compute cannot speed up, so the step time "
+             "per-layer count exchange before each dispatch (the host sync). What bounds the hidden fraction whatever the "
+             "order of the turns: per MoE block the forward chunk's own exchanges form a chain (counts, then rows, "
+             "then combine, each needing the one before and the compute between them), so a block-pair lasts at "
+             "least that chain, while the thread has only both chunks' compute to fill it with; when the chain of "
+             "three exchanges is longer than the two chunks' compute, the difference is exposed. On 2 cores shared by 4 processes compute cannot speed up, so the step time "
              "gains only what the emulated link would have cost in waits (PLATFORM.md). Timelines of the median step: "
              f"`bench/out/{png.name}` (overlap) and `bench/out/{png_off.name}`, rows = global ranks 0-3 "
              "(pipeline rank = rank // 2), grey bars = exchanges.")
