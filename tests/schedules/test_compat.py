@@ -109,6 +109,13 @@ def local_copies(full, idx):
     return local
 
 
+def assert_grads_like(local, full, idx, what):
+    """The gradients of the local copies of parts `idx` equal those of the same parts of the full model."""
+    ref = dict(full.named_parameters())
+    for (n, p), i in zip(local.named_parameters(), [idx[0]] * 2 + [idx[1]] * 2):
+        assert cal_diff(p.grad, ref[f"{i}.{n.split('.', 1)[1]}"].grad) < 1e-13, f"{what}: {n}"
+
+
 def check_dualpipe(group, pp, rank):
     """deepseek-ai/DualPipe's example_dualpipe, in float64 on gloo."""
     chunks = 2 * pp + 2
@@ -138,9 +145,7 @@ def check_dualpipe(group, pp, rank):
         dist.all_gather(all1, p1.grad, group=group)
         p0.grad += all1[pp - 1 - rank]
         p1.grad += all0[pp - 1 - rank]
-    for (n, p), i in zip(local.named_parameters(), [rank] * 2 + [pp - 1 - rank] * 2):
-        ref = dict(full.named_parameters())[f"{i}.{n.split('.', 1)[1]}"].grad
-        assert cal_diff(p.grad, ref) < 1e-13, f"{what}: {n}"
+    assert_grads_like(local, full, (rank, pp - 1 - rank), what)
     local.zero_grad()
 
     with torch.no_grad():
@@ -170,9 +175,7 @@ def check_dualpipev(group, pp, rank, rank_mapping=None):
     what = f"DualPipeV pp={pp} rank={rank} mapping={rank_mapping}"
     assert torch.equal(loss, loss_ref) if first else loss is None, what
     assert outputs is None and PipelineStage.hook_calls > 0, what
-    for (n, p), i in zip(local.named_parameters(), [prank] * 2 + [2 * pp - 1 - prank] * 2):
-        ref = dict(full.named_parameters())[f"{i}.{n.split('.', 1)[1]}"].grad
-        assert cal_diff(p.grad, ref) < 1e-13, f"{what}: {n}"
+    assert_grads_like(local, full, (prank, 2 * pp - 1 - prank), what)
     local.zero_grad()
 
     with torch.no_grad():

@@ -9,6 +9,7 @@ from framework.config import ModelConfig
 from framework.fp8 import (Bf16ExpertGemms, Fp8ExpertGemms, Fp8Linear, collect_fp8_stats, convert_to_bf16_emulation,
                            convert_to_fp8, fp8_metrics)
 from framework.fp8 import quantize as Q
+from tests.framework.fp8.errors import frob, rel
 from framework.fp8.emulate import Bf16EmulatedLinear
 from framework.models.deepseek_v3 import DeepSeekV3
 from framework.models.deepseek_v3.moe import Experts, LocalDispatcher, MoE
@@ -16,17 +17,6 @@ from framework.models.deepseek_v3.moe import Experts, LocalDispatcher, MoE
 # relative rms rounding error of one E4M3 operand (3 mantissa bits) on data spread over binades; derived in
 # test_linear.test_error_against_full_precision_linear_is_in_the_fp8_range: 2^-3 / sqrt(12) * 0.736
 EPS_E4M3 = 0.0265
-
-
-def rel(a, b):
-    """Max-norm relative error of a against reference b."""
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def frob(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def cfg(**kw):

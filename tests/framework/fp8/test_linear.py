@@ -8,17 +8,7 @@ from torch import nn
 from framework.fp8 import (Fp8Linear, collect_fp8_stats, convert_to_fp8, fp8_grouped_linear, fp8_linear,
                            resolve_backend)
 from framework.fp8 import quantize as Q
-
-
-def rel(a, b):
-    """Max-norm relative error of a against reference b."""
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def frob(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
+from tests.framework.fp8.errors import frob, rel
 
 
 def _reference_grads(x2, w, dy2, pow2):
