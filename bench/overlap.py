@@ -1,25 +1,26 @@
 """Hiding the expert all-to-all inside DualPipe's F&B pairs (V3 §3.2.1, Figure 4): with overlap, without, and
 torch's ScheduleDualPipeV.
 
-    python -m bench.overlap [--chunks 8 --steps 4 --latency-us 3000 --gbps 1 ...]
+    python -m bench.overlap [--chunks 8 --steps 10 --latency-us 1000 --gbps 1 --sweep-latency-us 300 3000 ...]
 
 4 processes (pp=2 x dp=2, ep=2: each pipeline rank's experts are split over its 2 data-parallel ranks), the tiny
-DeepSeek-V3 (conf/model/deepseek_v3_tiny.yaml with 5 layers, MTP off), fp32, one thread per process. Every expert exchange goes
-through an emulated interconnect (parallel/comm.py EmulatedLink: it completes no earlier than latency + bytes /
-bandwidth after its start, the delay lying on the communication side), set so that one all-to-all lasts about as
-long as a compute piece of a chunk: on 2 cores shared by 4 processes gloo alone moves the rows through memory and
-there is nothing to hide.
+DeepSeek-V3 (conf/model/deepseek_v3_tiny.yaml with 5 layers, MTP off), fp32, one thread per process. Every expert
+exchange goes through an emulated interconnect (parallel/comm.py EmulatedLink: it completes no earlier than latency +
+bytes / bandwidth after its start, the delay lying on the communication side), set so that one all-to-all lasts
+about as long as a compute piece of a chunk (1 ms + 1 Gb/s: ~1.5 ms per exchange, against 1-4 ms per turn); on 2
+cores shared by 4 processes gloo alone moves the rows through memory and there is little to hide.
 
 Variants, measured in interleaved rounds (one step of each per round) so that machine load drifts over all alike:
   ours DualPipe / DualPipeV, overlap     parallel.overlap: the F&B actions interleave two chunks (schedules/overlap.py)
   ours DualPipe / DualPipeV, no overlap  every exchange waited for right after it starts
+  ..., padded dispatch                   parallel.comm.dispatch=padded: no token-count exchange before the rows
   torch ScheduleDualPipeV               torch.distributed.pipelining on the same 4-part split as our DualPipeV; its
                                         F&B pairs run one after the other (no overlap function registered)
 
-Hidden fraction = 1 - (time blocked in wait(), at most the exchange's own time) / (exchange time, start to
-completion), from the exchange traces; "steady state" counts the exchanges started inside F&B actions, "all" every
-exchange of the step. The per-layer token-count exchange (the host sync before a dispatch, see parallel/expert.py)
-travels under a turn of the other chunk, like the rows; reported with and without it.
+Hidden fraction = 1 - exposed / (exchange time, start to completion), exposed = the time blocked in wait() while
+the exchange was in progress, from the exchange traces; "steady state" counts the exchanges started inside F&B
+actions, "whole step" every exchange of the step. The exposed time is split into waiting for a late peer (before
+the other rank of the ep group had started the same exchange) and the rest.
 """
 from __future__ import annotations
 
@@ -34,9 +35,18 @@ import torch.multiprocessing as mp
 from bench.common import OUT, compose, machine, write_report
 from parallel.mesh import free_port
 
-VARIANTS = [("ours DualPipe, overlap", "dualpipe", True), ("ours DualPipe, no overlap", "dualpipe", False),
-            ("ours DualPipeV, overlap", "dualpipev", True), ("ours DualPipeV, no overlap", "dualpipev", False),
-            ("torch ScheduleDualPipeV", "torch", False)]
+# (name, schedule, overlap, dispatch layout: parallel.comm.dispatch)
+VARIANTS = [("ours DualPipe, overlap, padded dispatch", "dualpipe", True, "padded"),
+            ("ours DualPipe, no overlap, padded dispatch", "dualpipe", False, "padded"),
+            ("ours DualPipe, overlap", "dualpipe", True, "counts"),
+            ("ours DualPipe, no overlap", "dualpipe", False, "counts"),
+            ("ours DualPipeV, overlap, padded dispatch", "dualpipev", True, "padded"),
+            ("ours DualPipeV, overlap", "dualpipev", True, "counts"),
+            ("ours DualPipeV, no overlap", "dualpipev", False, "counts"),
+            ("torch ScheduleDualPipeV", "torch", False, "counts")]
+
+ON, OFF = VARIANTS[0][0], VARIANTS[1][0]   # the pair the timelines show
+SWEEP = [ON, VARIANTS[2][0], OFF]           # measured again at the other link latencies
 
 
 # 1 dense + 4 MoE blocks, cut so that every part of an F&B pair holds as many MoE blocks as the other: DualPipe's 2
@@ -138,13 +148,13 @@ class TorchStep:
         return t0, []
 
 
-def build_variant(name, schedule, overlap, mesh, a, link, recorder):
+def build_variant(name, schedule, overlap, layout, mesh, a, link, recorder):
     from framework.models import build_model
     from parallel.expert import apply_expert_parallel
 
     cfg = config(a, schedule)
     torch.manual_seed(0)
-    model = apply_expert_parallel(build_model(cfg.model), mesh, link=link, recorder=recorder)
+    model = apply_expert_parallel(build_model(cfg.model), mesh, link=link, recorder=recorder, layout=layout)
     return TorchStep(model, mesh, cfg, a) if schedule == "torch" else OursStep(model, mesh, cfg, overlap)
 
 
@@ -157,28 +167,55 @@ def exchange_kind(name: str) -> str:
     return max((k for k in KINDS if name.endswith("." + k) or name == k), key=len, default="other")
 
 
-def exchange_stats(records, t0: float, spans) -> dict:
-    """Seconds of exchange time and of waiting, for every exchange and for those started inside an F&B action."""
+def _overlap(a0: float, a1: float, b0: float, b1: float) -> float:
+    return max(0.0, min(a1, b1) - max(a0, b0))
+
+
+def exchange_stats(records, posted: list[float], t0: float, spans) -> dict:
+    """Seconds of exchange time and of waiting, for every exchange and for those started inside an F&B action.
+
+    posted[i]: when the last rank of the group started exchange i (every ep peer issues the same exchanges in the
+    same order); until then the exchange waits for a late peer, not for the link."""
     fb = [(s, e) for s, e, label in spans if "&" in label]
     out: dict[str, float] = {}
-    for r in records:
+    for r, both in zip(records, posted):
         start = r.start - t0
-        # exposed: the part of the exchange the caller sat waiting for; a wait can outlast the exchange by the
-        # thread's wake-up delay on a loaded machine, which is not communication
-        exposed = min(r.waited, r.duration)
+        # exposed: the part of the exchange the caller sat waiting for, i.e. the wait inside [start, end]; a wait
+        # also holds the thread's wake-up delay after the end, which on a loaded machine is not communication
+        wait = (r.wait_start, r.wait_start + r.waited) if r.waited > 0 else (r.start, r.start)
+        values = {"comm": r.duration, "wait": _overlap(*wait, r.start, r.end),
+                  "late": _overlap(*wait, r.start, both), "own": max(0.0, r.end - max(r.start, both)),
+                  "ownwait": _overlap(*wait, max(r.start, both), r.end)}
         kinds = ["all"] + ([] if r.name.endswith(".counts") else ["payload"]) + [exchange_kind(r.name)]
         scopes = ["step"] + (["fb"] if any(s <= start <= e for s, e in fb) else [])
         for scope in scopes:
             for kind in kinds:
-                out[f"{scope}_{kind}_comm"] = out.get(f"{scope}_{kind}_comm", 0.0) + r.duration
-                out[f"{scope}_{kind}_wait"] = out.get(f"{scope}_{kind}_wait", 0.0) + exposed
+                for x, v in values.items():
+                    out[f"{scope}_{kind}_{x}"] = out.get(f"{scope}_{kind}_{x}", 0.0) + v
     return out
+
+
+def posted_times(records, group) -> list[float]:
+    """For each exchange of this rank, when the last rank of the expert-parallel group started it."""
+    import torch.distributed as dist
+
+    mine = [(r.name, r.start) for r in records]
+    every = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, mine, group=group)
+    if any([n for n, _ in peer] != [n for n, _ in mine] for peer in every):
+        raise RuntimeError("expert-parallel peers issued different exchanges: the schedule must be identical")
+    return [max(peer[i][1] for peer in every) for i in range(len(mine))]
 
 
 def _worker(rank: int, port: int, a, outdir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="4",
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    if a.pin and hasattr(os, "sched_setaffinity"):
+        # ranks that exchange data on different cores: ep peers (same pipeline rank) and pipeline peers (same
+        # replica) never share one, so a rank waits only for a peer that is running
+        pp_rank, dp_rank = divmod(rank, 2)
+        os.sched_setaffinity(0, {(pp_rank + dp_rank) % os.cpu_count()})
     import logging
 
     import torch.distributed as dist
@@ -207,15 +244,16 @@ def _worker(rank: int, port: int, a, outdir: str) -> None:
             t = time.perf_counter() - t
             if i >= a.warmup:
                 times[v].append(t)
-                stats[v].append(exchange_stats(recorders[v].records, t0, spans))
+                records = list(recorders[v].records)
+                stats[v].append(exchange_stats(records, posted_times(records, mesh.ep_group), t0, spans))
                 traced[v].append((t0, spans, [(r.start, r.end, r.name) for r in recorders[v].records]))
     rows, median_step = [], []
-    for v, (name, schedule, overlap) in enumerate(variants):
+    for v, (name, schedule, *_) in enumerate(variants):
         steps_max = torch.tensor(times[v], dtype=torch.float64)
         dist.all_reduce(steps_max, op=dist.ReduceOp.MAX)               # a step ends when the slowest rank ends
         median_step.append(int((steps_max - steps_max.median()).abs().argmin()))
         keys = [f"{scope}_{kind}_{x}" for scope in ("step", "fb") for kind in ("all", "payload", *KINDS)
-                for x in ("comm", "wait")]
+                for x in ("comm", "wait", "late", "own", "ownwait")]
         sums = torch.tensor([sum(s.get(k, 0.0) for s in stats[v]) for k in keys], dtype=torch.float64)
         dist.all_reduce(sums)                                            # over steps and ranks
         rows.append(dict(name=name, step_s=float(steps_max.median()), steps=[float(x) for x in steps_max],
@@ -223,7 +261,7 @@ def _worker(rank: int, port: int, a, outdir: str) -> None:
     # the timelines of the median step, aligned across ranks by wall clock
     t_wall = time.time() - time.perf_counter()                           # perf_counter -> wall clock offset
     lines = {}
-    for v, (name, schedule, overlap) in enumerate(variants):
+    for v, (name, schedule, *_) in enumerate(variants):
         if schedule == "torch":
             continue
         t0, spans, recs = traced[v][median_step[v]]
@@ -259,72 +297,104 @@ def main(argv=None) -> str:
     p.add_argument("--micro", type=int, default=2, help="sequences per micro-batch")
     p.add_argument("--seq", type=int, default=64, help="tokens per sequence")
     p.add_argument("--vocab", type=int, default=512)
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--latency-us", type=float, default=3000.0, help="emulated link latency per exchange")
+    p.add_argument("--latency-us", type=float, default=1000.0, help="emulated link latency per exchange")
     p.add_argument("--gbps", type=float, default=1.0, help="emulated link bandwidth, gigabits/s")
     p.add_argument("--no-torch", action="store_true", help="leave out torch's ScheduleDualPipeV")
-    p.add_argument("--sweep-latency-us", type=float, nargs="*", default=[300.0, 1000.0],
-                   help="after the main run, ours DualPipe with and without overlap at these link latencies")
+    p.add_argument("--sweep-latency-us", type=float, nargs="*", default=[300.0, 3000.0],
+                   help="after the main run, ours DualPipe (padded and counts with overlap, padded without) at these "
+                        "link latencies")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="spawns per link latency for ours DualPipe (padded and counts with overlap, padded without)")
+    p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                   help="pin each process to one core, ranks that exchange data (ep and pipeline peers) on "
+                        "different cores")
+    p.add_argument("--only", nargs="*", default=None, metavar="VARIANT",
+                   help="measure only these variants (names as in the report's first column)")
     a = p.parse_args(argv)
-    a.only = None
+    unknown = set(a.only or ()) - {v[0] for v in VARIANTS}
+    if unknown:
+        raise ValueError(f"--only: unknown variants {sorted(unknown)}: allowed: {', '.join(v[0] for v in VARIANTS)}")
     if a.chunks % 2 or a.chunks < 4:
         raise ValueError(f"--chunks={a.chunks}: DualPipe on 2 pipeline ranks needs an even number >= 4")
     per_rank = measure(a)
     rows = per_rank[0]["rows"]
-    sweep = []
-    for latency in a.sweep_latency_us:
-        b = argparse.Namespace(**{**vars(a), "latency_us": latency,
-                                  "only": ["ours DualPipe, overlap", "ours DualPipe, no overlap"]})
-        sweep.append((latency, measure(b)[0]["rows"]))
+    # machine noise differs more between spawns than between the steps of one: the DualPipe variants again, in
+    # separate spawns, at the main latency and at the others
+    sweep = [(a.latency_us, 0, rows)] if set(SWEEP) <= {r["name"] for r in rows} else []
+    for latency in sorted({a.latency_us, *a.sweep_latency_us}):
+        for spawn in range(1 if latency == a.latency_us else 0, a.repeats):
+            b = argparse.Namespace(**{**vars(a), "latency_us": latency, "only": SWEEP})
+            sweep.append((latency, spawn, measure(b)[0]["rows"]))
+    sweep.sort(key=lambda x: x[:2])
     OUT.mkdir(exist_ok=True)
     png, png_off = OUT / "overlap_timeline.png", OUT / "overlap_timeline_no_overlap.png"
     link = f"latency {a.latency_us:g} us + bytes / {a.gbps:g} Gb/s per exchange"
-    draw(per_rank, "ours DualPipe, overlap", png, "DualPipe with F&B overlap (grey: expert exchanges)")
-    draw(per_rank, "ours DualPipe, no overlap", png_off, "DualPipe without overlap (grey: expert exchanges)")
+    for name, path, title in ((ON, png, "DualPipe with F&B overlap, padded dispatch (grey: expert exchanges)"),
+                              (OFF, png_off, "DualPipe without overlap, padded dispatch (grey: expert exchanges)")):
+        if name in per_rank[0]["lines"]:
+            draw(per_rank, name, path, title)
     tokens = a.micro * a.seq
+    pinned = ("each process pinned to one core, ranks that exchange data on different cores (ranks 0 and 3 share "
+              "core 0, ranks 1 and 2 core 1)" if a.pin else "processes not pinned")
     head = (f"4 processes (pp=2 x dp=2, ep=2), deepseek_v3_tiny with {LAYERS} layers (1 dense + {LAYERS - 1} MoE: hidden "
             f"128, 8 routed experts top-2 + 1 shared, MLA) and no MTP, cut {PARTS['dualpipe']} for DualPipe and "
             f"{PARTS['dualpipev']} for DualPipeV and torch (every part of an F&B pair holds as many MoE blocks as the "
-            f"other), fp32, 1 thread per process, {a.chunks} micro-batches of {a.micro} x {a.seq} tokens per "
-            f"replica and step ({tokens} tokens per chunk), median of {a.steps} interleaved steps after {a.warmup} "
-            f"warm-up. Emulated link on every expert exchange: {link} (parallel.comm.EmulatedLink).\n\n")
-    table = ["| variant | step ms (median, slowest rank) | hidden, steady state (F&B): dispatch + combine | "
-             "steady state: + token counts | whole step: dispatch + combine | whole step: + token counts | "
-             "exchange ms per rank-step | exposed ms per rank-step |", "|---|---|---|---|---|---|---|---|"]
+            f"other), fp32, 1 thread per process, {pinned}, {a.chunks} micro-batches of {a.micro} x {a.seq} tokens "
+            f"per replica and step ({tokens} tokens per chunk), median of {a.steps} interleaved steps after "
+            f"{a.warmup} warm-up. Emulated link on every expert exchange: {link} (parallel.comm.EmulatedLink). "
+            f"Dispatch layouts (parallel.comm.dispatch): 'counts' exchanges the token counts, then the routed rows; "
+            f"'padded' sends every token once to each ep rank in a message of fixed size, without a count "
+            f"exchange.\n\n")
     n = 4 * a.steps
+    ms = lambda r, key: f"{1e3 * r[key] / n:.0f}"  # noqa: E731  (per rank-step)
+    table = ["| variant | step ms (median, slowest rank) | hidden, steady state (F&B) | steady state, rows only | "
+             "whole step | exchange ms per rank-step | exposed ms per rank-step | of which a late peer | hidden once "
+             "both peers had started (steady state) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        hidden = [pct(r[f"{scope}_{kind}_wait"], r[f"{scope}_{kind}_comm"])
-                  for scope in ("fb", "step") for kind in ("payload", "all")]
-        table.append(f"| {r['name']} | {1e3 * r['step_s']:.0f} | " + " | ".join(hidden) +
-                     f" | {1e3 * r['step_all_comm'] / n:.0f} | {1e3 * r['step_all_wait'] / n:.0f} |")
+        table.append(f"| {r['name']} | {1e3 * r['step_s']:.0f} | {pct(r['fb_all_wait'], r['fb_all_comm'])} | "
+                     f"{pct(r['fb_payload_wait'], r['fb_payload_comm'])} | "
+                     f"{pct(r['step_all_wait'], r['step_all_comm'])} | {ms(r, 'step_all_comm')} | "
+                     f"{ms(r, 'step_all_wait')} | {ms(r, 'step_all_late')} | "
+                     f"{pct(r['fb_all_ownwait'], r['fb_all_own'])} |")
     table += ["", "Steady state (F&B) by exchange, hidden fraction / exchange ms per rank-step:", "",
               "| variant | " + " | ".join(KINDS) + " |", "|---|" + "---|" * len(KINDS)]
     for r in rows:
         if r["fb_all_comm"] > 0:
             table.append(f"| {r['name']} | " + " | ".join(
-                f"{pct(r[f'fb_{k}_wait'], r[f'fb_{k}_comm'])} / {1e3 * r[f'fb_{k}_comm'] / n:.0f}" for k in KINDS) + " |")
+                f"{pct(r[f'fb_{k}_wait'], r[f'fb_{k}_comm'])} / {ms(r, f'fb_{k}_comm')}"
+                if r[f"fb_{k}_comm"] > 0 else "-" for k in KINDS) + " |")
     if sweep:
-        table += ["", f"Ours DualPipe at other link latencies (same bandwidth, separate runs of {a.steps} steps; steady "
-                  "state): the hidden fraction is bounded by how much compute the other chunk has in each turn.", "",
-                  "| link latency (us) | step ms, overlap | step ms, no overlap | exchange ms per rank-step | hidden: "
-                  "dispatch + combine | hidden: + token counts |", "|---|---|---|---|---|---|"]
-        for latency, srows in sweep:
-            on, off = srows[0], srows[1]
-            table.append(f"| {latency:g} | {1e3 * on['step_s']:.0f} | {1e3 * off['step_s']:.0f} | "
-                         f"{1e3 * on['step_all_comm'] / n:.0f} | {pct(on['fb_payload_wait'], on['fb_payload_comm'])} | "
-                         f"{pct(on['fb_all_wait'], on['fb_all_comm'])} |")
+        table += ["", f"Ours DualPipe in separate spawns (spawn 0 at {a.latency_us:g} us is the run above), by link "
+                  f"latency (same bandwidth, {a.steps} steps each; hidden fractions in the steady state):", "",
+                  "| link latency (us) | spawn | step ms: padded, overlap | counts, overlap | padded, no overlap | "
+                  "hidden: padded | hidden: counts | padded, once both peers had started | exchange ms per rank-step "
+                  "(padded) | exposed ms per rank-step (padded): all / a late peer |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for latency, spawn, srows in sweep:
+            by = {r["name"]: r for r in srows}
+            pad, cnt, off = by[SWEEP[0]], by[SWEEP[1]], by[SWEEP[2]]
+            table.append(f"| {latency:g} | {spawn} | {1e3 * pad['step_s']:.0f} | {1e3 * cnt['step_s']:.0f} | "
+                         f"{1e3 * off['step_s']:.0f} | {pct(pad['fb_all_wait'], pad['fb_all_comm'])} | "
+                         f"{pct(cnt['fb_all_wait'], cnt['fb_all_comm'])} | "
+                         f"{pct(pad['fb_all_ownwait'], pad['fb_all_own'])} | {ms(pad, 'step_all_comm')} | "
+                         f"{ms(pad, 'step_all_wait')} / {ms(pad, 'step_all_late')} |")
     notes = ("\n\nHidden = 1 - exposed / exchange time (start to completion), summed over ranks and measured steps; "
-             "exposed = time blocked in wait(), capped at the exchange's own time (a wait also holds the thread's "
-             "wake-up delay, which on this shared machine is not communication). Steady state: exchanges started inside F&B actions (for variants without overlap the "
-             "same actions run forward then backward; torch's schedule has no such span: '-'); whole step: every "
-             "exchange. Dispatch + combine: the token rows, forward and backward; '+ token counts' adds the "
-             "per-layer count exchange before each dispatch (the host sync). What bounds the hidden fraction whatever the "
-             "order of the turns: per MoE block the forward chunk's own exchanges form a chain (counts, then rows, "
-             "then combine, each needing the one before and the compute between them), so a block-pair lasts at "
-             "least that chain, while the thread has only both chunks' compute to fill it with; when the chain of "
-             "three exchanges is longer than the two chunks' compute, the difference is exposed. On 2 cores shared by 4 processes compute cannot speed up, so the step time "
-             "gains only what the emulated link would have cost in waits (PLATFORM.md). Timelines of the median step: "
+             "exposed = the time the caller sat in wait() while the exchange was in progress (a wait also holds the "
+             "thread's wake-up delay after completion, which on this shared machine is not communication). Steady "
+             "state: exchanges started inside F&B actions (for variants without overlap the same actions run "
+             "forward then backward; torch's schedule has no such span: '-'); whole step: every exchange, including "
+             "the warm-up and cool-down phases where there is no other chunk to compute. Rows only: without the "
+             "count exchanges. 'Of which a late peer': the part of the exposed time before the other rank of the ep "
+             "group had started the same exchange (every peer issues them in the same order, so the k-th exchanges "
+             "match); with 4 processes time-sharing 2 cores a peer is often descheduled, which a GPU node does not "
+             "do. 'Hidden once both peers had started' counts only the exchange's own time and waits after that "
+             "point. What bounds the hidden fraction whatever the order of the turns: per MoE block the forward "
+             "chunk's own exchanges form a chain (with the counts layout: counts, then rows, then combine; padded: "
+             "rows, then combine), each needing the one before and the compute between them, so a block-pair lasts "
+             "at least that chain, while the thread has only both chunks' compute to fill it with. On 2 cores "
+             "shared by 4 processes compute cannot speed up, so the step time gains only what the emulated link "
+             "would have cost in waits (PLATFORM.md). Timelines of the median step: "
              f"`bench/out/{png.name}` (overlap) and `bench/out/{png_off.name}`, rows = global ranks 0-3 "
              "(pipeline rank = rank // 2), grey bars = exchanges.")
     command = "python -m bench.overlap" + ("" if argv is None else " " + " ".join(argv))

@@ -72,6 +72,8 @@ class ModelConfig:
 class CommConfig:
     sm_budget: int = 20                    # SMs (CTAs) the expert-parallel communicator may use on CUDA (V3 §3.2.2)
     emulate_link: Optional[dict[str, float]] = None  # {latency_us, gbps}: emulated interconnect for CPU benchmarks
+    dispatch: str = "counts"               # MoE dispatch message: counts (token counts first, then the routed rows)
+                                           # | padded (every token to every ep rank, fixed size: no count exchange)
 
 
 @dataclass
@@ -264,6 +266,7 @@ def validate(cfg: Config | DictConfig, world_size: int = 1) -> None:
     _positive("parallel.ep", p.ep)
     _choice("parallel.schedule", p.schedule, SCHEDULES)
     _choice("parallel.backend", p.backend, ("auto", "gloo", "nccl"))
+    _choice("parallel.comm.dispatch", p.comm.dispatch, ("counts", "padded"))
     _positive("parallel.timeout_s", p.timeout_s)
     _positive("parallel.comm.sm_budget", p.comm.sm_budget)
     if world_size % p.pp:

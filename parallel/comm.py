@@ -130,6 +130,7 @@ class ExchangeRecord:
     end: float = float("nan")
     waited: float = 0.0
     emulated: bool = False
+    wait_start: float = float("nan")  # when the caller began to wait()
 
     @property
     def duration(self) -> float:
@@ -248,7 +249,7 @@ class Exchange:
         if self.done is not None:
             self.done.wait()
         t1 = time.perf_counter()
-        self.record.waited = t1 - t0
+        self.record.waited, self.record.wait_start = t1 - t0, t0
         self.record.end = max(self._completed_at, self.deadline)
         self.recorder.add(self.record)
         self._result, self._waited = self.finish(), True

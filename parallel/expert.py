@@ -14,13 +14,22 @@ blocks: ep rank r holds experts [r*E/ep, (r+1)*E/ep). One MoE layer on one rank 
 The routing weights never travel: each source rank multiplies the returned expert outputs by its own weights, so the
 gate's gradient stays local and the payload back is just the expert outputs.
 
-The host sync: the receive buffer's size and the split sizes of all_to_all_single must be known on the host, and only
-the peers know how many rows they will send. So a dispatch exchanges the [ep, E_local] count matrix and reads it
-(`.tolist()`) before it can start the row exchange: on a GPU this waits for the router's kernels and the count
-exchange; nothing else in dispatch or combine syncs. `start_counts` + `.start_rows()` split the two so that the caller
-can compute (the other chunk of an F&B pair, schedules/overlap.py) while the counts travel; `start_dispatch` does both
-at once. Padding every expert to a fixed capacity would remove it, at the
-price of dropping or padding tokens; V3 drops none (§2.1.2), and DeepEP's normal kernels make the same CPU wait.
+Two layouts of the dispatch message (`layout`, parallel.comm.dispatch):
+
+- "counts" (default): the receive buffer's size and the split sizes of all_to_all_single must be known on the host,
+  and only the peers know how many rows they will send. So a dispatch exchanges the [ep, E_local] count matrix and
+  reads it (`.tolist()`) before it can start the row exchange: on a GPU this waits for the router's kernels and the
+  count exchange. `start_counts` + `.start_rows()` split the two so that the caller can compute (the other chunk of
+  an F&B pair, schedules/overlap.py) while the counts travel; `start_dispatch` does both at once. DeepEP's normal
+  kernels make the same CPU wait.
+- "padded": every rank sends each of its tokens ONCE to every ep rank, in a message of fixed size (`capacity` token
+  slots, default: this call's N, which must then be the same on every rank of the group, as a training micro-batch
+  is), each token carrying its K expert choices; the receiver keeps the (token, choice) pairs of its own experts. No
+  count exchange, so no wait on the peers before the tokens leave, and one exchange fewer on the critical path of
+  a MoE block; the price is (ep-1)*capacity rows sent per rank instead of the routed rows (about the same at ep=2,
+  top-2; ep/K times more at large ep: DeepEP's low-latency mode makes the same trade for small batches). Nothing is
+  dropped, and the combine and both backward exchanges move exactly the routed rows (both sides know the splits once
+  the dispatch has arrived), so the two layouts give bit-identical results.
 
 Backward: the gradient of a dispatch is a combine-direction exchange of the row gradients and vice versa; `_Exchange`
 does that reverse all_to_all in its backward (blocking, recorded as "<name>.backward"). An FP8 dispatch sends its
@@ -119,6 +128,28 @@ def _exchange(x: torch.Tensor, route: _Route) -> tuple[torch.Tensor, comm.Exchan
     return out, holder[0]
 
 
+LAYOUTS = ("counts", "padded")
+
+
+class _PaddedRows(torch.autograd.Function):
+    """x_sorted (already received, in `holder`) as a function of this rank's tokens x [N, C]: the backward sends the
+    expert-input gradients home row by row along the combine's route, exactly as the "counts" layout does."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, holder: list, dctx: "DispatchContext", dispatcher):
+        ctx.dctx, ctx.dispatcher = dctx, dispatcher
+        return holder.pop()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        d, dctx = ctx.dispatcher, ctx.dctx
+        g_recv = grad.index_select(0, dctx.unsort)                             # [M_recv, C], [source][expert]
+        g_send = grad.new_empty(sum(dctx.send_splits), grad.shape[1])          # [M_send, C]
+        comm.all_to_all(g_send, g_recv, dctx.send_splits, dctx.recv_splits, d.group, f"{d.name}.dispatch.backward",
+                        d.link, d.recorder, d.stream).wait()
+        return g_send.new_zeros(dctx.n_tokens, grad.shape[1]).index_add_(0, dctx.token, g_send), None, None, None
+
+
 class CountsInFlight:
     """A dispatch whose token counts are travelling; start_rows() waits for them and starts the row exchange."""
 
@@ -174,7 +205,13 @@ class ExpertParallelDispatcher(Dispatcher):
 
     def __init__(self, n_experts: int, ep_group, fp8: bool = False, pow2_scales: bool = True,
                  link: Optional[comm.EmulatedLink] = None, recorder: Optional[comm.CommRecorder] = None,
-                 stream: Optional[comm.CommStream] = None, name: str = "moe"):
+                 stream: Optional[comm.CommStream] = None, name: str = "moe", layout: str = "counts",
+                 capacity: Optional[int] = None):
+        if layout not in LAYOUTS:
+            raise ValueError(f"parallel.comm.dispatch={layout!r}: must be one of {', '.join(LAYOUTS)}")
+        if capacity is not None and (not isinstance(capacity, int) or capacity < 0):
+            raise ValueError(f"capacity={capacity!r}: must be an int >= 0 (token slots per rank) or None")
+        self.layout, self.capacity = layout, capacity
         self.group = ep_group
         self.ep = dist.get_world_size(ep_group)
         self.ep_rank = dist.get_rank(ep_group)
@@ -195,29 +232,43 @@ class ExpertParallelDispatcher(Dispatcher):
                       self.recorder, self.stream, fp8, self.pow2)
 
     # ---------------------------------------------------------------------------------------------------------------
+    @property
+    def needs_counts(self) -> bool:
+        """Whether a dispatch starts with a token-count exchange (layout "counts") before its rows can leave."""
+        return self.layout == "counts"
+
     def start_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> Pending:
         """Start a dispatch; wait() gives (x_sorted [M_recv, C], tokens_per_expert [E_local], ctx).
 
         Returns once the row exchange is in flight: compute launched before wait() runs under it.
         """
+        if self.layout == "padded":
+            return self._start_padded(x, topk_idx, topk_weight)
         return self.start_counts(x, topk_idx, topk_weight).start_rows()
 
-    def start_counts(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> "CountsInFlight":
-        """First half of start_dispatch: permute the rows and start the token-count exchange only. Compute run
-        before `.start_rows()` (which waits for the counts, then starts the row exchange) hides the counts."""
+    def _permute(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor):
+        """The (token, choice) rows sorted by global expert, which also sorts them by destination rank (experts are
+        contiguous per rank): (token [M_send], weight [M_send], send_counts [E])."""
         if (x.dim() != 2 or topk_idx.dim() != 2 or topk_idx.shape[0] != x.shape[0]
                 or topk_weight.shape != topk_idx.shape):
             raise ValueError(f"dispatch: x [N, C], topk_idx [N, K] and topk_weight [N, K] expected, got "
                              f"{tuple(x.shape)}, {tuple(topk_idx.shape)}, {tuple(topk_weight.shape)}")
-        N, K = topk_idx.shape
-        ep, E_local = self.ep, self.n_local
-        # permute: sorting by global expert also sorts by destination rank (experts are contiguous per rank)
+        K = topk_idx.shape[1]
         flat = topk_idx.reshape(-1)                                            # [N*K]
         order = torch.argsort(flat, stable=True)
         token = order // K                                                     # [M_send]
-        x_send = x.index_select(0, token)                                      # [M_send, C]
         weight = topk_weight.reshape(-1).index_select(0, order)                # [M_send]
-        send_counts = torch.bincount(flat, minlength=self.n_experts)           # [ep * E_local]
+        return token, weight, torch.bincount(flat, minlength=self.n_experts)  # [ep * E_local]
+
+    def start_counts(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> "CountsInFlight":
+        """First half of start_dispatch (layout "counts"): permute the rows and start the token-count exchange only.
+        Compute run before `.start_rows()` (which waits for the counts, then starts the row exchange) hides them."""
+        if self.layout != "counts":
+            raise RuntimeError(f"start_counts: the {self.layout!r} layout exchanges no counts; use start_dispatch")
+        N = x.shape[0]
+        ep, E_local = self.ep, self.n_local
+        token, weight, send_counts = self._permute(x, topk_idx, topk_weight)
+        x_send = x.index_select(0, token)                                      # [M_send, C]
         # counts: recv_counts[j, e] = rows rank j sends to my local expert e; .tolist() is the host sync
         recv_counts = torch.empty_like(send_counts)
         counts_route = self._route("counts", [E_local] * ep, [E_local] * ep)
@@ -244,6 +295,56 @@ class ExpertParallelDispatcher(Dispatcher):
             return x_sorted, tokens_per_expert, DispatchContext(token, weight, N, send_splits, recv_splits, unsort)
 
         return Pending(exchange, regroup)
+
+    def _start_padded(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> Pending:
+        """Layout "padded": every token once to every rank, with its expert choices, in `capacity` fixed slots."""
+        token, weight, send_counts = self._permute(x, topk_idx, topk_weight)
+        N, K = topk_idx.shape
+        ep, E_local, C = self.ep, self.n_local, x.shape[1]
+        cap = N if self.capacity is None else self.capacity
+        if N > cap:
+            raise ValueError(f"dispatch: {N} tokens exceed the padded layout's capacity of {cap} per rank")
+        send_splits = send_counts.view(ep, E_local).sum(dim=1).tolist()       # host: local counts only
+        # one message row per token slot: its activations (or FP8 tiles + scales), then its K choices (-1: empty)
+        choices = topk_idx.new_full((cap, K), -1, dtype=torch.int32)
+        choices[:N] = topk_idx
+        values = x.detach()
+        if self.fp8:
+            q, scale = quantize_act(values, pow2=self.pow2)                    # [N, C] e4m3, [N, G] fp32
+            parts = [q.view(torch.uint8), scale.view(torch.uint8)]
+        else:
+            parts = [values.contiguous().view(torch.uint8)]
+        message = torch.cat(parts, dim=1)                                      # [N, bytes of a token]
+        message = torch.cat([message, message.new_zeros(cap - N, message.shape[1])]) if cap > N else message
+        message = torch.cat([message, choices.view(torch.uint8)], dim=1)      # [cap, B]
+        received = torch.empty(ep * cap, message.shape[1], dtype=torch.uint8, device=x.device)
+        exchange = comm.all_to_all(received, message.repeat(ep, 1), [cap] * ep, [cap] * ep, self.group,
+                                   f"{self.name}.dispatch", self.link, self.recorder, self.stream)
+
+        def select():
+            got = received[:, message.shape[1] - 4 * K:].contiguous().view(torch.int32)   # [ep*cap, K]
+            if self.fp8:
+                G = scale.shape[1]
+                rq = received[:, :C].contiguous().view(torch.float8_e4m3fn)
+                rs = received[:, C:C + 4 * G].contiguous().view(torch.float32)
+                x_all = dequantize_act(rq, rs, dtype=x.dtype)                  # [ep*cap, C]
+            else:
+                x_all = received[:, :C * x.element_size()].contiguous().view(x.dtype)
+            lo = self.ep_rank * E_local
+            mine = (got >= lo) & (got < lo + E_local)                         # [ep*cap, K]
+            slot = mine.nonzero()[:, 0]                                        # [M_recv], source-major
+            expert = got[mine].long() - lo                                     # [M_recv] local expert of each row
+            by_expert = torch.argsort(expert, stable=True)                     # -> [local expert][source][token]
+            gather = slot.index_select(0, by_expert)
+            # [source][expert] order, as combine sends home: a stable sort of the expert-ordered rows by source
+            unsort = torch.argsort(gather // cap, stable=True)
+            recv_splits = mine.view(ep, cap * K).sum(dim=1).tolist()
+            tokens_per_expert = torch.bincount(expert, minlength=E_local)      # [E_local]
+            ctx = DispatchContext(token, weight, N, send_splits, recv_splits, unsort)
+            x_sorted = _PaddedRows.apply(x, [x_all.index_select(0, gather)], ctx, self)   # [M_recv, C]
+            return x_sorted, tokens_per_expert, ctx
+
+        return Pending(exchange, select)
 
     def start_combine(self, y_sorted: torch.Tensor, ctx: DispatchContext) -> Pending:
         """Start sending expert outputs home; wait() gives y [N, C] = sum_k w_k * expert_k(x) per token."""
@@ -328,13 +429,13 @@ def mark_expert_params(module: nn.Module) -> None:
 
 def apply_expert_parallel(model: nn.Module, mesh, cfg=None, fp8_dispatch: Optional[bool] = None,
                           link: Optional[comm.EmulatedLink] = None, recorder: Optional[comm.CommRecorder] = None,
-                          stream: Optional[comm.CommStream] = None) -> nn.Module:
+                          stream: Optional[comm.CommStream] = None, layout: Optional[str] = None) -> nn.Module:
     """Shard every MoE layer of `model` over mesh.ep_group, in place; returns the model.
 
     Each MoE keeps only this rank's experts, copied from the full (or larger) Experts module it had, so a model built
     with the same seed on every rank holds exactly the experts of the single-process model; the layer gets an
     ExpertParallelDispatcher. Expert parameters are marked (p._duet_expert). cfg (the full Config, optional) supplies
-    fp8.dispatch and parallel.comm.emulate_link; explicit arguments win. The dispatch payload always uses
+    fp8.dispatch, parallel.comm.emulate_link and parallel.comm.dispatch (the layout); explicit arguments win. The dispatch payload always uses
     power-of-two scales, as V3 §3.3 does (fp8.pow2_scales is about the GEMMs). With ep == 1 the experts are only
     marked.
     """
@@ -342,7 +443,8 @@ def apply_expert_parallel(model: nn.Module, mesh, cfg=None, fp8_dispatch: Option
     if cfg is not None:
         fp8_dispatch = bool(cfg.fp8.dispatch) if fp8_dispatch is None else fp8_dispatch
         link = link if link is not None else comm.EmulatedLink.from_config(cfg.parallel.comm.emulate_link)
-    fp8_dispatch = bool(fp8_dispatch)
+        layout = layout or getattr(cfg.parallel.comm, "dispatch", None)
+    fp8_dispatch, layout = bool(fp8_dispatch), layout or "counts"
     if mesh.ep > 1:
         if mesh.ep_group is None:
             raise ValueError(f"parallel.ep={mesh.ep}: the mesh has no expert-parallel group (single process?)")
@@ -360,7 +462,7 @@ def apply_expert_parallel(model: nn.Module, mesh, cfg=None, fp8_dispatch: Option
                 moe.experts = _experts_like(moe.experts, moe.n_experts, local)
             moe.dispatcher = ExpertParallelDispatcher(moe.n_experts, mesh.ep_group, fp8=fp8_dispatch,
                                                       pow2_scales=pow2, link=link, recorder=recorder,
-                                                      stream=stream, name=name or "moe")
+                                                      stream=stream, name=name or "moe", layout=layout)
         mark_expert_params(moe)
     return model
 

@@ -23,15 +23,18 @@ turn; per MoE block each side takes three turns (B = the backward chunk, F = the
     turn   computes                                             leaves in flight   which travels under
     B1     ATTN(B): attention input gradients (+ residual)       COMBINE(B)         F1, B2, F2
     F1     ATTN(F): residual, attention, router                  COUNTS(F)          B2
-    B2     SHARED(B) + ATTN(W): shared expert backward, and the  -                  -
-           attention weight gradients held back from B1
+    B2     SHARED(B): shared expert backward                     -                  -
     F2     SHARED(F), after starting the rows                    DISPATCH(F)        F2, B3
-    B3     MLP(B): routed experts backward                       DISPATCH(B)        F3
+    B3     MLP(B): routed experts backward, then ATTN(W): the    DISPATCH(B)        ATTN(W), F3
+           attention weight gradients held back from B1
     F3     MLP(F): routed experts                                COMBINE(F)         next B1
 
-Holding the attention's weight gradients back (V3 Figure 4's ATTN(W)) and giving the shared expert turns of its
-own fill the short turns where only a small piece of the other chunk would run; the counts travel under a turn of
-their own instead of blocking the host, which on a GPU would also stop it from queueing the other chunk's kernels.
+With the padded dispatch layout (parallel.comm.dispatch=padded, no count exchange) F1 starts DISPATCH(F) itself, so
+the rows travel under B2, F2 and B3 and the forward chunk's chain per block is one exchange shorter.
+
+Holding the attention's weight gradients back (V3 Figure 4's ATTN(W)) into B3 and giving the shared expert turns of
+its own fill the short turns where only a small piece of the other chunk would run; the counts travel under a turn
+of their own instead of blocking the host, which on a GPU would also stop it from queueing the other chunk's kernels.
 When a schedule already defers weight gradients to W actions (WeightGradStore enabled), they stay there.
 
 Every expert-parallel peer runs the same action list, so the exchanges are issued in the same order everywhere.
@@ -195,8 +198,8 @@ class Tape:
     def _segment_backward(self, segment: _Segment) -> None:
         """A segment's backward; unless the schedule already defers weight gradients to W actions (the store is
         enabled), the split linears' weight gradients are kept for `run_deferred_w` (V3 Figure 4's ATTN(W)): input
-        gradients first, so the next exchange starts sooner, and the weight-gradient GEMMs later fill the slot
-        under a dispatch, where the other chunk's compute alone (its experts) is short."""
+        gradients first, so the next exchange starts sooner, and the weight-gradient GEMMs later run under the
+        dispatch's backward exchange, where the other chunk's compute alone (its experts) is short."""
         if WeightGradStore.enabled:
             segment.backward()
             return
@@ -314,11 +317,15 @@ def moe_block_steps(block: nn.Module, h: torch.Tensor, tape: Tape, recompute: bo
 
     # ---- dispatch: rows leave; the routing weights stay (ctx.weight keeps their graph to the leaf `topk_weight`)
     h1, flat, topk_weight = tape.cut(h1), tape.cut(flat), tape.cut(topk_weight)
-    counting = dispatcher.start_counts(flat.detach(), topk_idx, topk_weight)
-    yield f"{dispatcher.name}.counts"
-    pending = counting.start_rows()
+    if getattr(dispatcher, "needs_counts", True):
+        counting = dispatcher.start_counts(flat.detach(), topk_idx, topk_weight)
+        yield f"{dispatcher.name}.counts"
+        pending = counting.start_rows()
+    else:  # padded layout: no counts to wait for, the rows leave at once and travel under three turns
+        pending = dispatcher.start_dispatch(flat.detach(), topk_idx, topk_weight)
+        yield f"{dispatcher.name}.dispatch"
     # the shared expert needs no travelling token: it runs under its own block's row exchange, and its backward
-    # under the dispatch's backward exchange (a segment of its own, run by dispatch_backward)
+    # (a segment of its own) has a turn of its own in combine_backward
     shared, shared_segment = None, _Segment()
     if moe.shared_experts is not None:
         shared_out = _swiglu(moe.shared_experts, flat, recompute)             # [N, C]
@@ -337,6 +344,9 @@ def moe_block_steps(block: nn.Module, h: torch.Tensor, tape: Tape, recompute: bo
         exchange = comm.all_to_all(g_send, g_recv, ctx.send_splits, ctx.recv_splits, dispatcher.group,
                                    f"{dispatcher.name}.dispatch.backward", dispatcher.link, dispatcher.recorder,
                                    dispatcher.stream)
+        # the weight gradients held back so far (V3 Figure 4's ATTN(W)) travel with this exchange: without them
+        # only the other chunk's routed experts would run under it
+        tape.run_deferred_w()
         yield f"{dispatcher.name}.dispatch.backward"
         exchange.wait()
         # each token's gradient is the sum over the rows it was copied into (the backward of index_select)
@@ -364,10 +374,9 @@ def moe_block_steps(block: nn.Module, h: torch.Tensor, tape: Tape, recompute: bo
                                    f"{dispatcher.name}.combine.backward", dispatcher.link, dispatcher.recorder,
                                    dispatcher.stream)
         yield f"{dispatcher.name}.combine.backward"
-        # a turn of its own for compute that needs no exchange: the shared expert's backward and the weight
-        # gradients deferred so far (V3 Figure 4's ATTN(W)); the other chunk's token counts travel under it
+        # a turn of its own for compute that needs no exchange, the shared expert's backward: the other chunk's
+        # token counts (or, padded layout, its rows) travel under it
         shared_segment.backward()
-        tape.run_deferred_w()
         yield f"{dispatcher.name}.combine.backward"
         exchange.wait()
         if isinstance(y_sorted, torch.Tensor) and y_sorted.requires_grad:

@@ -131,6 +131,7 @@ CONFIG_ROWS = [  # (overrides, world size, what the line must say)
     (["optim.beta2=1.0"], 1, "optim.beta2=1.0: must be in (0, 1)"),
     (["data.val_fraction=0"], 1, "data.val_fraction=0.0"),
     (["parallel.schedule=zigzag"], 1, "parallel.schedule='zigzag': allowed: dualpipe"),
+    (["parallel.comm.dispatch=sparse"], 1, "parallel.comm.dispatch='sparse': allowed: counts, padded"),
     (["logging.wandb.mode=cloud"], 1, "logging.wandb.mode='cloud'"),
     (["logging.dashboard_interval=-1"], 1, "logging.dashboard_interval=-1: must be >= 0"),
     (["train.dtype=fp16"], 1, "train.dtype='fp16'"),

@@ -136,6 +136,46 @@ def async_checks(mesh) -> dict:
     return {"async.max_abs_diff": max(float((a - b).abs().max()) for a, b in zip(blocking, asynchronous))}
 
 
+def layout_checks(mesh) -> dict:
+    """The padded layout (fixed-size dispatch, no count exchange) == the counts layout, bit for bit: outputs, token,
+    routing-weight and expert gradients, in fp32 and with an FP8 payload; with unequal token counts per rank (padded
+    up to a capacity) and a rank without tokens. Its trace: no counts, a dispatch of (ep-1) * capacity slots of
+    (row + K int32 choices), and the same routed rows as the counts layout on the way back."""
+    from parallel import comm
+
+    out = {}
+    for tag, fp8, tokens in (("fp32", False, (6, 5)), ("fp8", True, (6, 5)), ("empty", False, (8, 0))):
+        runs = []
+        for layout in ("counts", "padded"):
+            _, moe = build_pair(mesh, moe_cfg(), torch.float32, fp8=fp8)
+            d = moe.dispatcher
+            d.layout, d.capacity = layout, max(tokens)
+            d.recorder = comm.CommRecorder()
+            g = torch.Generator().manual_seed(21 + mesh.ep_rank)
+            x = torch.randn(1, tokens[mesh.ep_rank], C, generator=g).requires_grad_()
+            y = moe(x)
+            (y * torch.randn(y.shape, generator=g)).sum().backward()
+            grads = [p.grad.clone() for p in moe.parameters() if p.grad is not None]
+            runs.append(([y.detach(), x.grad] + grads, d.recorder.records))
+        (a, _), (b, records) = runs
+        out[f"layout.{tag}.tensors"] = len(a)
+        out[f"layout.{tag}.max_abs_diff"] = max(float((u - v).abs().max()) if u.numel() else 0.0
+                                                for u, v in zip(a, b))
+        out[f"layout.{tag}.names"] = [r.name for r in records]
+        out[f"layout.{tag}.bytes"] = [r.nbytes for r in records]
+        out[f"layout.{tag}.counts_bytes"] = [r.nbytes for r in runs[0][1]]
+    out["layout.fp32.expected_dispatch_bytes"] = (mesh.ep - 1) * 6 * (4 * C + 4 * 2)
+    out["layout.fp8.expected_dispatch_bytes"] = (mesh.ep - 1) * 6 * (C + 4 * math.ceil(C / 128) + 4 * 2)
+    _, moe = build_pair(mesh, moe_cfg(), torch.float32)
+    moe.dispatcher.layout, moe.dispatcher.capacity = "padded", 3
+    try:
+        moe(torch.randn(1, 4, C))
+        out["layout.over_capacity"] = None
+    except ValueError as e:
+        out["layout.over_capacity"] = str(e)
+    return out
+
+
 def trace_checks(mesh) -> dict:
     """One layer forward+backward records counts, dispatch, combine and both backward exchanges, with the bytes this
     rank sends to / receives from its peer (fp32 rows; FP8 rows are C bytes + one fp32 scale per 128 channels)."""
@@ -266,6 +306,7 @@ def two_rank_checks(rank: int) -> dict:
     out.update(layer_checks(mesh, "empty_rank", moe_cfg(), torch.float32, tokens=(8, 0)))
     out.update(layer_checks(mesh, "fp8", moe_cfg(), torch.float32, tokens=(6, 5), fp8=True))
     out.update(async_checks(mesh))
+    out.update(layout_checks(mesh))
     out.update(trace_checks(mesh))
     out.update(link_checks(mesh))
     out.update(model_checks(mesh))
@@ -327,6 +368,24 @@ def test_imbalanced_routings_leave_experts_without_tokens():
 def test_async_dispatch_combine_equals_blocking():
     for res in two_rank_results():
         assert res["async.max_abs_diff"] == 0.0
+
+
+@pytest.mark.parametrize("tag", ["fp32", "fp8", "empty"])
+def test_padded_layout_equals_counts_layout(tag):
+    for res in two_rank_results():
+        assert res[f"layout.{tag}.tensors"] >= 2 + 4                 # y, dx, router, shared, 2 expert weights
+        assert res[f"layout.{tag}.max_abs_diff"] == 0.0
+        assert res[f"layout.{tag}.names"] == ["moe.dispatch", "moe.combine", "moe.combine.backward",
+                                              "moe.dispatch.backward"]
+        # the combine and both backward exchanges move exactly what the counts layout moves
+        assert res[f"layout.{tag}.bytes"][1:] == res[f"layout.{tag}.counts_bytes"][2:]
+        if tag != "empty":
+            assert res[f"layout.{tag}.bytes"][0] == res[f"layout.{tag}.expected_dispatch_bytes"]
+
+
+def test_padded_layout_refuses_more_tokens_than_its_capacity():
+    for res in two_rank_results():
+        assert res["layout.over_capacity"].startswith("dispatch: 4 tokens exceed the padded layout's capacity of 3")
 
 
 @pytest.mark.parametrize("tag", ["fp32", "fp8"])

@@ -10,7 +10,8 @@ data-parallel ranks) runs every distributed check; each rank returns numbers tha
   expert all-to-alls blocking inside autograd: float64 within 1e-12, fp32 within 1e-6 relative, recomputation on
   and off, with a balance loss and an MTP depth; and bitwise, forward values and gradients alike;
 - within the pair the exchanges really alternate (a forward exchange starts between two backward ones);
-- DualPipe with overlap, and DualPipeV with overlap and recomputation, through PipelineStep equal the
+- the same with the padded dispatch layout (no count exchange), against the plain run with the counts layout;
+- DualPipe with overlap (either dispatch layout), and DualPipeV with overlap and recomputation, through PipelineStep equal the
   single-process float64 reference: mean loss within 1e-12, every gradient within 1e-10 (expert gradients: the
   slice of the experts a rank holds).
 """
@@ -48,7 +49,7 @@ def build(cfg, dtype, mesh=None):
     torch.manual_seed(0)
     model = build_model(cfg.model).to(dtype)
     if mesh is not None:
-        apply_expert_parallel(model, mesh)
+        apply_expert_parallel(model, mesh, layout=cfg.parallel.comm.dispatch)
     return model
 
 
@@ -117,14 +118,17 @@ def fb_checks(mesh) -> dict:
     data = tuple(torch.randint(0, 300, (2, 8), generator=g) for _ in range(4))
     out = {"err": {}, "bitwise_forward": {}, "interleaved": {}, "all_grads_bitwise": {}}
     # float64 with the per-expert loop, fp32 with the grouped GEMM (recomputed under a checkpoint policy)
-    for dtype, impl, recomputes in ((torch.float64, "loop", (False, True)), (torch.float32, "grouped", (True,))):
-        cfg = compose_cfg(*tiny_overrides(**{"model.expert_impl": impl, "model.seq_aux_loss_alpha": 0.01,
-                                             "model.num_nextn_predict_layers": 1}))
+    # the padded dispatch layout (no count exchange) against the same plain reference with the counts layout
+    for dtype, impl, variants in ((torch.float64, "loop", ((False, "counts"), (True, "counts"))),
+                                  (torch.float32, "grouped", ((True, "counts"), (False, "padded")))):
+        over = {"model.expert_impl": impl, "model.seq_aux_loss_alpha": 0.01, "model.num_nextn_predict_layers": 1}
+        cfg = compose_cfg(*tiny_overrides(**over))
         for pairing in (0, 1):
             ref = fb_pair(cfg, dtype, mesh, "plain", False, pairing, data)
-            for recompute in recomputes:
-                got = fb_pair(cfg, dtype, mesh, "fb", recompute, pairing, data)
-                key = f"{dtype}/{pairing}/rc={recompute}"
+            for recompute, layout in variants:
+                got = fb_pair(compose_cfg(*tiny_overrides(**over, **{"parallel.comm.dispatch": layout})), dtype,
+                              mesh, "fb", recompute, pairing, data)
+                key = f"{dtype}/{pairing}/rc={recompute}/{layout}"
                 assert got["grads"].keys() == ref["grads"].keys(), key
                 out["err"][key] = max([rel(got["grads"][n], ref["grads"][n]) for n in ref["grads"]]
                                       + [rel(got["out"], ref["out"]), rel(got["loss_b"], ref["loss_b"])])
@@ -157,9 +161,10 @@ def dualpipe_checks(mesh) -> dict:
     ref_loss, ref = reference_grads(compose_cfg(*common), None, world)
     out = {}
     # DualPipe (2 parts of 2 layers, each on both ranks) and DualPipeV (4 parts of 1 layer, a V over the 2 ranks)
-    for label, schedule, recompute in (("dualpipe, overlap", "dualpipe", False),
-                                       ("dualpipev, overlap + recompute", "dualpipev", True)):
-        cfg = compose_cfg(*common, f"parallel.schedule={schedule}")
+    for label, schedule, recompute, layout in (("dualpipe, overlap", "dualpipe", False, "counts"),
+                                               ("dualpipe, overlap, padded dispatch", "dualpipe", False, "padded"),
+                                               ("dualpipev, overlap + recompute", "dualpipev", True, "counts")):
+        cfg = compose_cfg(*common, f"parallel.schedule={schedule}", f"parallel.comm.dispatch={layout}")
         local = local_expert_range(cfg.model.n_routed_experts, mesh.ep, mesh.ep_rank)
         model = build(cfg, torch.float64, mesh)
         step = PipelineStep(model, mesh, cfg)
