@@ -331,8 +331,8 @@ def main(argv=None) -> str:
     OUT.mkdir(exist_ok=True)
     png, png_off = OUT / "overlap_timeline.png", OUT / "overlap_timeline_no_overlap.png"
     link = f"latency {a.latency_us:g} us + bytes / {a.gbps:g} Gb/s per exchange"
-    for name, path, title in ((ON, png, "DualPipe with F&B overlap, padded dispatch (grey: expert exchanges)"),
-                              (OFF, png_off, "DualPipe without overlap, padded dispatch (grey: expert exchanges)")):
+    for name, path, title in ((ON, png, "DualPipe, overlap, padded dispatch (grey: exchanges)"),
+                              (OFF, png_off, "DualPipe, no overlap, padded dispatch (grey: exchanges)")):
         if name in per_rank[0]["lines"]:
             draw(per_rank, name, path, title)
     tokens = a.micro * a.seq

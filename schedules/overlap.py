@@ -38,6 +38,7 @@ of their own instead of blocking the host, which on a GPU would also stop it fro
 When a schedule already defers weight gradients to W actions (WeightGradStore enabled), they stay there.
 
 Every expert-parallel peer runs the same action list, so the exchanges are issued in the same order everywhere.
+The multi-token prediction depths of the last part hold MoE blocks too; `final_steps` cuts them the same way.
 
 Outside an F&B pair (a plain F, then B or BW), the cut pieces are stitched back together (`_Stitch`): the executor
 back-propagates the chunk's outputs as usual and the pieces run one after the other.
@@ -150,6 +151,16 @@ class Tape:
             return t
         leaf = t.detach().requires_grad_()
         self.open.cuts.append((t, leaf))
+        return leaf
+
+    def carry(self, t: torch.Tensor, made_in: _Segment) -> torch.Tensor:
+        """`t`, made while segment `made_in` was open, for use in the open segment: itself if that is the same
+        segment, else a leaf cut from `made_in` (a segment's graph must not reach into an earlier one's, each
+        back-propagates alone)."""
+        if made_in is self.open or not t.requires_grad:
+            return t
+        leaf = t.detach().requires_grad_()
+        made_in.cuts.append((t, leaf))
         return leaf
 
     def seed(self, loss: torch.Tensor, scale: float) -> None:
@@ -391,6 +402,44 @@ def moe_block_steps(block: nn.Module, h: torch.Tensor, tape: Tape, recompute: bo
     return h1 + y.view(x.shape)
 
 
+def block_steps(layer: nn.Module, h: torch.Tensor, tape: Tape, recompute: bool, scale: float, losses: list) -> Steps:
+    """layer(h) as steps: an MoE block cut at its exchanges, any other block in one piece."""
+    if _is_v3_block(layer) and _is_moe(layer.mlp):
+        return (yield from moe_block_steps(layer, h, tape, recompute, scale, losses))
+    return dense_block(layer, h, recompute)
+
+
+def final_steps(model: nn.Module, h: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor, tape: Tape,
+                recompute: bool, scale: float) -> Steps:
+    """model.final(h, input_ids, labels) as steps, so that the MoE blocks of the multi-token prediction depths
+    exchange their tokens under the other chunk too; the same loss value, gradients and metrics as final()
+    (deepseek_v3/model.py), each depth's balance loss seeded on its own segment like the blocks'."""
+    depths = getattr(model, "mtp", ())
+    if not len(depths):
+        return model.final(h, input_ids, labels)
+    from framework.models.deepseek_v3.mtp import depth_inputs, token_loss
+
+    # each head's loss is made where its input is, and read by the last segment through Tape.carry
+    h_k, balance = model.norm(h), []
+    losses = [(token_loss(model.lm_head(h_k), labels), tape.open)]
+    for k, depth in enumerate(depths, start=1):
+        ids_k, target_k = depth_inputs(input_ids, labels, k)
+        x = depth.project(h_k, model.embed_tokens(ids_k))                      # [B, T, C]
+        h_k = depth.shared_head.norm((yield from block_steps(depth.block, x, tape, recompute, scale, balance)))
+        losses.append((token_loss(model.lm_head(h_k), target_k), tape.open))
+    main, *mtp_losses = [tape.carry(loss, made_in) for loss, made_in in losses]
+    mtp = torch.stack(mtp_losses).mean()                                       # 1/D sum_k L_k
+    loss, metrics = main + model.mtp_lambda * mtp, {"loss/main": main.detach(), "loss/mtp": mtp.detach()}
+    if balance:
+        total = balance[0]
+        for aux in balance[1:]:
+            total = total + aux
+        loss = loss + total              # the value only: each balance loss back-propagates from its own segment
+        metrics["loss/balance"] = total
+    metrics["loss/total"] = loss.detach()
+    return loss, metrics
+
+
 def part_steps(part: nn.Module, x: torch.Tensor, input_ids: Optional[torch.Tensor] = None,
                labels: Optional[torch.Tensor] = None, recompute: bool = False) -> Steps:
     """A pipeline part's forward (schedules/stage.py ModelPart, training) as steps; returns its outputs, stitched.
@@ -402,13 +451,10 @@ def part_steps(part: nn.Module, x: torch.Tensor, input_ids: Optional[torch.Tenso
     tape, losses = Tape(), []
     h = model.embed_tokens(x) if part.first else x
     for layer in part.layers:
-        if _is_v3_block(layer) and _is_moe(layer.mlp):
-            h = yield from moe_block_steps(layer, h, tape, recompute, part.loss_scale, losses)
-        else:
-            h = dense_block(layer, h, recompute)
+        h = yield from block_steps(layer, h, tape, recompute, part.loss_scale, losses)
     if not part.last:
         return tape.finish([h])[0]
-    loss, metrics = model.final(h, input_ids, labels)
+    loss, metrics = yield from final_steps(model, h, input_ids, labels, tape, recompute, part.loss_scale)
     if losses:
         total = losses[0]
         for aux in losses[1:]:

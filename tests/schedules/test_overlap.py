@@ -116,7 +116,7 @@ def interleaved(order: list[str]) -> bool:
 def fb_checks(mesh) -> dict:
     g = torch.Generator().manual_seed(100 + mesh.rank)  # every ep rank has its own tokens
     data = tuple(torch.randint(0, 300, (2, 8), generator=g) for _ in range(4))
-    out = {"err": {}, "bitwise_forward": {}, "interleaved": {}, "all_grads_bitwise": {}}
+    out = {"err": {}, "bitwise_forward": {}, "interleaved": {}, "not_bitwise": {}}
     # float64 with the per-expert loop, fp32 with the grouped GEMM (recomputed under a checkpoint policy)
     # the padded dispatch layout (no count exchange) against the same plain reference with the counts layout
     for dtype, impl, variants in ((torch.float64, "loop", ((False, "counts"), (True, "counts"))),
@@ -135,7 +135,7 @@ def fb_checks(mesh) -> dict:
                 out["bitwise_forward"][key] = (torch.equal(got["out"], ref["out"])
                                                and torch.equal(got["loss_b"], ref["loss_b"])
                                                and got["metrics"] == ref["metrics"])
-                out["all_grads_bitwise"][key] = all(torch.equal(got["grads"][n], ref["grads"][n]) for n in ref["grads"])
+                out["not_bitwise"][key] = [n for n in ref["grads"] if not torch.equal(got["grads"][n], ref["grads"][n])]
                 out["interleaved"][key] = interleaved(got["order"])
             out["interleaved"][f"{dtype}/{pairing}/plain"] = interleaved(ref["order"])
     return out
@@ -206,8 +206,11 @@ def test_fb_pair_equals_forward_then_backward():
             tol = TOL[torch.float64 if key.startswith("torch.float64") else torch.float32]
             assert err <= tol, (rank, key, err)
             assert res["fb"]["bitwise_forward"][key], (rank, key, "forward values must be bitwise equal")
-            # cutting at the exchanges keeps autograd's accumulation order here: gradients are bitwise too
-            assert res["fb"]["all_grads_bitwise"][key], (rank, key)
+            # cutting at the exchanges keeps autograd's accumulation order: gradients are bitwise too, but for the
+            # output head shared by the main and the MTP losses when the loss part runs forward in the pair
+            # (pairing 1): its two uses land in different segments, so its gradient is summed in another order
+            allowed = ["lm_head.weight"] if "/1/" in key else []
+            assert res["fb"]["not_bitwise"][key] in ([], allowed), (rank, key, res["fb"]["not_bitwise"][key])
 
 
 def test_fb_pair_interleaves_exchanges():
@@ -244,8 +247,8 @@ class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
 def test_recompute_matches_plain(dtype, impl):
     """ep=1: the parts run as sub-stages only because of recomputation. Losses and gradients equal the plain parts'
     bitwise (the same operations, recomputed), also with weight gradients deferred to W; the backward recomputes
-    exactly the block norms (one rsqrt each, 2 per block) and the SwiGLU products (one silu per dense FFN, shared
-    expert and routed-expert GEMM group), and the plain backward recomputes nothing."""
+    exactly the block norms (one rsqrt each, 2 per block, the MTP depth's included) and the SwiGLU products (one silu
+    per dense FFN, shared expert and routed-expert GEMM group), and the plain backward recomputes nothing."""
     from schedules.stage import split_model
     from schedules.weight_grad import WeightGradStore, enable_weight_grad_split
 
@@ -275,7 +278,8 @@ def test_recompute_matches_plain(dtype, impl):
             f()
         return loss.detach(), grads_of(model), ops.counts
 
-    L, E = cfg.model.num_hidden_layers, cfg.model.n_routed_experts
+    # the multi-token prediction depth's MoE block runs as sub-stages too (schedules/overlap.py final_steps)
+    L, E = cfg.model.num_hidden_layers + cfg.model.num_nextn_predict_layers, cfg.model.n_routed_experts
     n_moe = L - cfg.model.first_k_dense_replace
     groups = 1 if impl == "grouped" else E                # the loop runs silu once per expert (empty ones too)
     ref_loss, ref, ref_ops = run(False, False)

@@ -48,10 +48,13 @@ class MTPLayer(nn.Module):
         self.block = block
         self.shared_head = SharedHead(C, eps)
 
+    def project(self, h_prev: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """h_prev, emb [B, T, C] -> h' [B, T, C], the block's input (V3 eq. 21)."""
+        return self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(h_prev)), dim=-1))
+
     def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, start_pos: int = 0, cache=None) -> torch.Tensor:
         """h_prev, emb [B, T, C] -> h^k [B, T, C], normalized (the input of lm_head and of depth k+1)."""
-        h = self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(h_prev)), dim=-1))
-        return self.shared_head.norm(self.block(h, start_pos, cache))
+        return self.shared_head.norm(self.block(self.project(h_prev, emb), start_pos, cache))
 
 
 def depth_inputs(input_ids: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
