@@ -379,6 +379,15 @@ def main(argv=None) -> str:
                          f"{pct(cnt['fb_all_wait'], cnt['fb_all_comm'])} | "
                          f"{pct(pad['fb_all_ownwait'], pad['fb_all_own'])} | {ms(pad, 'step_all_comm')} | "
                          f"{ms(pad, 'step_all_wait')} / {ms(pad, 'step_all_late')} |")
+    if sweep:
+        def spread(latency, name):
+            vals = [100 * (1 - by[name]["fb_all_wait"] / by[name]["fb_all_comm"]) for lat, _, srows in sweep
+                    if lat == latency for by in [{r["name"]: r for r in srows}]]
+            return f"{min(vals):.0f}-{max(vals):.0f}%"
+        table += ["", "Reading: hidden fraction in the steady state over the spawns above, DualPipe with overlap, "
+                  "padded / counts dispatch: " + "; ".join(
+                      f"{lat:g} us: {spread(lat, SWEEP[0])} / {spread(lat, SWEEP[1])}"
+                      for lat in sorted({lat for lat, _, _ in sweep})) + "."]
     notes = ("\n\nHidden = 1 - exposed / exchange time (start to completion), summed over ranks and measured steps; "
              "exposed = the time the caller sat in wait() while the exchange was in progress (a wait also holds the "
              "thread's wake-up delay after completion, which on this shared machine is not communication). Steady "
