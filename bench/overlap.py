@@ -8,7 +8,9 @@ DeepSeek-V3 (conf/model/deepseek_v3_tiny.yaml with 5 layers, MTP off), fp32, one
 exchange goes through an emulated interconnect (parallel/comm.py EmulatedLink: it completes no earlier than latency +
 bytes / bandwidth after its start, the delay lying on the communication side), set so that one all-to-all lasts
 about as long as a compute piece of a chunk (1 ms + 1 Gb/s: ~1.5 ms per exchange, against 1-4 ms per turn); on 2
-cores shared by 4 processes gloo alone moves the rows through memory and there is little to hide.
+cores shared by 4 processes gloo alone moves the rows through memory and there is little to hide. Each process is
+pinned to one core (--no-pin to leave placement to the OS), ranks that exchange data on different cores, so that
+a rank waiting for its peer waits for one that is running rather than for a scheduler time slice.
 
 Variants, measured in interleaved rounds (one step of each per round) so that machine load drifts over all alike:
   ours DualPipe / DualPipeV, overlap     parallel.overlap: the F&B actions interleave two chunks (schedules/overlap.py)
