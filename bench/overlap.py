@@ -187,7 +187,7 @@ def exchange_stats(records, posted: list[float], t0: float, spans) -> dict:
         wait = (r.wait_start, r.wait_start + r.waited) if r.waited > 0 else (r.start, r.start)
         values = {"comm": r.duration, "wait": _overlap(*wait, r.start, r.end),
                   "late": _overlap(*wait, r.start, both), "own": max(0.0, r.end - max(r.start, both)),
-                  "ownwait": _overlap(*wait, max(r.start, both), r.end)}
+                  "ownwait": _overlap(*wait, max(r.start, both), r.end), "rawwait": r.waited}
         kinds = ["all"] + ([] if r.name.endswith(".counts") else ["payload"]) + [exchange_kind(r.name)]
         scopes = ["step"] + (["fb"] if any(s <= start <= e for s, e in fb) else [])
         for scope in scopes:
@@ -255,7 +255,7 @@ def _worker(rank: int, port: int, a, outdir: str) -> None:
         dist.all_reduce(steps_max, op=dist.ReduceOp.MAX)               # a step ends when the slowest rank ends
         median_step.append(int((steps_max - steps_max.median()).abs().argmin()))
         keys = [f"{scope}_{kind}_{x}" for scope in ("step", "fb") for kind in ("all", "payload", *KINDS)
-                for x in ("comm", "wait", "late", "own", "ownwait")]
+                for x in ("comm", "wait", "late", "own", "ownwait", "rawwait")]
         sums = torch.tensor([sum(s.get(k, 0.0) for s in stats[v]) for k in keys], dtype=torch.float64)
         dist.all_reduce(sums)                                            # over steps and ranks
         rows.append(dict(name=name, step_s=float(steps_max.median()), steps=[float(x) for x in steps_max],
@@ -389,7 +389,10 @@ def main(argv=None) -> str:
         table += ["", "Reading: hidden fraction in the steady state over the spawns above, DualPipe with overlap, "
                   "padded / counts dispatch: " + "; ".join(
                       f"{lat:g} us: {spread(lat, SWEEP[0])} / {spread(lat, SWEEP[1])}"
-                      for lat in sorted({lat for lat, _, _ in sweep})) + "."]
+                      for lat in sorted({lat for lat, _, _ in sweep})) + ". Counting every second spent in wait(), "
+                  "the wake-up delay after completion included, the run above gives " + ", ".join(
+                      f"{r['name']} {pct(r['fb_all_rawwait'], r['fb_all_comm'])}" for r in rows
+                      if r["name"] in SWEEP[:2]) + "."]
     notes = ("\n\nHidden = 1 - exposed / exchange time (start to completion), summed over ranks and measured steps; "
              "exposed = the time the caller sat in wait() while the exchange was in progress (a wait also holds the "
              "thread's wake-up delay after completion, which on this shared machine is not communication). Steady "
