@@ -9,8 +9,8 @@ exchange goes through an emulated interconnect (parallel/comm.py EmulatedLink: i
 bytes / bandwidth after its start, the delay lying on the communication side), set so that one all-to-all lasts
 about as long as a compute piece of a chunk (1 ms + 1 Gb/s: ~1.5 ms per exchange, against 1-4 ms per turn); on 2
 cores shared by 4 processes gloo alone moves the rows through memory and there is little to hide. Each process is
-pinned to one core (--no-pin to leave placement to the OS), ranks that exchange data on different cores, so that
-a rank waiting for its peer waits for one that is running rather than for a scheduler time slice.
+pinned to one core (--no-pin to leave placement to the OS), ranks that exchange data on different cores: a peer is
+then descheduled only while a rank it never talks to runs, not while its own partner does.
 
 Variants, measured in interleaved rounds (one step of each per round) so that machine load drifts over all alike:
   ours DualPipe / DualPipeV, overlap     parallel.overlap: the F&B actions interleave two chunks (schedules/overlap.py)
@@ -198,7 +198,8 @@ def exchange_stats(records, posted: list[float], t0: float, spans) -> dict:
 
 
 def posted_times(records, group) -> list[float]:
-    """For each exchange of this rank, when the last rank of the expert-parallel group started it."""
+    """For each exchange of this rank, when the last rank of the expert-parallel group started it. Records are kept
+    in the order they were waited for, which is the same on every peer (the schedule is)."""
     import torch.distributed as dist
 
     mine = [(r.name, r.start) for r in records]
@@ -215,9 +216,10 @@ def _worker(rank: int, port: int, a, outdir: str) -> None:
     torch.set_num_threads(1)
     if a.pin and hasattr(os, "sched_setaffinity"):
         # ranks that exchange data on different cores: ep peers (same pipeline rank) and pipeline peers (same
-        # replica) never share one, so a rank waits only for a peer that is running
+        # replica) never share one, so a peer is descheduled only while a rank it never talks to runs
+        cores = sorted(os.sched_getaffinity(0))
         pp_rank, dp_rank = divmod(rank, 2)
-        os.sched_setaffinity(0, {(pp_rank + dp_rank) % os.cpu_count()})
+        os.sched_setaffinity(0, {cores[(pp_rank + dp_rank) % len(cores)]})
     import logging
 
     import torch.distributed as dist
@@ -324,9 +326,10 @@ def main(argv=None) -> str:
     rows = per_rank[0]["rows"]
     # machine noise differs more between spawns than between the steps of one: the DualPipe variants again, in
     # separate spawns, at the main latency and at the others
-    sweep = [(a.latency_us, 0, rows)] if set(SWEEP) <= {r["name"] for r in rows} else []
+    main_run = set(SWEEP) <= {r["name"] for r in rows}
+    sweep = [(a.latency_us, 0, rows)] if main_run else []
     for latency in sorted({a.latency_us, *a.sweep_latency_us}):
-        for spawn in range(1 if latency == a.latency_us else 0, a.repeats):
+        for spawn in range(1 if latency == a.latency_us and main_run else 0, a.repeats):
             b = argparse.Namespace(**{**vars(a), "latency_us": latency, "only": SWEEP})
             sweep.append((latency, spawn, measure(b)[0]["rows"]))
     sweep.sort(key=lambda x: x[:2])
@@ -338,8 +341,8 @@ def main(argv=None) -> str:
         if name in per_rank[0]["lines"]:
             draw(per_rank, name, path, title)
     tokens = a.micro * a.seq
-    pinned = ("each process pinned to one core, ranks that exchange data on different cores (ranks 0 and 3 share "
-              "core 0, ranks 1 and 2 core 1)" if a.pin else "processes not pinned")
+    pinned = ("each process pinned to one core, ranks that exchange data on different cores (core of rank r = "
+              "(pipeline rank + data-parallel rank) mod cores)" if a.pin else "processes not pinned")
     head = (f"4 processes (pp=2 x dp=2, ep=2), deepseek_v3_tiny with {LAYERS} layers (1 dense + {LAYERS - 1} MoE: hidden "
             f"128, 8 routed experts top-2 + 1 shared, MLA) and no MTP, cut {PARTS['dualpipe']} for DualPipe and "
             f"{PARTS['dualpipev']} for DualPipeV and torch (every part of an F&B pair holds as many MoE blocks as the "
@@ -372,7 +375,7 @@ def main(argv=None) -> str:
                   f"latency (same bandwidth, {a.steps} steps each; hidden fractions in the steady state):", "",
                   "| link latency (us) | spawn | step ms: padded, overlap | counts, overlap | padded, no overlap | "
                   "hidden: padded | hidden: counts | padded, once both peers had started | exchange ms per rank-step "
-                  "(padded) | exposed ms per rank-step (padded): all / a late peer |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "(padded) | exposed ms per rank-step (padded): all / a late peer |", "|---" * 10 + "|"]
         for latency, spawn, srows in sweep:
             by = {r["name"]: r for r in srows}
             pad, cnt, off = by[SWEEP[0]], by[SWEEP[1]], by[SWEEP[2]]

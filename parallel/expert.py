@@ -5,7 +5,7 @@ blocks: ep rank r holds experts [r*E/ep, (r+1)*E/ep). One MoE layer on one rank 
 
     route          x [N, C] -> topk_idx [N, K], topk_weight [N, K]
     permute        the N*K (token, choice) rows sorted by expert = by destination rank, then expert   [M_send, C]
-    counts         all_to_all of the [ep, E_local] token counts (tiny)  -- the one host sync, see below
+    counts         all_to_all of the [ep, E_local] token counts (tiny; "counts" layout)  -- a host sync, see below
     dispatch       all_to_all of the rows (optionally FP8, V3 §3.3)                                   [M_recv, C]
     regroup        received rows are in [source rank][local expert] order; experts want [local expert][source rank]
     experts        grouped GEMM over this rank's experts
@@ -24,7 +24,8 @@ Two layouts of the dispatch message (`layout`, parallel.comm.dispatch):
   kernels make the same CPU wait.
 - "padded": every rank sends each of its tokens ONCE to every ep rank, in a message of fixed size (`capacity` token
   slots, default: this call's N, which must then be the same on every rank of the group, as a training micro-batch
-  is), each token carrying its K expert choices; the receiver keeps the (token, choice) pairs of its own experts. No
+  is; unequal sizes make the exchange fail), each token carrying its K expert choices; the receiver keeps the
+  (token, choice) pairs of its own experts (in effect an all-gather, kept an all_to_all for the link model). No
   count exchange, so no wait on the peers before the tokens leave, and one exchange fewer on the critical path of
   a MoE block; the price is (ep-1)*capacity rows sent per rank instead of the routed rows (about the same at ep=2,
   top-2; ep/K times more at large ep: DeepEP's low-latency mode makes the same trade for small batches). Nothing is
@@ -79,23 +80,34 @@ class _Route:
                       self.recorder, self.stream)
 
 
+def _fp8_rows(x: torch.Tensor, pow2: bool) -> torch.Tensor:
+    """FP8 payload rows (V3 §3.3): 1x128 tiles, one uint8 row = C e4m3 bytes + G fp32 scales. [M, C] -> [M, C + 4G]"""
+    C, G = x.shape[1], math.ceil(x.shape[1] / 128)
+    if x.shape[0] == 0:  # nothing to quantize (and an empty scale tensor cannot be viewed as bytes)
+        return torch.empty(0, C + 4 * G, dtype=torch.uint8, device=x.device)
+    q, scale = quantize_act(x.detach(), pow2=pow2)                            # [M, C] e4m3, [M, G] fp32
+    return torch.cat([q.view(torch.uint8), scale.view(torch.uint8)], dim=1)
+
+
+def _from_fp8_rows(rows: torch.Tensor, C: int, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of _fp8_rows, dequantized to dtype: [M, C + 4G] -> [M, C]."""
+    rq = rows[:, :C].contiguous().view(torch.float8_e4m3fn)
+    rs = rows[:, C:].contiguous().view(torch.float32)
+    return dequantize_act(rq, rs, dtype=dtype)
+
+
 def _start(x: torch.Tensor, route: _Route, out: torch.Tensor) -> comm.Exchange:
     """Start moving the rows of x [sum(in_splits), C] along `route` into out [sum(out_splits), C]."""
     if not route.fp8:
         return comm.all_to_all(out, x.contiguous(), route.out_splits, route.in_splits, route.group, route.name,
                                route.link, route.recorder, route.stream)
-    # FP8 payload (V3 §3.3): 1x128 tiles with power-of-two scales, one uint8 row = C e4m3 bytes + G fp32 scales
     C = x.shape[1]
-    q, scale = quantize_act(x.detach(), pow2=route.pow2)                       # [M, C] e4m3, [M, G] fp32
-    G = scale.shape[1]
-    payload = torch.cat([q.view(torch.uint8), scale.view(torch.uint8)], dim=1)  # [M, C + 4G]
-    received = payload.new_empty(sum(route.out_splits), C + 4 * G)
+    payload = _fp8_rows(x, route.pow2)                                         # [M, C + 4G]
+    received = payload.new_empty(sum(route.out_splits), payload.shape[1])
 
     def unpack():
-        rq = received[:, :C].contiguous().view(torch.float8_e4m3fn)
-        rs = received[:, C:].contiguous().view(torch.float32)
         with torch.no_grad():
-            out.detach().copy_(dequantize_act(rq, rs, dtype=out.dtype))
+            out.detach().copy_(_from_fp8_rows(received, C, out.dtype))
         return out
 
     return comm.all_to_all(received, payload, route.out_splits, route.in_splits, route.group, route.name,
@@ -209,7 +221,7 @@ class ExpertParallelDispatcher(Dispatcher):
                  capacity: Optional[int] = None):
         if layout not in LAYOUTS:
             raise ValueError(f"parallel.comm.dispatch={layout!r}: must be one of {', '.join(LAYOUTS)}")
-        if capacity is not None and (not isinstance(capacity, int) or capacity < 0):
+        if capacity is not None and (not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 0):
             raise ValueError(f"capacity={capacity!r}: must be an int >= 0 (token slots per rank) or None")
         self.layout, self.capacity = layout, capacity
         self.group = ep_group
@@ -286,7 +298,8 @@ class ExpertParallelDispatcher(Dispatcher):
 
         def regroup():
             # [source][local expert] -> [local expert][source]: a stable sort on the local expert id of each row
-            expert_of_row = torch.arange(E_local, device=x_send.device).repeat(ep).repeat_interleave(recv_counts.reshape(-1))
+            expert_of_row = (torch.arange(E_local, device=x_send.device).repeat(ep)
+                             .repeat_interleave(recv_counts.reshape(-1)))
             by_expert = torch.argsort(expert_of_row, stable=True)               # [M_recv]
             unsort = torch.empty_like(by_expert)
             unsort[by_expert] = torch.arange(by_expert.numel(), device=x_send.device)
@@ -303,18 +316,13 @@ class ExpertParallelDispatcher(Dispatcher):
         ep, E_local, C = self.ep, self.n_local, x.shape[1]
         cap = N if self.capacity is None else self.capacity
         if N > cap:
+            # raised on this rank only: its peers are left waiting in the exchange, as with any failed collective
             raise ValueError(f"dispatch: {N} tokens exceed the padded layout's capacity of {cap} per rank")
-        send_splits = send_counts.view(ep, E_local).sum(dim=1).tolist()       # host: local counts only
         # one message row per token slot: its activations (or FP8 tiles + scales), then its K choices (-1: empty)
         choices = topk_idx.new_full((cap, K), -1, dtype=torch.int32)
         choices[:N] = topk_idx
-        values = x.detach()
-        if self.fp8:
-            q, scale = quantize_act(values, pow2=self.pow2)                    # [N, C] e4m3, [N, G] fp32
-            parts = [q.view(torch.uint8), scale.view(torch.uint8)]
-        else:
-            parts = [values.contiguous().view(torch.uint8)]
-        message = torch.cat(parts, dim=1)                                      # [N, bytes of a token]
+        message = (_fp8_rows(x, self.pow2) if self.fp8
+                   else x.detach().contiguous().view(torch.uint8))             # [N, bytes of a token]
         message = torch.cat([message, message.new_zeros(cap - N, message.shape[1])]) if cap > N else message
         message = torch.cat([message, choices.view(torch.uint8)], dim=1)      # [cap, B]
         received = torch.empty(ep * cap, message.shape[1], dtype=torch.uint8, device=x.device)
@@ -322,27 +330,24 @@ class ExpertParallelDispatcher(Dispatcher):
                                    f"{self.name}.dispatch", self.link, self.recorder, self.stream)
 
         def select():
-            got = received[:, message.shape[1] - 4 * K:].contiguous().view(torch.int32)   # [ep*cap, K]
-            if self.fp8:
-                G = scale.shape[1]
-                rq = received[:, :C].contiguous().view(torch.float8_e4m3fn)
-                rs = received[:, C:C + 4 * G].contiguous().view(torch.float32)
-                x_all = dequantize_act(rq, rs, dtype=x.dtype)                  # [ep*cap, C]
-            else:
-                x_all = received[:, :C * x.element_size()].contiguous().view(x.dtype)
+            got = received[:, -4 * K:].contiguous().view(torch.int32)         # [ep*cap, K]
             lo = self.ep_rank * E_local
             mine = (got >= lo) & (got < lo + E_local)                         # [ep*cap, K]
             slot = mine.nonzero()[:, 0]                                        # [M_recv], source-major
             expert = got[mine].long() - lo                                     # [M_recv] local expert of each row
             by_expert = torch.argsort(expert, stable=True)                     # -> [local expert][source][token]
             gather = slot.index_select(0, by_expert)
+            rows = received[:, :-4 * K].index_select(0, gather)                # [M_recv, B - 4K] the rows kept
+            values = (_from_fp8_rows(rows, C, x.dtype) if self.fp8
+                      else rows.contiguous().view(x.dtype))                    # [M_recv, C]
             # [source][expert] order, as combine sends home: a stable sort of the expert-ordered rows by source
             unsort = torch.argsort(gather // cap, stable=True)
+            # the host reads split sizes here, once the tokens are on their way (local counts only)
+            send_splits = send_counts.view(ep, E_local).sum(dim=1).tolist()
             recv_splits = mine.view(ep, cap * K).sum(dim=1).tolist()
             tokens_per_expert = torch.bincount(expert, minlength=E_local)      # [E_local]
             ctx = DispatchContext(token, weight, N, send_splits, recv_splits, unsort)
-            x_sorted = _PaddedRows.apply(x, [x_all.index_select(0, gather)], ctx, self)   # [M_recv, C]
-            return x_sorted, tokens_per_expert, ctx
+            return _PaddedRows.apply(x, [values], ctx, self), tokens_per_expert, ctx   # [M_recv, C]
 
         return Pending(exchange, select)
 
@@ -435,9 +440,9 @@ def apply_expert_parallel(model: nn.Module, mesh, cfg=None, fp8_dispatch: Option
     Each MoE keeps only this rank's experts, copied from the full (or larger) Experts module it had, so a model built
     with the same seed on every rank holds exactly the experts of the single-process model; the layer gets an
     ExpertParallelDispatcher. Expert parameters are marked (p._duet_expert). cfg (the full Config, optional) supplies
-    fp8.dispatch, parallel.comm.emulate_link and parallel.comm.dispatch (the layout); explicit arguments win. The dispatch payload always uses
-    power-of-two scales, as V3 §3.3 does (fp8.pow2_scales is about the GEMMs). With ep == 1 the experts are only
-    marked.
+    fp8.dispatch, parallel.comm.emulate_link and parallel.comm.dispatch (the layout); explicit arguments win. The
+    dispatch payload always uses power-of-two scales, as V3 §3.3 does (fp8.pow2_scales is about the GEMMs). With
+    ep == 1 the experts are only marked.
     """
     pow2 = True
     if cfg is not None:

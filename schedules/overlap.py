@@ -355,8 +355,8 @@ def moe_block_steps(block: nn.Module, h: torch.Tensor, tape: Tape, recompute: bo
         exchange = comm.all_to_all(g_send, g_recv, ctx.send_splits, ctx.recv_splits, dispatcher.group,
                                    f"{dispatcher.name}.dispatch.backward", dispatcher.link, dispatcher.recorder,
                                    dispatcher.stream)
-        # the weight gradients held back so far (V3 Figure 4's ATTN(W)) travel with this exchange: without them
-        # only the other chunk's routed experts would run under it
+        # the weight gradients held back so far (V3 Figure 4's ATTN(W)) run under this exchange: without them only
+        # the other chunk's routed experts would
         tape.run_deferred_w()
         yield f"{dispatcher.name}.dispatch.backward"
         exchange.wait()
@@ -412,8 +412,10 @@ def block_steps(layer: nn.Module, h: torch.Tensor, tape: Tape, recompute: bool, 
 def final_steps(model: nn.Module, h: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor, tape: Tape,
                 recompute: bool, scale: float) -> Steps:
     """model.final(h, input_ids, labels) as steps, so that the MoE blocks of the multi-token prediction depths
-    exchange their tokens under the other chunk too; the same loss value, gradients and metrics as final()
-    (deepseek_v3/model.py), each depth's balance loss seeded on its own segment like the blocks'."""
+    exchange their tokens under the other chunk too; the same loss value and metrics as final() (deepseek_v3/
+    model.py), and the same gradients but for the output head's (shared by the main and the MTP losses, its uses
+    land in different segments and are summed in another order); each depth's balance loss is seeded on its own
+    segment like the blocks'."""
     depths = getattr(model, "mtp", ())
     if not len(depths):
         return model.final(h, input_ids, labels)

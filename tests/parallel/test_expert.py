@@ -138,34 +138,44 @@ def async_checks(mesh) -> dict:
 
 def layout_checks(mesh) -> dict:
     """The padded layout (fixed-size dispatch, no count exchange) == the counts layout, bit for bit: outputs, token,
-    routing-weight and expert gradients, in fp32 and with an FP8 payload; with unequal token counts per rank (padded
-    up to a capacity) and a rank without tokens. Its trace: no counts, a dispatch of (ep-1) * capacity slots of
-    (row + K int32 choices), and the same routed rows as the counts layout on the way back."""
+    routing-weight and expert gradients, in fp32, bf16 and with an FP8 payload, top-2 and top-1; with unequal token
+    counts per rank (padded up to a capacity) and a rank without tokens. Its trace: no counts, a dispatch of
+    (ep-1) * capacity slots of (row + K int32 choices), and the same routed rows as the counts layout on the way
+    back."""
     from parallel import comm
 
     out = {}
-    for tag, fp8, tokens in (("fp32", False, (6, 5)), ("fp8", True, (6, 5)), ("empty", False, (8, 0))):
+    top1 = dict(num_experts_per_tok=1, norm_topk_prob=False)
+    for tag, cfg, dtype, fp8, tokens in (("fp32", moe_cfg(), torch.float32, False, (6, 5)),
+                                         ("fp8", moe_cfg(), torch.float32, True, (6, 5)),
+                                         ("bf16", moe_cfg(expert_impl="loop"), torch.bfloat16, False, (6, 5)),
+                                         ("top1", moe_cfg(**top1), torch.float32, False, (6, 5)),
+                                         ("empty", moe_cfg(), torch.float32, False, (8, 0)),
+                                         ("fp8_empty", moe_cfg(), torch.float32, True, (0, 8))):
         runs = []
         for layout in ("counts", "padded"):
-            _, moe = build_pair(mesh, moe_cfg(), torch.float32, fp8=fp8)
+            _, moe = build_pair(mesh, cfg, dtype, fp8=fp8)
             d = moe.dispatcher
             d.layout, d.capacity = layout, max(tokens)
             d.recorder = comm.CommRecorder()
             g = torch.Generator().manual_seed(21 + mesh.ep_rank)
-            x = torch.randn(1, tokens[mesh.ep_rank], C, generator=g).requires_grad_()
+            x = torch.randn(1, tokens[mesh.ep_rank], C, generator=g).to(dtype).requires_grad_()
             y = moe(x)
-            (y * torch.randn(y.shape, generator=g)).sum().backward()
+            (y * torch.randn(y.shape, generator=g).to(dtype)).sum().backward()
             grads = [p.grad.clone() for p in moe.parameters() if p.grad is not None]
             runs.append(([y.detach(), x.grad] + grads, d.recorder.records))
         (a, _), (b, records) = runs
         out[f"layout.{tag}.tensors"] = len(a)
         out[f"layout.{tag}.max_abs_diff"] = max(float((u - v).abs().max()) if u.numel() else 0.0
                                                 for u, v in zip(a, b))
+        out[f"layout.{tag}.same_dtypes"] = a[0].dtype == dtype and all(u.dtype == v.dtype for u, v in zip(a, b))
         out[f"layout.{tag}.names"] = [r.name for r in records]
         out[f"layout.{tag}.bytes"] = [r.nbytes for r in records]
         out[f"layout.{tag}.counts_bytes"] = [r.nbytes for r in runs[0][1]]
     out["layout.fp32.expected_dispatch_bytes"] = (mesh.ep - 1) * 6 * (4 * C + 4 * 2)
     out["layout.fp8.expected_dispatch_bytes"] = (mesh.ep - 1) * 6 * (C + 4 * math.ceil(C / 128) + 4 * 2)
+    out["layout.bf16.expected_dispatch_bytes"] = (mesh.ep - 1) * 6 * (2 * C + 4 * 2)
+    out["layout.top1.expected_dispatch_bytes"] = (mesh.ep - 1) * 6 * (4 * C + 4 * 1)
     _, moe = build_pair(mesh, moe_cfg(), torch.float32)
     moe.dispatcher.layout, moe.dispatcher.capacity = "padded", 3
     try:
@@ -370,16 +380,17 @@ def test_async_dispatch_combine_equals_blocking():
         assert res["async.max_abs_diff"] == 0.0
 
 
-@pytest.mark.parametrize("tag", ["fp32", "fp8", "empty"])
+@pytest.mark.parametrize("tag", ["fp32", "fp8", "bf16", "top1", "empty", "fp8_empty"])
 def test_padded_layout_equals_counts_layout(tag):
     for res in two_rank_results():
         assert res[f"layout.{tag}.tensors"] >= 2 + 4                 # y, dx, router, shared, 2 expert weights
         assert res[f"layout.{tag}.max_abs_diff"] == 0.0
+        assert res[f"layout.{tag}.same_dtypes"]
         assert res[f"layout.{tag}.names"] == ["moe.dispatch", "moe.combine", "moe.combine.backward",
                                               "moe.dispatch.backward"]
         # the combine and both backward exchanges move exactly what the counts layout moves
         assert res[f"layout.{tag}.bytes"][1:] == res[f"layout.{tag}.counts_bytes"][2:]
-        if tag != "empty":
+        if f"layout.{tag}.expected_dispatch_bytes" in res:
             assert res[f"layout.{tag}.bytes"][0] == res[f"layout.{tag}.expected_dispatch_bytes"]
 
 

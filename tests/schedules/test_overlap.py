@@ -11,8 +11,8 @@ data-parallel ranks) runs every distributed check; each rank returns numbers tha
   and off, with a balance loss and an MTP depth; and bitwise, forward values and gradients alike;
 - within the pair the exchanges really alternate (a forward exchange starts between two backward ones);
 - the same with the padded dispatch layout (no count exchange), against the plain run with the counts layout;
-- DualPipe with overlap (either dispatch layout), and DualPipeV with overlap and recomputation, through PipelineStep equal the
-  single-process float64 reference: mean loss within 1e-12, every gradient within 1e-10 (expert gradients: the
+- DualPipe with overlap (either dispatch layout), and DualPipeV with overlap and recomputation, through PipelineStep
+  equal the single-process float64 reference: mean loss within 1e-12, every gradient within 1e-10 (expert gradients: the
   slice of the experts a rank holds).
 """
 from __future__ import annotations
