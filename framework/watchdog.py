@@ -55,8 +55,16 @@ class Watchdog:
 
     # -- main thread ------------------------------------------------------------------------------------------------
     def mark(self, step: int, op: str) -> None:
+        new_step = step != self._step
         self._done += 1
         self._step, self._op, self._since = step, op, time.monotonic()
+        if new_step and self._thread is not None:
+            # published now, not at the thread's next beat: a rank that dies at the start of a step must be named
+            # in that step, not in the last one its thread happened to publish (one store write per step)
+            try:
+                self._publish()
+            except Exception:
+                pass
 
     def start(self) -> "Watchdog":
         self._publish()                               # every rank's key exists before anyone may read it

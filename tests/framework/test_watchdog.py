@@ -92,3 +92,17 @@ def test_long_phase_on_every_rank_only_warns(caplog):
     assert codes == [] and all(d.fired is None for d in dogs)
     for d in dogs:
         d.stop()
+
+
+def test_rank_that_dies_as_a_step_starts_is_named_in_that_step(dogs):
+    for d in dogs:
+        d.mark(4, "checkpoint save")
+    time.sleep(0.3)
+    dogs[1].mark(5, "data")
+    dogs[1].stop()                                   # killed before its thread's next heartbeat
+    for d in (dogs[0], dogs[2]):
+        d.mark(5, "data")
+        d.mark(5, "forward_backward")
+    msg = dogs[0].diagnose()
+    assert msg.startswith("hang: stalled rank(s) [1]: rank 1 stopped responding (no heartbeat: dead or frozen) "
+                          "in step 5 'data'"), msg
