@@ -364,8 +364,8 @@ class OptimizerStateManager(torch.optim.Optimizer):
 
     def _check_format(self, name, kind, saved: str, mine: str, convert: bool) -> None:
         if saved != mine and not convert:
-            raise ValueError(f"{kind} of {name!r}: saved as {saved!r}, this optimizer keeps {mine!r}; "
-                             f"pass convert=True to convert")
+            raise ValueError(f"{kind} of {name!r}: saved as {saved!r}, this optimizer keeps {mine!r} "
+                             f"(optim.state.{kind}); set optim.convert_state=true to convert (convert=True in the API)")
 
     def _template(self, like, convert: bool, prefix: str) -> dict[str, torch.Tensor]:
         if isinstance(like, (str, os.PathLike)):
@@ -398,7 +398,8 @@ class OptimizerStateManager(torch.optim.Optimizer):
     def _check_master(name, saved: bool, mine: bool, convert: bool) -> None:
         if saved != mine and not convert:
             raise ValueError(f"master weights of {name!r}: saved {'with' if saved else 'without'} an fp32 master, "
-                             f"this optimizer keeps {'one' if mine else 'none'}; pass convert=True to convert")
+                             f"this optimizer keeps {'one' if mine else 'none'}; set optim.convert_state=true to convert "
+                             f"(convert=True in the API)")
 
     @torch.no_grad()
     def load_sharded_state_dict(self, state_dict: dict, convert: bool = False, prefix: str = "optim/") -> None:
