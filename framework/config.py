@@ -159,7 +159,8 @@ class TrainConfig:
     seq_len: int = 128
     seed: int = 1234
     eval_interval: int = 50                # steps between validation passes; 0 = only at the end
-    eval_batches: int = 8                  # micro-batches per validation pass
+    eval_batches: int = 2                  # batches of train.global_batch_size windows per validation pass: the
+                                           # same windows for any parallel layout
     checkpoint_interval: int = 100         # steps between checkpoints; 0 = only at the end
     keep_checkpoints: int = 2              # newest K complete checkpoints kept
     max_bad_steps: int = 5                 # abort after this many non-finite steps in a row (each one is skipped)

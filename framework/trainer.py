@@ -119,8 +119,8 @@ class Trainer:
         self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16_emulated": torch.float32}[t.dtype]
 
         prepared = prepare_data(cfg, mesh)
-        self.train_windows = TokenWindows(prepared.train_bin, prepared.dtype, t.seq_len)
-        val_windows = TokenWindows(prepared.val_bin, prepared.dtype, t.seq_len)
+        self.train_windows = TokenWindows(prepared.train_bin, prepared.dtype, t.seq_len, prepared.vocab_size)
+        val_windows = TokenWindows(prepared.val_bin, prepared.dtype, t.seq_len, prepared.vocab_size)
 
         model_cfg = OmegaConf.to_object(cfg.model)
         self.model = build_model(model_cfg).to(device=mesh.device, dtype=self.dtype)
@@ -143,9 +143,9 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, named, mesh)
         self.scheduler = make_scheduler(self.optimizer, t.steps, cfg.optim.schedule, cfg.optim.warmup_steps,
                                         cfg.optim.min_lr_ratio, cfg.optim.decay_fraction)
-        micro = t.global_batch_size // (mesh.dp * t.micro_batches)
         self.sampler = Sampler(self.train_windows, t.seed, t.global_batch_size, mesh.dp_rank, mesh.dp, t.micro_batches)
-        self.val_batches = validation_batches(val_windows, t.eval_batches, micro)
+        self.val_batches = validation_batches(val_windows, t.eval_batches, t.global_batch_size, mesh.dp_rank, mesh.dp,
+                                              t.micro_batches)
         self.ckpt = Checkpointer(self.run_dir / "checkpoints", t.keep_checkpoints)
         self.step = self._maybe_resume()
         self.tokens_per_step = t.global_batch_size * t.seq_len

@@ -17,14 +17,16 @@ import torch
 
 
 class TokenWindows:
-    def __init__(self, bin_path: str | Path, dtype: str, seq_len: int):
+    def __init__(self, bin_path: str | Path, dtype: str, seq_len: int, vocab_size: int | None = None):
         self.path = Path(bin_path)
         self.tokens = np.memmap(self.path, dtype=dtype, mode="r")
         self.seq_len = seq_len
+        self.vocab_size = vocab_size           # ids at or above it are refused when read (not an embedding crash)
         self.num_windows = (len(self.tokens) - 1) // seq_len
         if self.num_windows < 1:
+            more = " or a larger data.val_fraction" if self.path.name == "val.bin" else ""
             raise ValueError(f"train.seq_len={seq_len}: longer than the data in {self.path} "
-                             f"({len(self.tokens)} tokens); use a shorter seq_len or more data")
+                             f"({len(self.tokens)} tokens); use a shorter seq_len or more data{more}")
 
     def __len__(self) -> int:
         return self.num_windows
@@ -33,6 +35,10 @@ class TokenWindows:
         """inputs, labels: [len(window_ids), seq_len] int64."""
         T = self.seq_len
         rows = np.stack([self.tokens[i * T: i * T + T + 1] for i in window_ids.tolist()]).astype(np.int64)
+        if self.vocab_size is not None and rows.size and rows.max() >= self.vocab_size:
+            row, col = np.unravel_index(int(rows.argmax()), rows.shape)
+            raise ValueError(f"{self.path}: token id {int(rows.max())} >= vocab_size={self.vocab_size} (meta.json) at "
+                             f"position {int(window_ids[row]) * T + int(col)}")
         rows = torch.from_numpy(rows)
         return rows[:, :-1], rows[:, 1:]
 
@@ -87,9 +93,18 @@ class Sampler:
         self.state.samples_consumed = int(sd["samples_consumed"])
 
 
-def validation_batches(windows: TokenWindows, num_batches: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A fixed, evenly spread set of validation windows: the same for every evaluation and every rank."""
-    total = min(num_batches * batch_size, len(windows))
-    ids = torch.linspace(0, len(windows) - 1, total).long()
-    x, y = windows.get(ids)
-    return list(zip(x.split(batch_size), y.split(batch_size)))
+def validation_batches(windows: TokenWindows, num_batches: int, global_batch: int, dp_rank: int = 0, dp_size: int = 1,
+                       micro_batches: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This data-parallel rank's micro-batches of the validation set.
+
+    The set is num_batches x global_batch windows spread evenly over the split (a small split repeats windows), cut
+    into batches exactly like training steps: rank d takes its contiguous share of each batch and splits it into
+    micro_batches. The set depends only on (num_batches, global_batch, seq_len), so the validation loss is the same
+    for any dp/pp layout; every micro-batch has the same size, so the mean of the micro-batch means is the token mean.
+    """
+    ids = torch.linspace(0, len(windows) - 1, num_batches * global_batch).long().view(num_batches, global_batch)
+    per_rank = global_batch // dp_size
+    mine = ids[:, dp_rank * per_rank:(dp_rank + 1) * per_rank].reshape(-1)
+    x, y = windows.get(mine)
+    micro = per_rank // micro_batches
+    return list(zip(x.split(micro), y.split(micro)))

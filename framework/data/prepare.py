@@ -5,7 +5,8 @@ Layout of a prepared folder (also what `data.path` may point to, nanoGPT style):
   meta.json            {"vocab_size", "dtype", "eot_id", "num_train_tokens", "num_val_tokens", "max_id", ...}
   tokenizer.json       the byte-level BPE (tokenizers library); absent for pre-tokenized user data
 Documents are separated by an end-of-text token; train/val are split by whole documents (every k-th document is
-held out, so both halves see every part of the corpus). The folder is written under a temporary name and renamed,
+held out, k = 1/data.val_fraction, so both halves see every part of the corpus). A corpus of fewer than k documents
+(down to a single file) is split by tokens instead: the last val_fraction of its token stream is held out. The folder is written under a temporary name and renamed,
 so an interrupted preparation never leaves a half-written cache behind.
 """
 from __future__ import annotations
@@ -82,18 +83,50 @@ def load_prepared(folder: str | Path) -> Prepared:
     if dtype not in ("uint16", "uint32"):
         raise ValueError(f"{meta_path}: dtype={dtype!r}: allowed uint16, uint32")
     itemsize = np.dtype(dtype).itemsize
-    for name in ("train.bin", "val.bin"):
+    for name, count_key in (("train.bin", "num_train_tokens"), ("val.bin", "num_val_tokens")):
         size = (folder / name).stat().st_size
+        expected = meta.get(count_key)
+        if expected is not None and size != int(expected) * itemsize:
+            raise ValueError(f"{folder / name}: {size} bytes but meta.json says {count_key}={expected} "
+                             f"({int(expected) * itemsize} bytes of {dtype}): truncated or replaced; prepare it again "
+                             f"(delete {folder}) or fix meta.json")
         if size == 0:
             raise ValueError(f"{folder / name}: empty token file")
         if size % itemsize:
             raise ValueError(f"{folder / name}: size {size} is not a multiple of {dtype} ({itemsize} bytes): wrong dtype?")
     max_id = meta.get("max_id")
     if max_id is None:  # user data: check once, in chunks
-        max_id = max(int(np.memmap(folder / n, dtype=dtype, mode="r").max()) for n in ("train.bin", "val.bin"))
-    if max_id >= vocab:
+        for name in ("train.bin", "val.bin"):
+            position, token = first_token_at_least(folder / name, dtype, vocab)
+            if position is not None:
+                raise ValueError(f"{folder / name}: token id {token} >= vocab_size={vocab} of meta.json "
+                                 f"(at position {position})")
+    elif max_id >= vocab:
         raise ValueError(f"{folder}: token id {max_id} >= vocab_size={vocab} in meta.json")
     return Prepared(folder, vocab, dtype, int(meta.get("eot_id", -1)))
+
+
+def first_token_at_least(path: Path, dtype: str, limit: int, chunk: int = 1 << 24) -> tuple[int | None, int | None]:
+    """(position, id) of the first token id >= limit in a token file, read in chunks; (None, None) if there is none."""
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    for start in range(0, len(tokens), chunk):
+        part = tokens[start:start + chunk]
+        bad = np.flatnonzero(part >= limit)
+        if bad.size:
+            return start + int(bad[0]), int(part[bad[0]])
+    return None, None
+
+
+def split_train_val(docs: list[np.ndarray], val_fraction: float) -> dict[str, list[np.ndarray]]:
+    """Every k-th document to validation (k = round(1/val_fraction)); with fewer than k documents, the last
+    val_fraction of the token stream (at least one token)."""
+    every = max(2, round(1 / val_fraction))
+    if len(docs) >= every:
+        return {"train": [d for i, d in enumerate(docs) if i % every != every - 1],
+                "val": [d for i, d in enumerate(docs) if i % every == every - 1]}
+    stream = np.concatenate(docs)
+    cut = len(stream) - max(1, round(val_fraction * len(stream)))
+    return {"train": [stream[:cut]], "val": [stream[cut:]]}
 
 
 def prepare(path: str | None, cache_dir: str, vocab_size: int, val_fraction: float, max_bytes: int,
@@ -110,16 +143,16 @@ def prepare(path: str | None, cache_dir: str, vocab_size: int, val_fraction: flo
         return load_prepared(folder)
 
     docs = read_documents(files, max_bytes)
-    if len(docs) < 2:
-        raise ValueError(f"data.path={path!r}: needs at least 2 non-empty documents (found {len(docs)}) to split train/val")
+    if not docs:
+        raise ValueError(f"data.path={path!r}: holds no non-empty document")
     tok = train_tokenizer(docs, vocab_size)
     eot = tok.token_to_id(EOT)
     real_vocab = tok.get_vocab_size()
     tdtype = _token_dtype(vocab_size, dtype)
-    every = max(2, round(1 / val_fraction))
-    splits = {"train": [], "val": []}
-    for i, enc in enumerate(tok.encode_batch(docs)):
-        splits["val" if i % every == every - 1 else "train"].append(np.asarray(enc.ids + [eot], dtype=tdtype))
+    encoded = [np.asarray(enc.ids + [eot], dtype=tdtype) for enc in tok.encode_batch(docs)]
+    splits = split_train_val(encoded, val_fraction)
+    if splits["train"][0].size == 0:
+        raise ValueError(f"data.path={path!r}: too little text to split ({splits['val'][0].size} tokens)")
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from framework.data.dataset import Sampler, TokenWindows, validation_batches
-from framework.data.prepare import load_prepared, prepare
+from framework.data.prepare import load_prepared, prepare, split_train_val
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_bad_data_inputs(tmp_path, prepared):
     blank = tmp_path / "blank"
     blank.mkdir()
     (blank / "a.txt").write_text("   \n")
-    with pytest.raises(ValueError, match="at least 2 non-empty documents"):
+    with pytest.raises(ValueError, match="holds no non-empty document"):
         prepare(str(blank), str(tmp_path / "c"), 512, 0.1, 10**6)
     # pre-tokenized folder whose ids exceed its vocabulary
     bad = tmp_path / "bad_ids"
@@ -115,3 +115,54 @@ def test_validation_batches_fixed(prepared):
     a, b = validation_batches(w, 3, 2), validation_batches(w, 3, 2)
     assert len(a) == 3 and all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(a, b))
     assert all(torch.equal(x[:, 1:], y[:, :-1]) for x, y in a)  # labels are the inputs shifted by one
+
+
+def test_validation_set_is_the_same_for_any_layout(prepared):
+    """Each data-parallel rank takes its contiguous share of every validation batch: put back together in rank order,
+    the shares are the one-process set, window for window, whatever dp and micro_batches are."""
+    w = TokenWindows(prepared.val_bin, "uint16", 16)
+    G, B = 8, 3
+    whole = torch.cat([x for x, _ in validation_batches(w, B, G)])
+    assert whole.shape == (B * G, 16)
+    for dp, micro in ((2, 1), (2, 2), (4, 2), (8, 1)):
+        shares = [validation_batches(w, B, G, d, dp, micro) for d in range(dp)]
+        assert all(len(s) == B * micro and all(len(x) == G // (dp * micro) for x, _ in s) for s in shares)
+        per_batch = [torch.cat([x for x, _ in s[b * micro:(b + 1) * micro]]) for b in range(B) for s in shares]
+        assert torch.equal(torch.cat(per_batch), whole), (dp, micro)
+    # a split smaller than the set repeats windows, still spread evenly (torch.linspace over the window ids)
+    few = validation_batches(w, 4, len(w))
+    assert sum(len(x) for x, _ in few) == 4 * len(w)
+
+
+def test_small_corpora_are_split_by_tokens():
+    docs = [np.arange(5), np.arange(10, 17), np.arange(20, 23)]            # 15 tokens in 3 documents
+    # fewer documents than 1/val_fraction: the last val_fraction of the token stream, at least one token
+    s = split_train_val(docs, 0.05)
+    assert np.array_equal(np.concatenate(s["train"]), np.concatenate(docs)[:14])
+    assert np.array_equal(np.concatenate(s["val"]), [22])
+    s = split_train_val(docs, 0.25)                                          # round(0.25 * 15) = 4 tokens
+    assert np.array_equal(np.concatenate(s["val"]), [16, 20, 21, 22])
+    s = split_train_val([np.arange(40)], 0.1)                                # a single file
+    assert np.array_equal(s["train"][0], np.arange(36)) and np.array_equal(s["val"][0], np.arange(36, 40))
+    # enough documents: every k-th whole document, as before
+    s = split_train_val(docs + [np.arange(30, 32)], 0.25)
+    assert [d.tolist() for d in s["val"]] == [[30, 31]] and len(s["train"]) == 3
+
+
+def test_token_files_are_checked_against_meta_json(tmp_path):
+    d = tmp_path / "prepared"
+    d.mkdir()
+    np.arange(7, dtype="uint16").tofile(d / "train.bin")                      # cut short: 7 of 10 tokens
+    np.arange(4, dtype="uint16").tofile(d / "val.bin")
+    meta = {"vocab_size": 512, "dtype": "uint16", "num_train_tokens": 10, "num_val_tokens": 4, "max_id": 9}
+    (d / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"train.bin: 14 bytes but meta.json says num_train_tokens=10 \(20 bytes of "
+                                         r"uint16\): truncated or replaced"):
+        load_prepared(d)
+    # the right size, but an id beyond the vocabulary that meta.json's max_id does not admit: refused when read
+    np.array([1, 2, 3, 4, 5, 6, 7, 8, 700, 9], dtype="uint16").tofile(d / "train.bin")
+    p = load_prepared(d)
+    w = TokenWindows(p.train_bin, p.dtype, 4, p.vocab_size)
+    assert w.get(torch.tensor([0]))[0].tolist() == [[1, 2, 3, 4]]
+    with pytest.raises(ValueError, match=r"train.bin: token id 700 >= vocab_size=512 \(meta.json\) at position 8"):
+        w.get(torch.tensor([1]))
