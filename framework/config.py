@@ -32,7 +32,9 @@ class ModelConfig:
     max_position_embeddings: int = 512     # longest sequence the rotary tables are built for
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: Optional[dict[str, Any]] = None  # YaRN: {type: yarn, factor, original_max_position_embeddings, ...}
+    # YaRN: {type: yarn, factor, original_max_position_embeddings, ...}; null = plain RoPE. Typed Any (checked by
+    # validate) because OmegaConf cannot merge a command-line dict into a null Optional[dict] node.
+    rope_scaling: Any = None
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
     attention_bias: bool = False
@@ -71,7 +73,8 @@ class ModelConfig:
 @dataclass
 class CommConfig:
     sm_budget: int = 20                    # SMs (CTAs) the expert-parallel communicator may use on CUDA (V3 §3.2.2)
-    emulate_link: Optional[dict[str, float]] = None  # {latency_us, gbps}: emulated interconnect for CPU benchmarks
+    emulate_link: Any = None               # {latency_us, gbps}: emulated interconnect for CPU benchmarks; null = off
+                                           # (typed Any, checked by validate: see model.rope_scaling)
     dispatch: str = "counts"               # MoE dispatch message: counts (token counts first, then the routed rows)
                                            # | padded (every token to every ep rank, fixed size: no count exchange)
 
@@ -118,7 +121,8 @@ class DataConfig:
     path: Optional[str] = None             # null = embedded corpus (this Python's stdlib .py files); a folder or file of
                                            # text; or a pre-tokenized .bin (nanoGPT layout, uint16/uint32)
     cache_dir: str = "data/cache"          # where tokenizer, tokens and metadata are written
-    vocab_size: int = 4096                 # BPE vocabulary trained on the corpus
+    vocab_size: int = 4096                 # BPE vocabulary trained on the corpus (<= 2^20: the trainer preallocates
+                                           # per entry); larger vocabularies come as pre-tokenized data
     val_fraction: float = 0.05             # documents held out for validation
     max_bytes: int = 8_000_000             # cap on corpus bytes read (sorted file order, deterministic)
     dtype: str = "auto"                    # token dtype in .bin: auto | uint16 | uint32
@@ -163,6 +167,8 @@ class TrainConfig:
                                            # same windows for any parallel layout
     checkpoint_interval: int = 100         # steps between checkpoints; 0 = only at the end
     keep_checkpoints: int = 2              # newest K complete checkpoints kept
+    memory_check: bool = True              # refuse a run whose estimated memory per rank exceeds what is free
+                                           # (framework/footprint.py states the estimate)
     max_bad_steps: int = 5                 # abort after this many non-finite steps in a row (each one is skipped)
     resume: str = "auto"                   # auto (newest complete checkpoint in output_dir, if any) | none | <path>
     output_dir: str = "outputs/${run_id}"  # run folder shared by all ranks
@@ -185,6 +191,9 @@ class Config:
 
 
 SCHEDULES = ("dualpipe", "dualpipev", "1f1b", "zb1p", "gpipe")
+# The tokenizers BPE trainer allocates ~66 bytes per vocabulary entry before it starts (2^28 asked for 17.7 GB and
+# aborted the process); real vocabularies stay below 2^18 (V3: 129280).
+MAX_TRAINED_VOCAB = 2**20
 
 
 def register_configs() -> None:
@@ -205,13 +214,42 @@ def _choice(key: str, value: Any, choices: tuple) -> None:
 
 
 def _positive(key: str, value: Any, zero_ok: bool = False) -> None:
-    if value is None or value < 0 or (value == 0 and not zero_ok) or (isinstance(value, float) and math.isnan(value)):
+    if isinstance(value, float) and not math.isfinite(value):   # inf passes a range check, and nan every comparison
+        _fail(key, value, "must be a finite number " + (">= 0" if zero_ok else "> 0"))
+    if value is None or value < 0 or (value == 0 and not zero_ok):
         _fail(key, value, "must be >= 0" if zero_ok else "must be > 0")
 
 
 def _fraction(key: str, value: float, closed: bool = True) -> None:
     if not (0.0 <= value <= 1.0) or (not closed and value in (0.0, 1.0)):
         _fail(key, value, "must be in [0, 1]" if closed else "must be in (0, 1)")
+
+
+ROPE_SCALING_KEYS = ("type", "rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+                     "mscale", "mscale_all_dim", "attention_factor", "truncate")
+
+
+def _closest(word: str, choices) -> str:
+    """' (did you mean X?)' when a choice is close to the misspelt word, else ''."""
+    import difflib
+
+    near = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {near[0]}?)" if near else ""
+
+
+def _number_dict(key: str, spec, allowed: tuple, strings: tuple = ()) -> None:
+    """A dict-valued option: null, or a dict of known keys whose numbers are finite."""
+    if spec is None:
+        return
+    if not isinstance(spec, (dict, DictConfig)):
+        _fail(key, spec, f"must be null or a dict with keys from: {', '.join(allowed)}")
+    for k, v in spec.items():
+        if k not in allowed:
+            _fail(f"{key}.{k}", v, f"unknown key{_closest(k, allowed)}; allowed: {', '.join(allowed)}")
+        if k in strings or isinstance(v, bool):
+            continue
+        if not isinstance(v, (int, float)) or not math.isfinite(v):
+            _fail(f"{key}.{k}", v, "must be a finite number")
 
 
 def validate_model(m: ModelConfig) -> None:
@@ -221,6 +259,14 @@ def validate_model(m: ModelConfig) -> None:
         _positive(f"model.{k}", getattr(m, k))
     _positive("model.rms_norm_eps", m.rms_norm_eps)
     _positive("model.rope_theta", m.rope_theta)
+    _positive("model.initializer_range", m.initializer_range)
+    _number_dict("model.rope_scaling", m.rope_scaling, ROPE_SCALING_KEYS, strings=("type", "rope_type"))
+    if m.rope_scaling:
+        kind = m.rope_scaling.get("type", m.rope_scaling.get("rope_type", "default"))
+        _choice("model.rope_scaling.type", kind, ("yarn", "default"))
+        if kind == "yarn" and "original_max_position_embeddings" not in m.rope_scaling:
+            _fail("model.rope_scaling", dict(m.rope_scaling), "yarn needs original_max_position_embeddings (the "
+                  "pre-training length)")
     if m.name == "dense" and m.hidden_size % m.num_attention_heads:
         _fail("model.num_attention_heads", m.num_attention_heads, f"must divide model.hidden_size={m.hidden_size}")
     if m.name == "dense" and (m.hidden_size // m.num_attention_heads) % 2:
@@ -256,6 +302,19 @@ def validate_model(m: ModelConfig) -> None:
     _positive("model.aux_loss_alpha", m.aux_loss_alpha, zero_ok=True)
     _positive("model.num_nextn_predict_layers", m.num_nextn_predict_layers, zero_ok=True)
     _fraction("model.mtp_weight_switch_fraction", m.mtp_weight_switch_fraction)
+    _positive("model.mtp_loss_weight", m.mtp_loss_weight, zero_ok=True)
+    _positive("model.mtp_loss_weight_late", m.mtp_loss_weight_late, zero_ok=True)
+
+
+def validate_data(d: DataConfig) -> None:
+    """The data group alone (launch.prepare_data checks it before the tokenizer trainer runs)."""
+    if not 259 <= d.vocab_size <= MAX_TRAINED_VOCAB:
+        _fail("data.vocab_size", d.vocab_size, f"must be in [259, 2^20={MAX_TRAINED_VOCAB}] (byte-level BPE needs 256 "
+              "bytes + specials; its trainer allocates per entry up front); for a larger vocabulary bring "
+              "pre-tokenized data (data.path=<folder with train.bin>) and set model.vocab_size")
+    _fraction("data.val_fraction", d.val_fraction, closed=False)
+    _positive("data.max_bytes", d.max_bytes)
+    _choice("data.dtype", d.dtype, ("auto", "uint16", "uint32"))
 
 
 def validate(cfg: Config | DictConfig, world_size: int = 1) -> None:
@@ -270,6 +329,9 @@ def validate(cfg: Config | DictConfig, world_size: int = 1) -> None:
     _choice("parallel.comm.dispatch", p.comm.dispatch, ("counts", "padded"))
     _positive("parallel.timeout_s", p.timeout_s)
     _positive("parallel.comm.sm_budget", p.comm.sm_budget)
+    _number_dict("parallel.comm.emulate_link", p.comm.emulate_link, ("latency_us", "gbps"))
+    for k, v in (p.comm.emulate_link or {}).items():
+        _positive(f"parallel.comm.emulate_link.{k}", v, zero_ok=True)
     if world_size % p.pp:
         _fail("parallel.pp", p.pp, f"must divide the world size {world_size}")
     dp = p.dp if p.dp is not None else world_size // p.pp
@@ -315,14 +377,9 @@ def validate(cfg: Config | DictConfig, world_size: int = 1) -> None:
     _positive("optim.grad_clip", o.grad_clip, zero_ok=True)
     _choice("optim.state.exp_avg", o.state.exp_avg, ("fp32", "bf16", "fp8"))
     _choice("optim.state.exp_avg_sq", o.state.exp_avg_sq, ("fp32", "bf16", "fp8"))
-    # data
-    if d.vocab_size < 259 or d.vocab_size > 2**32:
-        _fail("data.vocab_size", d.vocab_size, "must be in [259, 2^32] (byte-level BPE needs 256 bytes + specials)")
+    validate_data(d)
     if m.vocab_size < d.vocab_size:
         _fail("model.vocab_size", m.vocab_size, f"must be >= data.vocab_size={d.vocab_size}")
-    _fraction("data.val_fraction", d.val_fraction, closed=False)
-    _positive("data.max_bytes", d.max_bytes)
-    _choice("data.dtype", d.dtype, ("auto", "uint16", "uint32"))
     # logging
     _choice("logging.console", lg.console, ("auto", "rich", "plain", "none"))
     _positive("logging.log_interval", lg.log_interval)

@@ -73,9 +73,13 @@ def truncate_jsonl(path: Path, last_step: int) -> int:
 
 class JsonlSink:
     def __init__(self, path: Path, start_step: int = 0):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        truncate_jsonl(path, start_step)          # drop what a restart will replay
-        self.f = open(path, "a", buffering=1)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            truncate_jsonl(path, start_step)      # drop what a restart will replay
+            self.f = open(path, "a", buffering=1)
+        except OSError as e:                      # bad input (a read-only folder, a directory in the way): one line
+            raise ValueError(f"{path}: cannot write the metrics file ({e.strerror or type(e).__name__}); make it "
+                             f"writable or choose another train.output_dir") from None
 
     def log(self, step: int, metrics: dict) -> None:
         self.f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")

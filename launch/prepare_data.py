@@ -15,9 +15,15 @@ def main() -> None:
     except Exception as e:
         print(f"config error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    from framework.config import ConfigError, validate_data
     from framework.data.prepare import prepare
 
     d = cfg.data
+    try:
+        validate_data(d)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
     try:
         p = prepare(d.path, d.cache_dir, d.vocab_size, d.val_fraction, d.max_bytes, d.dtype)
     except (ValueError, FileNotFoundError) as e:

@@ -49,7 +49,34 @@ def check_overrides(overrides: list[str]) -> object:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         user = [o for o in overrides if not o.lstrip("+~").startswith("hydra.")]
         # outside a Hydra job ${hydra:...} does not resolve; the real run sets it
-        return compose(config_name="config", overrides=user + ["train.output_dir=outputs/check"])
+        cfg = compose(config_name="config", overrides=user + ["train.output_dir=outputs/check"])
+    reject_added_fields(user, cfg)
+    return cfg
+
+
+def reject_added_fields(overrides: list[str], cfg) -> None:
+    """Hydra's `+key=value` adds a key even to a typed group, so `+train.stpes=5` would be accepted and ignored. A key
+    may be added only inside a free-form dict (model.rope_scaling, rl.rewards); anywhere else it must be a field."""
+    import dataclasses
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    for o in OverridesParser.create().parse_overrides(overrides):
+        if not o.is_add() and not o.is_force_add():
+            continue
+        parent_key, _, name = o.key_or_group.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+        schema = OmegaConf.get_type(parent) if OmegaConf.is_config(parent) else None
+        if schema is None or not dataclasses.is_dataclass(schema):
+            continue
+        fields = [f.name for f in dataclasses.fields(schema)]
+        if name not in fields:
+            from framework.config import ConfigError, _closest
+
+            where = parent_key or "the top level"
+            raise ConfigError(f"{o.input_line}: {where} has no key {name!r}{_closest(name, fields)}; '+' adds keys "
+                              f"only to free-form dicts (model.rope_scaling, rl.rewards)")
 
 
 def setup_logging(run_dir: Path, rank: int) -> None:
@@ -88,33 +115,85 @@ def scrub_secrets(run_dir: Path) -> None:
                 path.write_text(clean)
 
 
-def _drop_fresh_run_dir(run_dir: Path) -> None:
-    """Hydra creates the run folder (with .hydra/) before the config is validated: a refused run leaves nothing
-    behind. A folder holding anything else (an earlier run's checkpoints, logs) is left as it was."""
+def _is_fresh(run_dir: Path) -> bool:
+    """Hydra creates the run folder (with .hydra/) before the config is validated: such a folder is this run's own."""
+    try:
+        return run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra"}
+    except OSError:
+        return False
+
+
+_fresh_run_dir: Path | None = None   # the run folder when this run created it: removed again if the input is refused
+
+
+def _drop_fresh_run_dir(run_dir: Path | None) -> None:
+    """A refused run leaves nothing behind. A folder that held anything else before this run started (an earlier
+    run's checkpoints, logs) is left as it was."""
     import shutil
 
-    try:
-        if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra"}:
-            shutil.rmtree(run_dir)
-    except OSError:
-        pass
+    if run_dir is not None and (run_dir == _fresh_run_dir or _is_fresh(run_dir)):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def report_bad_input(line: str) -> None:
+    """Print the one line of a refused input, once per job: every rank of a torchrun job sees the same input, so
+    only rank 0 prints it (the others keep it in their log file, if they have one), and a restarted attempt that
+    fails with the same line stays quiet (torchrun --max-restarts would otherwise repeat it per restart)."""
+    import hashlib
+    import tempfile
+
+    if int(os.environ.get("RANK", 0)) != 0:
+        log_to_file(line)
+        return
+    job = os.environ.get("TORCHELASTIC_RUN_ID")
+    if job:
+        digest = hashlib.sha256(f"{job}\n{line}".encode()).hexdigest()[:16]
+        marker = Path(tempfile.gettempdir()) / f"duet-bad-input-{digest}"
+        if marker.exists() and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+            log_to_file(line)
+            return
+        try:
+            marker.touch()
+        except OSError:
+            pass
+    print(line, file=sys.stderr, flush=True)
+    log_to_file(line)
+
+
+def refuse(line: str, run_dir: Path | None = None) -> None:
+    """Bad input: one line, no run folder left behind, exit status 2."""
+    report_bad_input(line)
+    if int(os.environ.get("RANK", 0)) == 0:
+        _drop_fresh_run_dir(run_dir)
+    sys.exit(2)
 
 
 def run(cfg) -> list[dict]:
-    """Validate, build the mesh, train. Returns the metric history (rank 0's view)."""
+    """Validate, check the estimated memory, build the mesh, train. Returns the metric history (rank 0's view)."""
+    global _fresh_run_dir
     from framework.config import ConfigError, validate
     from parallel.mesh import env_world, init_mesh, shutdown
 
     rank, world, _ = env_world()
+    run_dir = Path(cfg.train.output_dir)
+    _fresh_run_dir = run_dir if _is_fresh(run_dir) else None
     try:
         validate(cfg, world)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr, flush=True)
-        _drop_fresh_run_dir(Path(cfg.train.output_dir))
-        sys.exit(2)
+        refuse(f"config error: {e}", run_dir)
+    if cfg.train.memory_check:
+        from framework.footprint import check_fits
+
+        try:   # before any allocation, and before a process group: every rank reaches the same verdict
+            check_fits(cfg, world, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        except ValueError as e:
+            refuse(f"error: {e}", run_dir)
+    try:
+        setup_logging(run_dir, rank)
+    except OSError as e:
+        refuse(f"error: train.output_dir={str(run_dir)!r}: cannot write the run folder ({e.strerror or e})")
     if rank == 0:
-        scrub_secrets(Path(cfg.train.output_dir))
-    setup_logging(Path(cfg.train.output_dir), rank)
+        scrub_secrets(run_dir)
     log.info(f"rank {rank}/{world} on {socket.gethostname()} pid {os.getpid()}: run {cfg.run_id} in "
              f"{cfg.train.output_dir} (restart {os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')})")
     p = cfg.parallel
@@ -157,8 +236,7 @@ def precheck(args: list[str]) -> None:
     try:
         check_overrides([a for a in args if not a.startswith("-")])
     except Exception as e:
-        print(f"config error: {_one_line(e)}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        refuse(f"config error: {_one_line(e)}")
 
 
 def main() -> None:
@@ -181,10 +259,11 @@ def main() -> None:
             if not isinstance(e, (ValueError, FileNotFoundError, CheckpointError, TrainingAborted)) \
                     or os.environ.get("DUET_TRACEBACK"):
                 raise
-            kind = "training aborted" if isinstance(e, TrainingAborted) else "error"
-            print(f"{kind}: {e}", file=sys.stderr, flush=True)
-            log_to_file(f"{kind}: {e}")
-            sys.exit(getattr(e, "exit_code", 2))
+            if not isinstance(e, TrainingAborted):
+                refuse(f"error: {e}", Path(cfg.train.output_dir))
+            print(f"training aborted: {e}", file=sys.stderr, flush=True)
+            log_to_file(f"training aborted: {e}")
+            sys.exit(e.exit_code)
 
     _main()
 

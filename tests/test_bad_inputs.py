@@ -59,6 +59,17 @@ def world(corpus_dir, data_cache, tmp_path_factory):
         "big_vocab": user_data("big_vocab", ok, meta={"vocab_size": 1000, "dtype": "uint16"}),
         "short": user_data("short", np.arange(20)),
     }
+    cached = next(m.parent for m in Path(data_cache).glob("*/meta.json")
+                  if json.loads(m.read_text()).get("source") == str(corpus_dir)
+                  and json.loads(m.read_text())["vocab_size"] == 512)
+    for name in ("truncated_bin", "id_beyond_meta"):
+        shutil.copytree(cached, root / "data" / name)
+        folders[name] = root / "data" / name
+    train_bin = folders["truncated_bin"] / "train.bin"
+    train_bin.write_bytes(train_bin.read_bytes()[: train_bin.stat().st_size // 2])
+    val = np.fromfile(folders["id_beyond_meta"] / "val.bin", dtype="uint16")   # same size, max_id in meta.json lies
+    val[7] = 600
+    val.tofile(folders["id_beyond_meta"] / "val.bin")
     (root / "data" / "no_text").mkdir()
     (root / "data" / "no_text" / "image.png").write_bytes(b"\x89PNG")
     (root / "data" / "one_doc").mkdir()
@@ -148,6 +159,30 @@ CONFIG_ROWS = [  # (overrides, world size, what the line must say)
     (["model=deepseek_v3_tiny", "parallel=1f1b"], 2, "parallel.schedule='1f1b': multi-token prediction"),
     (["parallel.pp=2"], 1, "parallel.pp=2: must divide the world size 1"),            # launch: world too small
     (["parallel.dp=2"], 1, "parallel.dp=2: parallel.pp * parallel.dp must equal the world size 1"),
+    # a finite number is required: inf passes a range check, nan every comparison
+    (["optim.lr=inf"], 1, "optim.lr=inf: must be a finite number > 0"),
+    (["optim.grad_clip=inf"], 1, "optim.grad_clip=inf: must be a finite number >= 0"),
+    (["parallel.timeout_s=nan"], 1, "parallel.timeout_s=nan: must be a finite number > 0"),
+    (["model.initializer_range=0"], 1, "model.initializer_range=0.0: must be > 0"),
+    (["model.initializer_range=inf"], 1, "model.initializer_range=inf: must be a finite number > 0"),
+    (MOE + ["model.mtp_loss_weight=-0.3"], 1, "model.mtp_loss_weight=-0.3: must be >= 0"),
+    (MOE + ["model.mtp_loss_weight_late=nan"], 1, "model.mtp_loss_weight_late=nan: must be a finite number >= 0"),
+    # the BPE trainer allocates per vocabulary entry before it starts (2^32 aborted the process)
+    (["data.vocab_size=4294967296"], 1, "data.vocab_size=4294967296: must be in [259, 2^20=1048576]"),
+    # '+' adds keys only to free-form dicts; a typo in a typed group is named with the closest field
+    (["+train.stpes=5"], 1, "+train.stpes=5: train has no key 'stpes' (did you mean steps?)"),
+    (["++optim.lrr=0.1"], 1, "++optim.lrr=0.1: optim has no key 'lrr' (did you mean lr?)"),
+    (["+parallel.comm.sm_budgt=8"], 1, "parallel.comm has no key 'sm_budgt' (did you mean sm_budget?)"),
+    # dict-valued options (Hydra's override grammar): checked key by key
+    (["model.rope_scaling={type: ntk, factor: 2}"], 1, "model.rope_scaling.type='ntk': allowed: yarn, default"),
+    (["model.rope_scaling={type: yarn, factr: 2, original_max_position_embeddings: 16}"], 1,
+     "model.rope_scaling.factr=2: unknown key (did you mean factor?)"),
+    (["model.rope_scaling={type: yarn, factor: 2}"], 1, "model.rope_scaling={'type': 'yarn', 'factor': 2}: yarn needs"),
+    (["model.rope_scaling=yarn"], 1, "model.rope_scaling='yarn': must be null or a dict"),
+    (["parallel.comm.emulate_link={latency_us: 5, gbs: 10}"], 1,
+     "parallel.comm.emulate_link.gbs=10: unknown key (did you mean gbps?)"),
+    (["parallel.comm.emulate_link={latency_us: inf}"], 1, "parallel.comm.emulate_link.latency_us=inf: must be a finite"),
+    (["parallel.comm.emulate_link={gbps: -1}"], 1, "parallel.comm.emulate_link.gbps=-1: must be >= 0"),
 ]
 
 
@@ -160,7 +195,9 @@ def test_config(overrides, world_size, culprit, world, untouched):
 DATA_ROWS = [  # (folder key or literal path, what the line must say)
     ("/nonexistent/corpus", "data.path='/nonexistent/corpus': no such file or folder"),
     ("no_text", "folder holds no text files"),
-    ("one_doc", "needs at least 2 non-empty documents (found 1)"),
+    ("one_doc", "train.seq_len=32: longer than the data in"),           # one file is allowed, this one is short
+    ("truncated_bin", "bytes but meta.json says num_train_tokens="),
+    ("id_beyond_meta", "val.bin: token id 600 >= vocab_size=512 (meta.json) at position 7"),
     ("empty", "train.bin: empty token file"),
     ("wrong_dtype", "is not a multiple of uint32 (4 bytes): wrong dtype?"),
     ("beyond_vocab", "token id 600 >= vocab_size=512"),
@@ -215,6 +252,101 @@ def test_checkpoint(ckpt, extra, culprit, world, untouched):
     assert "\n" not in msg and culprit in msg, msg
 
 
+def test_small_corpora_are_allowed(world, corpus_dir, tmp_path):
+    """A folder of 2-19 documents, or a single file, trains: fewer documents than 1/data.val_fraction are split by
+    tokens (the last val_fraction of the stream is held out)."""
+    from framework.trainer import Trainer
+    from launch.train import check_overrides
+    from parallel.mesh import init_mesh
+
+    texts = [p.read_text() for p in sorted(corpus_dir.iterdir())[:3]]
+    few = tmp_path / "three_docs"
+    few.mkdir()
+    for i, text in enumerate(texts):
+        (few / f"doc{i}.py").write_text(text)
+    single = tmp_path / "one_file.txt"
+    single.write_text("\n".join(texts))
+    for path in (few, single):
+        cache = tmp_path / f"cache-{path.name}"
+        cfg = check_overrides(TINY + [f"data.path={path}", f"data.cache_dir={cache}"])
+        cfg.train.output_dir = str(tmp_path / f"run-{path.name}")
+        t = Trainer(cfg, init_mesh(1, 1, 1, "cpu"))
+        meta = json.loads(next(cache.glob("*/meta.json")).read_text())
+        total = meta["num_train_tokens"] + meta["num_val_tokens"]
+        assert meta["num_documents"] == (3 if path == few else 1)
+        assert meta["num_val_tokens"] == round(0.05 * total) >= 33, meta      # one window of seq_len + 1
+        loss = t.train_step(t.sampler.next_batch())["loss"]
+        val = t.evaluate()["val/loss"]
+        t.metrics.close()
+        assert 0 < loss < 10 and 0 < val < 10, (path, loss, val)              # ln(512) = 6.2 at the start
+
+
+def test_dict_valued_overrides_are_applied(world):
+    """Hydra's override grammar for the dict-valued options the README shows (they failed inside OmegaConf when the
+    field defaulted to null)."""
+    from framework.config import validate
+    from framework.models import build_model
+    from launch.train import check_overrides
+    from omegaconf import OmegaConf
+    from parallel.comm import EmulatedLink
+
+    yarn = "{type: yarn, factor: 4, original_max_position_embeddings: 32, mscale: 1, mscale_all_dim: 1}"
+    cfg = check_overrides(TINY + world["data"] + MOE + [f"model.rope_scaling={yarn}",
+                                                         "parallel.comm.emulate_link={latency_us: 50, gbps: 10}"])
+    validate(cfg, 1)
+    assert dict(cfg.model.rope_scaling) == {"type": "yarn", "factor": 4, "original_max_position_embeddings": 32,
+                                            "mscale": 1, "mscale_all_dim": 1}
+    link = EmulatedLink.from_config(cfg.parallel.comm.emulate_link)
+    assert link.seconds(10**6) == pytest.approx(50e-6 + 8e6 / 10e9, rel=1e-12)
+    model = build_model(OmegaConf.to_object(cfg.model))
+    assert model.rotary.softmax_mult == pytest.approx((0.1 * np.log(4) + 1) ** 2, rel=1e-12)   # YaRN's mscale^2
+    # a preset's dict is merged key by key, and null switches it off
+    cfg = check_overrides(["model=deepseek_v3_671b", "model.rope_scaling.factor=8"])
+    assert cfg.model.rope_scaling.factor == 8 and cfg.model.rope_scaling.original_max_position_embeddings == 4096
+    assert check_overrides(["model=deepseek_v3_671b", "model.rope_scaling=null"]).model.rope_scaling is None
+
+
+MEMORY_ROWS = [  # (overrides, what the line must say), against 8 GB available; the larger part names the culprit
+    (["model.hidden_size=65536", "model.intermediate_size=65536"],    # 60.2 G parameters x 16 B (fp32 AdamW)
+     "model=dense (60.2 G parameters per rank) does not fit in memory: about 964 GB per rank (parameters, gradients "
+     "and optimizer state 963 GB; activations of 1 micro-batch(es) 1.14 GB, of which logits over "
+     "model.vocab_size=512 786 KB)"),
+    (["model.vocab_size=2147483648"],                                  # 128 tokens x 2^31 x 12 B of logits
+     "train.global_batch_size=8 x train.seq_len=32 (128 tokens per micro-batch) does not fit in memory: about 5.5 TB "
+     "per rank (parameters, gradients and optimizer state 2.2 TB; activations of 1 micro-batch(es) 3.3 TB, of which "
+     "logits over model.vocab_size=2147483648 3.3 TB)"),
+    (["train.global_batch_size=65536", "train.micro_batches=1"],      # 2.1 M tokens in one micro-batch
+     "train.global_batch_size=65536 x train.seq_len=32 (2097152 tokens per micro-batch) does not fit in memory: "
+     "about 24.7 GB per rank"),
+]
+
+
+@pytest.mark.parametrize("overrides, culprit", MEMORY_ROWS, ids=[" ".join(r[0]) for r in MEMORY_ROWS])
+def test_memory(overrides, culprit, world, untouched):
+    from framework.footprint import check_fits
+    from launch.train import check_overrides
+
+    cfg = check_overrides(TINY + world["data"] + overrides)
+    with pytest.raises(ValueError) as e:
+        check_fits(cfg, 1, available=8e9)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(culprit) and "vs 8 GB given" in msg, msg
+
+
+def test_unwritable_metrics_file(world, untouched):
+    from framework.trainer import Trainer
+    from launch.train import check_overrides
+    from parallel.mesh import init_mesh
+
+    run = world["root"] / "runs" / "metrics_blocked"
+    (run / "metrics.jsonl").mkdir(parents=True)                       # root ignores permissions: a folder in the way
+    cfg = check_overrides(TINY + world["data"])
+    cfg.train.output_dir = str(run)
+    with pytest.raises(ValueError, match=r"^\S+/metrics.jsonl: cannot write the metrics file \(Is a directory\); "
+                                         r"make it writable or choose another train.output_dir$"):
+        Trainer(cfg, init_mesh(1, 1, 1, "cpu"))
+
+
 def test_fault_spec_is_checked_before_training(world, untouched, monkeypatch):
     from framework.trainer import Trainer
     from launch.train import check_overrides
@@ -242,11 +374,24 @@ def test_command_line(world, untouched):
         "no gpu": (train + data + ["train.device=cuda", f"hydra.run.dir={root}/cli4"], "error: train.device='cuda'"),
         "prepare empty": ([sys.executable, "-m", "launch.prepare_data", f"data.path={world['folders']['no_text']}",
                            f"data.cache_dir={root}/cache"], "error: data.path="),
+        "prepare vocab": ([sys.executable, "-m", "launch.prepare_data", "data.vocab_size=4294967296",
+                           f"data.cache_dir={root}/cache"], "config error: data.vocab_size=4294967296: must be in"),
+        "typo added": (train + data + ["+train.stpes=5", f"hydra.run.dir={root}/cli5"],
+                       "config error: +train.stpes=5: train has no key 'stpes' (did you mean steps?)"),
+        "too big": (train + data + ["model.vocab_size=2147483648", f"hydra.run.dir={root}/cli6"],
+                    "error: train.global_batch_size=8 x train.seq_len=32 (128 tokens per micro-batch) does not fit in "
+                    "memory: about 5.5 TB per rank"),
     }
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     env.pop("DUET_FAULT", None)
     if rows["no gpu"] and _has_cuda():
         rows.pop("no gpu")
+    # under torchrun, a bad input is said once: by rank 0 only, and not again by the attempt --max-restarts starts
+    torchrun = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
+         "-m", "launch.train", *TINY, *data, "+train.stpes=5", f"hydra.run.dir={root}/cli_torchrun"],
+        cwd=ROOT, env={**env, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
     procs = {k: subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for k, (cmd, _) in rows.items()}
     for name, p in procs.items():
@@ -255,7 +400,15 @@ def test_command_line(world, untouched):
         assert p.returncode == 2, (name, p.returncode, err[-2000:])
         assert len(lines) == 1 and lines[0].startswith(rows[name][1]), (name, err[-2000:])
     assert not (root / "cli0" / "checkpoints").exists() and not (root / "cli3" / "checkpoints").exists()
-    assert not (root / "cli0").exists()  # a config refused by validation leaves no run folder behind
+    for refused in ("cli0", "cli1", "cli2", "cli3", "cli5", "cli6"):    # a refused run leaves no run folder behind
+        assert not (root / refused).exists(), refused
+    out, err = torchrun.communicate(timeout=240)
+    said = [ln for ln in (out + err).splitlines() if "config error" in ln]
+    attempts = [ln for ln in err.splitlines() if "failed (exitcode: 2)" in ln]
+    assert torchrun.returncode == 1, (torchrun.returncode, err[-3000:])    # torchrun's own status for a failed job
+    assert len(said) == 1 and said[0].startswith(rows["typo added"][1]), err[-3000:]
+    assert len(attempts) == 2, err[-3000:]             # the restarted attempt failed the same way, and stayed quiet
+    assert not (root / "cli_torchrun").exists()
 
 
 def _has_cuda() -> bool:
