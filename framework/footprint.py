@@ -13,6 +13,7 @@ would certainly not fit; an accepted one may still be tight. train.memory_check=
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -97,9 +98,14 @@ def _size(n: float) -> str:
     return ""
 
 
-def check_fits(cfg, world_size: int, local_world: int = 1, available: float | None = None) -> Footprint:
-    """Raise a one-line ValueError naming the estimate and the available memory when the run cannot fit."""
-    f = estimate(cfg, world_size)
+def check_fits(cfg, world_size: int, local_world: int = 1, available: float | None = None) -> Footprint | None:
+    """Raise a one-line ValueError naming the estimate and the available memory when the run cannot fit. None when
+    the model cannot be built on the meta device (then there is no estimate, and no refusal)."""
+    try:
+        f = estimate(cfg, world_size)
+    except (NotImplementedError, RuntimeError) as e:   # an estimate must never stop a run that could train
+        logging.getLogger("duet").warning(f"memory estimate skipped: {type(e).__name__}: {e}")
+        return None
     where = "given"
     if available is None:
         available, where = available_bytes(cfg.train.device, local_world)

@@ -127,11 +127,19 @@ _fresh_run_dir: Path | None = None   # the run folder when this run created it: 
 
 
 def _drop_fresh_run_dir(run_dir: Path | None) -> None:
-    """A refused run leaves nothing behind. A folder that held anything else before this run started (an earlier
-    run's checkpoints, logs) is left as it was."""
+    """A refused run leaves nothing behind: the folder this run created goes, as long as it holds only what the run
+    wrote while setting up (Hydra's .hydra/, the log files, an empty metrics file). A folder that held anything before
+    this run started, or that training has written to (metrics rows, checkpoints), is left as it is."""
     import shutil
 
-    if run_dir is not None and (run_dir == _fresh_run_dir or _is_fresh(run_dir)):
+    if run_dir is None or not (run_dir == _fresh_run_dir or _is_fresh(run_dir)):
+        return
+    try:
+        setup_only = all(p.name in (".hydra", "logs") or (p.name == "metrics.jsonl" and p.stat().st_size == 0)
+                         for p in run_dir.iterdir())
+    except OSError:
+        return
+    if setup_only:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 

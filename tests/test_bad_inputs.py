@@ -163,6 +163,7 @@ CONFIG_ROWS = [  # (overrides, world size, what the line must say)
     (["optim.lr=inf"], 1, "optim.lr=inf: must be a finite number > 0"),
     (["optim.grad_clip=inf"], 1, "optim.grad_clip=inf: must be a finite number >= 0"),
     (["parallel.timeout_s=nan"], 1, "parallel.timeout_s=nan: must be a finite number > 0"),
+    (["rl.rewards.accuracy=inf"], 1, "rl.rewards.accuracy=inf: weight must be a finite number"),
     (["model.initializer_range=0"], 1, "model.initializer_range=0.0: must be > 0"),
     (["model.initializer_range=inf"], 1, "model.initializer_range=inf: must be a finite number > 0"),
     (MOE + ["model.mtp_loss_weight=-0.3"], 1, "model.mtp_loss_weight=-0.3: must be >= 0"),
@@ -345,6 +346,32 @@ def test_unwritable_metrics_file(world, untouched):
     with pytest.raises(ValueError, match=r"^\S+/metrics.jsonl: cannot write the metrics file \(Is a directory\); "
                                          r"make it writable or choose another train.output_dir$"):
         Trainer(cfg, init_mesh(1, 1, 1, "cpu"))
+
+
+def test_refused_run_removes_only_its_own_setup(tmp_path, monkeypatch):
+    """The run folder goes when it holds only what setting up wrote; training output or an earlier run's files stay."""
+    import launch.train as entry
+
+    def folder(name, *files):
+        run = tmp_path / name
+        (run / ".hydra").mkdir(parents=True)
+        monkeypatch.setattr(entry, "_fresh_run_dir", run if entry._is_fresh(run) else None)
+        for f, text in files:
+            (run / f).parent.mkdir(parents=True, exist_ok=True)
+            (run / f).write_text(text)
+        return run
+
+    fresh = folder("fresh", ("logs/rank0.log", "started\n"), ("metrics.jsonl", ""))
+    entry._drop_fresh_run_dir(fresh)
+    assert not fresh.exists()
+    trained = folder("trained", ("logs/rank0.log", "started\n"), ("metrics.jsonl", '{"step": 0}\n'))
+    entry._drop_fresh_run_dir(trained)                                 # a failure mid-run keeps what was learnt
+    assert (trained / "metrics.jsonl").read_text() == '{"step": 0}\n'
+    earlier = tmp_path / "earlier"
+    (earlier / "checkpoints").mkdir(parents=True)
+    folder("earlier")                                                  # not this run's: never removed
+    entry._drop_fresh_run_dir(earlier)
+    assert (earlier / "checkpoints").is_dir()
 
 
 def test_fault_spec_is_checked_before_training(world, untouched, monkeypatch):

@@ -7,6 +7,7 @@ and logging come from the other groups (model, optim, train, logging).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -101,8 +102,8 @@ def validate_rl(rl: RLConfig) -> None:
     for name, weight in rl.rewards.items():
         if name not in REGISTRY:
             _fail(f"rl.rewards.{name}", weight, f"unknown reward; registered: {', '.join(sorted(REGISTRY))}")
-        if weight is None or weight != weight:
-            _fail(f"rl.rewards.{name}", weight, "weight must be a number")
+        if not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            _fail(f"rl.rewards.{name}", weight, "weight must be a finite number")
     if any(not s for s in rl.stop):
         _fail("rl.stop", list(rl.stop), "stop strings must be non-empty")
 
