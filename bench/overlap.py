@@ -65,6 +65,21 @@ def config(a, schedule: str):
                    "parallel.ep=2", f"parallel.schedule={schedule}", f"parallel.layers_per_part={PARTS[schedule]}")
 
 
+def block_workload(a):
+    """fn() = forward + backward of one MoE block on one micro-batch, in this process (no exchange): the compute
+    that the turns of an F&B pair are made of, timed alone in the main process and in each worker."""
+    from framework.models import build_model
+
+    cfg = config(a, "dualpipe")
+    torch.manual_seed(0)
+    block = build_model(cfg.model).layers[1]
+    h = torch.randn(a.micro, a.seq, cfg.model.hidden_size, requires_grad=True)
+
+    def fn():
+        block(h).sum().backward()
+    return fn
+
+
 # ------------------------------------------------------------------------------------------- one variant
 class OursStep:
     """One training step of our executor, traced: run the rank's actions, sum mirror copies, reduce over dp."""
@@ -214,12 +229,15 @@ def _worker(rank: int, port: int, a, outdir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="4",
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    intended = None
     if a.pin and hasattr(os, "sched_setaffinity"):
         # ranks that exchange data on different cores: ep peers (same pipeline rank) and pipeline peers (same
         # replica) never share one, so a peer is descheduled only while a rank it never talks to runs
         cores = sorted(os.sched_getaffinity(0))
         pp_rank, dp_rank = divmod(rank, 2)
-        os.sched_setaffinity(0, {cores[(pp_rank + dp_rank) % len(cores)]})
+        intended = [cores[(pp_rank + dp_rank) % len(cores)]]
+        os.sched_setaffinity(0, set(intended))
+    in_force = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     import logging
 
     import torch.distributed as dist
@@ -229,6 +247,19 @@ def _worker(rank: int, port: int, a, outdir: str) -> None:
 
     logging.getLogger("parallel.comm").setLevel(logging.ERROR)
     mesh = init_mesh(2, 2, 2, device="cpu", backend="gloo")
+    from bench.validity import median_time, sleep_overshoot_us
+
+    # readings for the report's validity checks: this rank's block time alone (one rank at a time, so it measures
+    # the core, not the sharing), then the link's sleep overshoot with every rank sleeping at once
+    workload, block_alone = block_workload(a), float("nan")
+    for turn in range(4):
+        if turn == rank:
+            block_alone = median_time(workload)
+        dist.barrier()
+    overshoot = sleep_overshoot_us(a.latency_us * 1e-6) if a.latency_us > 0 else (0.0, 0.0)
+    dist.barrier()
+    readings = {"intended": intended, "in_force": in_force, "block_alone_s": block_alone,
+                "overshoot_us": overshoot}
     link = comm.EmulatedLink(a.latency_us, a.gbps)
     variants = [v for v in VARIANTS if (v[1] != "torch" or not a.no_torch) and (not a.only or v[0] in a.only)]
     recorders = [comm.CommRecorder() for _ in variants]
@@ -271,7 +302,7 @@ def _worker(rank: int, port: int, a, outdir: str) -> None:
         t0, spans, recs = traced[v][median_step[v]]
         lines[name] = ([(t_wall + t0 + s, t_wall + t0 + e, lab) for s, e, lab in spans],
                        [(t_wall + s, t_wall + e, n) for s, e, n in recs])
-    torch.save({"rows": rows, "lines": lines}, os.path.join(outdir, f"{rank}.pt"))
+    torch.save({"rows": rows, "lines": lines, "readings": readings}, os.path.join(outdir, f"{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -289,10 +320,40 @@ def pct(wait: float, total: float) -> str:
 
 
 def measure(a) -> list[dict]:
-    """Spawn the 4 workers for the settings in `a`; returns each rank's results."""
+    """Spawn the 4 workers for the settings in `a`; returns each rank's results, rank 0's with the validity checks
+    of this spawn under "checks"."""
+    from bench import validity as V
+
+    torch.set_num_threads(1)
+    alone = V.median_time(block_workload(a))          # the main process, alone on the machine
+    quiet = V.quiet_before()
+    before, others = V.cpu_times(), V.Others()
     with tempfile.TemporaryDirectory() as outdir:
         mp.spawn(_worker, args=(free_port(), a, outdir), nprocs=4, join=True)
-        return [torch.load(os.path.join(outdir, f"{r}.pt")) for r in range(4)]
+        per_rank = [torch.load(os.path.join(outdir, f"{r}.pt")) for r in range(4)]
+    per_rank[0]["checks"] = run_checks(a, [quiet, others.check(), V.no_steal(before, V.cpu_times())], alone,
+                                       [r["readings"] for r in per_rank])
+    return per_rank
+
+
+def run_checks(a, host: list, alone: float, readings: list[dict]) -> list:
+    """The spawn's validity checks (bench/validity.py): quiet machine, no steal, every rank's core as fast as the
+    main process's, the link's sleeps close to what they model, the pinning asked for in force."""
+    from bench.validity import Check
+
+    slowest = max(r["block_alone_s"] for r in readings)
+    over = max(r["overshoot_us"][0] for r in readings)
+    limit_us = max(50.0, 0.1 * a.latency_us)
+    checks = [*host,
+              Check("one MoE block fwd+bwd alone: slowest rank / main process", f"{slowest / alone:.2f} "
+                    f"({1e3 * slowest:.2f} / {1e3 * alone:.2f} ms)", "< 1.25", slowest / alone < 1.25),
+              Check(f"sleep overshoot of the emulated link ({a.latency_us:g} us), median, worst rank",
+                    f"{over:.0f} us", f"< {limit_us:.0f} us", over < limit_us)]
+    if a.pin:
+        pinned = [r["in_force"] == r["intended"] for r in readings]
+        checks.append(Check("pinning in force (cores of ranks 0-3)", " ".join(str(r["in_force"]) for r in readings),
+                            "as intended: " + " ".join(str(r["intended"]) for r in readings), all(pinned)))
+    return checks
 
 
 def main(argv=None) -> str:
@@ -322,16 +383,22 @@ def main(argv=None) -> str:
         raise ValueError(f"--only: unknown variants {sorted(unknown)}: allowed: {', '.join(v[0] for v in VARIANTS)}")
     if a.chunks % 2 or a.chunks < 4:
         raise ValueError(f"--chunks={a.chunks}: DualPipe on 2 pipeline ranks needs an even number >= 4")
+    from bench.validity import checks_table, verdict
+
     per_rank = measure(a)
     rows = per_rank[0]["rows"]
+    valid, why = verdict(per_rank[0]["checks"])
     # machine noise differs more between spawns than between the steps of one: the DualPipe variants again, in
     # separate spawns, at the main latency and at the others
     main_run = set(SWEEP) <= {r["name"] for r in rows}
-    sweep = [(a.latency_us, 0, rows)] if main_run else []
+    sweep = [(a.latency_us, 0, rows)] if main_run else []   # (latency, spawn, rows, (valid, why))
     for latency in sorted({a.latency_us, *a.sweep_latency_us}):
         for spawn in range(1 if latency == a.latency_us and main_run else 0, a.repeats):
             b = argparse.Namespace(**{**vars(a), "latency_us": latency, "only": SWEEP})
-            sweep.append((latency, spawn, measure(b)[0]["rows"]))
+            res = measure(b)[0]
+            sweep.append((latency, spawn, res["rows"], verdict(res["checks"])))
+    if main_run:
+        sweep[0] = (*sweep[0], (valid, why))
     sweep.sort(key=lambda x: x[:2])
     OUT.mkdir(exist_ok=True)
     png, png_off = OUT / "overlap_timeline.png", OUT / "overlap_timeline_no_overlap.png"
@@ -357,45 +424,51 @@ def main(argv=None) -> str:
     table = ["| variant | step ms (median, slowest rank) | hidden, steady state (F&B) | steady state, rows only | "
              "whole step | exchange ms per rank-step | exposed ms per rank-step | of which a late peer | hidden once "
              "both peers had started (steady state) |", "|---|---|---|---|---|---|---|---|---|"]
+    hid = pct if valid else (lambda wait, total: "withheld")  # noqa: E731  (an invalid run's fractions mislead)
     for r in rows:
-        table.append(f"| {r['name']} | {1e3 * r['step_s']:.0f} | {pct(r['fb_all_wait'], r['fb_all_comm'])} | "
-                     f"{pct(r['fb_payload_wait'], r['fb_payload_comm'])} | "
-                     f"{pct(r['step_all_wait'], r['step_all_comm'])} | {ms(r, 'step_all_comm')} | "
+        table.append(f"| {r['name']} | {1e3 * r['step_s']:.0f} | {hid(r['fb_all_wait'], r['fb_all_comm'])} | "
+                     f"{hid(r['fb_payload_wait'], r['fb_payload_comm'])} | "
+                     f"{hid(r['step_all_wait'], r['step_all_comm'])} | {ms(r, 'step_all_comm')} | "
                      f"{ms(r, 'step_all_wait')} | {ms(r, 'step_all_late')} | "
-                     f"{pct(r['fb_all_ownwait'], r['fb_all_own'])} |")
+                     f"{hid(r['fb_all_ownwait'], r['fb_all_own'])} |")
     table += ["", "Steady state (F&B) by exchange, hidden fraction / exchange ms per rank-step:", "",
               "| variant | " + " | ".join(KINDS) + " |", "|---|" + "---|" * len(KINDS)]
     for r in rows:
         if r["fb_all_comm"] > 0:
             table.append(f"| {r['name']} | " + " | ".join(
-                f"{pct(r[f'fb_{k}_wait'], r[f'fb_{k}_comm'])} / {ms(r, f'fb_{k}_comm')}"
+                f"{hid(r[f'fb_{k}_wait'], r[f'fb_{k}_comm'])} / {ms(r, f'fb_{k}_comm')}"
                 if r[f"fb_{k}_comm"] > 0 else "-" for k in KINDS) + " |")
     if sweep:
         table += ["", f"Ours DualPipe in separate spawns (spawn 0 at {a.latency_us:g} us is the run above), by link "
                   f"latency (same bandwidth, {a.steps} steps each; hidden fractions in the steady state):", "",
                   "| link latency (us) | spawn | step ms: padded, overlap | counts, overlap | padded, no overlap | "
                   "hidden: padded | hidden: counts | padded, once both peers had started | exchange ms per rank-step "
-                  "(padded) | exposed ms per rank-step (padded): all / a late peer |", "|---" * 10 + "|"]
-        for latency, spawn, srows in sweep:
+                  "(padded) | exposed ms per rank-step (padded): all / a late peer | valid |", "|---" * 11 + "|"]
+        for latency, spawn, srows, (ok, reason) in sweep:
             by = {r["name"]: r for r in srows}
             pad, cnt, off = by[SWEEP[0]], by[SWEEP[1]], by[SWEEP[2]]
+            h = pct if ok else (lambda wait, total: "withheld")  # noqa: E731
             table.append(f"| {latency:g} | {spawn} | {1e3 * pad['step_s']:.0f} | {1e3 * cnt['step_s']:.0f} | "
-                         f"{1e3 * off['step_s']:.0f} | {pct(pad['fb_all_wait'], pad['fb_all_comm'])} | "
-                         f"{pct(cnt['fb_all_wait'], cnt['fb_all_comm'])} | "
-                         f"{pct(pad['fb_all_ownwait'], pad['fb_all_own'])} | {ms(pad, 'step_all_comm')} | "
-                         f"{ms(pad, 'step_all_wait')} / {ms(pad, 'step_all_late')} |")
+                         f"{1e3 * off['step_s']:.0f} | {h(pad['fb_all_wait'], pad['fb_all_comm'])} | "
+                         f"{h(cnt['fb_all_wait'], cnt['fb_all_comm'])} | "
+                         f"{h(pad['fb_all_ownwait'], pad['fb_all_own'])} | {ms(pad, 'step_all_comm')} | "
+                         f"{ms(pad, 'step_all_wait')} / {ms(pad, 'step_all_late')} | "
+                         f"{'yes' if ok else 'no: ' + reason} |")
     if sweep:
         def spread(latency, name):
-            vals = [100 * (1 - by[name]["fb_all_wait"] / by[name]["fb_all_comm"]) for lat, _, srows in sweep
-                    if lat == latency for by in [{r["name"]: r for r in srows}]]
-            return f"{min(vals):.0f}-{max(vals):.0f}%"
-        table += ["", "Reading: hidden fraction in the steady state over the spawns above, DualPipe with overlap, "
-                  "padded / counts dispatch: " + "; ".join(
+            vals = [100 * (1 - by[name]["fb_all_wait"] / by[name]["fb_all_comm"]) for lat, _, srows, (ok, _) in sweep
+                    if lat == latency and ok for by in [{r["name"]: r for r in srows}]]
+            n = sum(1 for lat, *_ in sweep if lat == latency)
+            if not vals:
+                return f"none of {n} spawns valid"
+            return f"{min(vals):.0f}-{max(vals):.0f}% ({len(vals)} of {n} spawns valid)"
+        table += ["", "Reading: hidden fraction in the steady state over the valid spawns above (min-max), DualPipe "
+                  "with overlap, padded / counts dispatch: " + "; ".join(
                       f"{lat:g} us: {spread(lat, SWEEP[0])} / {spread(lat, SWEEP[1])}"
-                      for lat in sorted({lat for lat, _, _ in sweep})) + ". Counting every second spent in wait(), "
-                  "the wake-up delay after completion included, the run above gives " + ", ".join(
-                      f"{r['name']} {pct(r['fb_all_rawwait'], r['fb_all_comm'])}" for r in rows
-                      if r["name"] in SWEEP[:2]) + "."]
+                      for lat in sorted({lat for lat, *_ in sweep})) + "." + (
+                      " Counting every second spent in wait(), the wake-up delay after completion included, the run "
+                      "above gives " + ", ".join(f"{r['name']} {pct(r['fb_all_rawwait'], r['fb_all_comm'])}"
+                                                  for r in rows if r["name"] in SWEEP[:2]) + "." if valid else "")]
     notes = ("\n\nHidden = 1 - exposed / exchange time (start to completion), summed over ranks and measured steps; "
              "exposed = the time the caller sat in wait() while the exchange was in progress (a wait also holds the "
              "thread's wake-up delay after completion, which on this shared machine is not communication). Steady "
@@ -415,7 +488,11 @@ def main(argv=None) -> str:
              f"`bench/out/{png.name}` (overlap) and `bench/out/{png_off.name}`, rows = global ranks 0-3 "
              "(pipeline rank = rank // 2), grey bars = exchanges.")
     command = "python -m bench.overlap" + ("" if argv is None else " " + " ".join(argv))
-    text = (f"## Expert all-to-all hidden in DualPipe's F&B pairs (bench/overlap.py)\n\n{head}" + "\n".join(table)
+    validity = ("Validity of the run above (bench/validity.py; a failed check withholds its hidden fractions):\n\n"
+                + checks_table(per_rank[0]["checks"])
+                + ("\n\n" if valid else f"\n\n**Run not valid, hidden fractions withheld**: {why}.\n\n"))
+    text = (f"## Expert all-to-all hidden in DualPipe's F&B pairs (bench/overlap.py)\n\n{head}{validity}"
+            + "\n".join(table)
             + notes + f"\n\nCommand: `{command}`; machine: {machine()} (main process; workers 1 thread).\n")
     write_report("overlap", text)
     return text
