@@ -1,5 +1,9 @@
-"""Communication plumbing for expert parallelism: the NCCL SM budget, a communication stream, an emulated link for
-CPU benchmarks, and the trace every exchange leaves behind.
+"""Communication plumbing for expert parallelism: the NCCL SM budget, an emulated link for CPU benchmarks, and the
+trace every exchange leaves behind.
+
+There is no communication stream of our own: an asynchronous NCCL collective already runs on the communicator's
+internal stream, made high-priority and limited to `sm_budget` CTAs by the options below, and its Work.wait() orders
+the compute stream after it. A stream of ours in front of it would only add an event hop.
 
 DeepSeek-V3 gives 20 of the H800's 132 SMs to all communication and the rest to compute (V3 §3.2.2). NCCL takes that
 limit as CTAs per communicator (`max_ctas`/`min_ctas`), set when the process group is created: `new_ep_group` builds
@@ -13,14 +17,13 @@ stream (resolved lazily, when the trace is read, so that timing never synchroniz
 """
 from __future__ import annotations
 
-import contextlib
 from collections import deque
 import logging
 import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -80,57 +83,6 @@ def exchange_clock(device: torch.device | str, backend: str) -> str:
     """How an exchange's exposed time is measured: 'cuda_events' where wait() only orders GPU streams (NCCL on a
     CUDA tensor), 'host' where wait() blocks the calling thread until the data has moved (gloo, CPU or CUDA)."""
     return "cuda_events" if torch.device(device).type == "cuda" and backend == "nccl" else "host"
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Communication stream
-# --------------------------------------------------------------------------------------------------------------------
-
-class CommStream:
-    """Where collectives are launched. On CUDA: a dedicated high-priority stream, ordered against the compute stream by
-    events; on CPU: nothing (gloo already moves data on its own thread).
-
-        with comm.launch() as done:     # comm stream waits for what compute queued so far (inputs are ready)
-            work = dist.all_to_all_single(..., async_op=True)
-        ...compute...
-        done.wait()                    # compute stream waits for the comm stream's work before using the output
-
-    NCCL kernels launched on the comm stream run concurrently with compute kernels on the default stream.
-    """
-
-    def __init__(self, device: torch.device | str = "cpu", priority: int = -1):
-        self.device = torch.device(device)
-        self.stream = None
-        if self.device.type == "cuda":
-            self.stream = torch.cuda.Stream(self.device, priority=priority)
-
-    @contextlib.contextmanager
-    def launch(self) -> Iterator["StreamDone"]:
-        done = StreamDone()
-        if self.stream is None:
-            yield done
-            return
-        compute = torch.cuda.current_stream(self.device)
-        ready = torch.cuda.Event()
-        ready.record(compute)
-        self.stream.wait_event(ready)
-        with torch.cuda.stream(self.stream):
-            yield done
-        done.event = torch.cuda.Event()
-        done.event.record(self.stream)
-        done.compute = compute
-
-
-class StreamDone:
-    """The comm stream's 'finished' marker; wait() makes the compute stream wait for it (no-op on CPU)."""
-
-    def __init__(self):
-        self.event = None
-        self.compute = None
-
-    def wait(self) -> None:
-        if self.event is not None:
-            self.compute.wait_event(self.event)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -291,11 +243,11 @@ class Exchange:
 
     def __init__(self, name: str, work, nbytes: int, finish: Callable[[], object],
                  link: Optional[EmulatedLink] = None, recorder: Optional[CommRecorder] = None,
-                 done: Optional[StreamDone] = None, clock: str = "host", device="cpu", events: Optional[dict] = None):
+                 clock: str = "host", device="cpu", events: Optional[dict] = None):
         if clock not in ("host", "cuda_events"):
             raise ValueError(f"Exchange clock={clock!r}: must be 'host' or 'cuda_events'")
         self.record = ExchangeRecord(name, nbytes, time.perf_counter(), emulated=link is not None)
-        self.work, self.finish, self.done = work, finish, done
+        self.work, self.finish = work, finish
         self.recorder = TRACE if recorder is None else recorder
         self.deadline = self.record.start + (link.seconds(nbytes) if link is not None else 0.0)
         self._completed_at: Optional[float] = None if work is not None else self.record.start
@@ -332,8 +284,6 @@ class Exchange:
             now = time.perf_counter()
             if now < self.deadline:
                 time.sleep(self.deadline - now)
-            if self.done is not None:
-                self.done.wait()
             t1 = time.perf_counter()
             self.record.waited, self.record.wait_start = t1 - t0, t0
             self.record.end = max(self._completed_at, self.deadline)
@@ -345,7 +295,7 @@ class Exchange:
 
 def all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: Sequence[int], in_splits: Sequence[int],
                group, name: str = "all_to_all", link: Optional[EmulatedLink] = None,
-               recorder: Optional[CommRecorder] = None, stream: Optional[CommStream] = None,
+               recorder: Optional[CommRecorder] = None,
                finish: Optional[Callable[[], object]] = None) -> Exchange:
     """Start all_to_all_single of rows: inp [sum(in_splits), ...] -> out [sum(out_splits), ...]; returns an Exchange
     whose wait() gives finish() (default: `out`).
@@ -357,8 +307,6 @@ def all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: Sequence[int], 
     row = math.prod(inp.shape[1:]) * inp.element_size()                # bytes per row
     sent = (sum(in_splits) - in_splits[me]) * row
     received = (sum(out_splits) - out_splits[me]) * row
-    ctx = stream.launch() if stream is not None else contextlib.nullcontext(None)
-    with ctx as done:
-        work = dist.all_to_all_single(out, inp, list(out_splits), list(in_splits), group=group, async_op=True)
+    work = dist.all_to_all_single(out, inp, list(out_splits), list(in_splits), group=group, async_op=True)
     clock = exchange_clock(inp.device, dist.get_backend(group))
-    return Exchange(name, work, max(sent, received), finish or (lambda: out), link, recorder, done, clock, inp.device)
+    return Exchange(name, work, max(sent, received), finish or (lambda: out), link, recorder, clock, inp.device)

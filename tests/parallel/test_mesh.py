@@ -196,14 +196,3 @@ def test_nccl_options_rejects_bad_budget(bad):
 
     with pytest.raises(ValueError, match="parallel.comm.sm_budget"):
         nccl_options(bad)
-
-
-def test_comm_stream_is_a_no_op_on_cpu():
-    from parallel.comm import CommStream
-
-    s = CommStream("cpu")
-    assert s.stream is None
-    with s.launch() as done:
-        x = torch.arange(3.0) * 2
-    done.wait()
-    assert x.tolist() == [0.0, 2.0, 4.0]
