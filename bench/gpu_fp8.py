@@ -234,6 +234,32 @@ def main():
     table("Linear layer forward + backward (3 GEMMs, quantization, re-tiling included)",
           ["tokens x in -> out", "Fp8Linear triton ms", "TFLOP/s", "nn.Linear bf16 ms", "TFLOP/s"], rows)
 
+    # ---------------------------------------------------------------- MoE experts: one launch vs a loop of launches
+    rows = []
+    E, K, N = 8, S(7168), S(2048)  # 8 local experts of V3's shape (hidden 7168 -> expert intermediate 2048)
+    for tokens in (S(8192), S(32768)):
+        counts = torch.multinomial(torch.ones(E), tokens, replacement=True).bincount(minlength=E).tolist()
+        xq, xs = TK.quantize_act(torch.randn(tokens, K, device=dev))
+        blocks = [Q.quantize_weight(torch.randn(N, K, device=dev)) for _ in range(E)]
+        wq, ws = torch.stack([b[0] for b in blocks]), torch.stack([b[1] for b in blocks])
+        one = TK.fp8_grouped_gemm(xq, xs, wq, ws, counts)
+        ref = Q.fp8_grouped_gemm(xq, xs, wq, ws, counts)
+        check(f"grouped GEMM {tokens} tokens", rel_max(one, ref) <= 1e-5, f"rel. max error {rel_max(one, ref):.1e}")
+
+        def loop():
+            start = 0
+            for e, c in enumerate(counts):
+                TK.fp8_gemm(xq[start:start + c], xs[start:start + c], wq[e], ws[e])
+                start += c
+        t_one = bench_ms(lambda: TK.fp8_grouped_gemm(xq, xs, wq, ws, counts))
+        t_loop = bench_ms(loop)
+        flop = 2 * tokens * N * K
+        rows.append([f"{E} x ({tokens // E} x {K} -> {N})", f"{t_one:.2f}", f"{flop / t_one / 1e9:.0f}",
+                     f"{t_loop:.2f}", f"{flop / t_loop / 1e9:.0f}"])
+        log(f"grouped {tokens} done")
+    table("FP8 expert GEMMs: one grouped launch vs one launch per expert (forward)",
+          ["experts x (tokens x in -> out)", "grouped ms", "TFLOP/s", "per-expert loop ms", "TFLOP/s"], rows)
+
     print(f"\nchecks: {'all passed' if not FAILURES else 'FAILED: ' + '; '.join(FAILURES)}; "
           f"total {time.time() - T0:.0f} s")
     return 1 if FAILURES else 0

@@ -104,8 +104,8 @@ def _worker(rank: int, port: int, a, outdir: str) -> None:
     for v, (name, fp8, link) in enumerate(variants):
         steps = torch.tensor(times[v], dtype=torch.float64)
         dist.all_reduce(steps, op=dist.ReduceOp.MAX)                     # a step ends when the slower rank ends
-        mine = torch.tensor([sum(times[v]), sum(r.duration for r in recorders[v].records),
-                             sum(r.waited for r in recorders[v].records)], dtype=torch.float64)
+        mine = torch.tensor([sum(times[v]), sum(r.duration for r in recorders[v].resolved()),
+                             sum(r.waited for r in recorders[v].resolved())], dtype=torch.float64)
         dist.all_reduce(mine)                                             # ratios averaged over the two ranks
         row_bytes = a.hidden + 4 * math.ceil(a.hidden / 128) if fp8 else 4 * a.hidden
         rows.append(dict(config=name, ranks="1 x 1" if fp8 is None else "2 x 1",

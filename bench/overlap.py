@@ -279,9 +279,9 @@ def _worker(rank: int, port: int, a, outdir: str) -> None:
             t = time.perf_counter() - t
             if i >= a.warmup:
                 times[v].append(t)
-                records = list(recorders[v].records)
+                records = list(recorders[v].resolved())
                 stats[v].append(exchange_stats(records, posted_times(records, mesh.ep_group), t0, spans))
-                traced[v].append((t0, spans, [(r.start, r.end, r.name) for r in recorders[v].records]))
+                traced[v].append((t0, spans, [(r.start, r.end, r.name) for r in recorders[v].resolved()]))
     rows, median_step = [], []
     for v, (name, schedule, *_) in enumerate(variants):
         steps_max = torch.tensor(times[v], dtype=torch.float64)

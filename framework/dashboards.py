@@ -142,7 +142,7 @@ def comm_scalars(since: float) -> dict:
     """Exposed-communication numbers of the exchanges that started after `since` (perf_counter seconds)."""
     from parallel.comm import TRACE
 
-    recs = [r for r in list(TRACE.records) if r.start >= since]
+    recs = [r for r in TRACE.resolved() if r.start >= since]
     if not recs:
         return {}
     comm = sum(r.duration for r in recs)

@@ -1,23 +1,29 @@
-"""Communication plumbing for expert parallelism: the NCCL SM budget, a communication stream, an emulated link for
-CPU benchmarks, and the trace every exchange leaves behind.
+"""Communication plumbing for expert parallelism: the NCCL SM budget, an emulated link for CPU benchmarks, and the
+trace every exchange leaves behind.
+
+There is no communication stream of our own: an asynchronous NCCL collective already runs on the communicator's
+internal stream, made high-priority and limited to `sm_budget` CTAs by the options below, and its Work.wait() orders
+the compute stream after it. A stream of ours in front of it would only add an event hop.
 
 DeepSeek-V3 gives 20 of the H800's 132 SMs to all communication and the rest to compute (V3 §3.2.2). NCCL takes that
 limit as CTAs per communicator (`max_ctas`/`min_ctas`), set when the process group is created: `new_ep_group` builds
 the expert-parallel group with it. On CPU (gloo) nothing of the sort exists, and we say so once instead of pretending.
 
-Exposed communication = the time a caller spends blocked in `wait()` on an exchange; the rest of the exchange ran
-under compute. Every exchange records (start, completion, waited) in `TRACE`, so overlap schedules can report both.
+Exposed communication = the time compute spent waiting for an exchange; the rest of the exchange ran under compute.
+Every exchange records (start, completion, waited) in `TRACE`, so overlap schedules can report both. How that time is
+taken depends on who waits (`exchange_clock`): with gloo the host thread blocks in `wait()`, so host clocks measure it;
+with NCCL `wait()` returns at once and only makes the compute STREAM wait, so CUDA events measure the stall of that
+stream (resolved lazily, when the trace is read, so that timing never synchronizes the GPU in the step).
 """
 from __future__ import annotations
 
-import contextlib
 from collections import deque
 import logging
 import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -34,17 +40,13 @@ def _check_sm_budget(sm_budget) -> None:
 
 
 def nccl_options(sm_budget: int):
-    """ProcessGroupNCCL.Options that cap NCCL at `sm_budget` CTAs on a high-priority stream; None without NCCL.
+    """ProcessGroupNCCL.Options that cap NCCL at `sm_budget` CTAs on a high-priority stream (None without NCCL).
 
     max_ctas = min_ctas = sm_budget pins the communicator's footprint (V3 §3.2.2: 20 SMs), so the remaining SMs are
-    guaranteed to compute. Without NCCL (CPU builds, gloo) it returns None and logs one line, once per process.
+    guaranteed to compute. Not yet measured on a GPU: whether NCCL honours the limit is what bench/gpu_nccl.py checks.
     """
-    global _said_not_applicable
     _check_sm_budget(sm_budget)
     if not dist.is_nccl_available():
-        if not _said_not_applicable:
-            log.info(f"parallel.comm.sm_budget={sm_budget}: not applicable on gloo/CPU (NCCL CTA limits need CUDA)")
-            _said_not_applicable = True
         return None
     opts = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
     opts.config.max_ctas = sm_budget
@@ -52,68 +54,35 @@ def nccl_options(sm_budget: int):
     return opts
 
 
-def new_ep_group(ranks: Sequence[int], backend: Optional[str] = None, sm_budget: int = 20):
-    """dist.new_group for an expert-parallel group; NCCL groups get the SM budget of `nccl_options`.
-
-    Like dist.new_group, every rank of the world must call it with the same arguments, in the same order.
-    """
+def sm_budget_note(backend: str, sm_budget: int) -> Optional[str]:
+    """None where the SM budget applies (NCCL), else the one line that says why it does not."""
     _check_sm_budget(sm_budget)
+    if backend == "nccl":
+        return None
+    return f"parallel.comm.sm_budget={sm_budget}: not applicable ({backend}): only NCCL communicators take CTA limits"
+
+
+def new_ep_group(ranks: Sequence[int], backend: Optional[str] = None, sm_budget: int = 20):
+    """dist.new_group for an expert-parallel group; on NCCL it gets the SM budget of `nccl_options`.
+
+    The decision follows the backend actually used by the group (not whether this torch build has NCCL): gloo on a
+    CUDA build logs the not-applicable line once, like a CPU build. Every rank of the world must call it with the same
+    arguments, in the same order.
+    """
+    global _said_not_applicable
     backend = backend or dist.get_backend()
-    opts = nccl_options(sm_budget) if backend == "nccl" else None
-    if backend != "nccl":
-        nccl_options(sm_budget)  # logs the not-applicable line (once)
+    note = sm_budget_note(backend, sm_budget)
+    if note is not None and not _said_not_applicable:
+        log.info(note)
+        _said_not_applicable = True
+    opts = nccl_options(sm_budget) if note is None else None
     return dist.new_group(list(ranks), backend=backend, pg_options=opts)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Communication stream
-# --------------------------------------------------------------------------------------------------------------------
-
-class CommStream:
-    """Where collectives are launched. On CUDA: a dedicated high-priority stream, ordered against the compute stream by
-    events; on CPU: nothing (gloo already moves data on its own thread).
-
-        with comm.launch() as done:     # comm stream waits for what compute queued so far (inputs are ready)
-            work = dist.all_to_all_single(..., async_op=True)
-        ...compute...
-        done.wait()                    # compute stream waits for the comm stream's work before using the output
-
-    NCCL kernels launched on the comm stream run concurrently with compute kernels on the default stream.
-    """
-
-    def __init__(self, device: torch.device | str = "cpu", priority: int = -1):
-        self.device = torch.device(device)
-        self.stream = None
-        if self.device.type == "cuda":
-            self.stream = torch.cuda.Stream(self.device, priority=priority)
-
-    @contextlib.contextmanager
-    def launch(self) -> Iterator["StreamDone"]:
-        done = StreamDone()
-        if self.stream is None:
-            yield done
-            return
-        compute = torch.cuda.current_stream(self.device)
-        ready = torch.cuda.Event()
-        ready.record(compute)
-        self.stream.wait_event(ready)
-        with torch.cuda.stream(self.stream):
-            yield done
-        done.event = torch.cuda.Event()
-        done.event.record(self.stream)
-        done.compute = compute
-
-
-class StreamDone:
-    """The comm stream's 'finished' marker; wait() makes the compute stream wait for it (no-op on CPU)."""
-
-    def __init__(self):
-        self.event = None
-        self.compute = None
-
-    def wait(self) -> None:
-        if self.event is not None:
-            self.compute.wait_event(self.event)
+def exchange_clock(device: torch.device | str, backend: str) -> str:
+    """How an exchange's exposed time is measured: 'cuda_events' where wait() only orders GPU streams (NCCL on a
+    CUDA tensor), 'host' where wait() blocks the calling thread until the data has moved (gloo, CPU or CUDA)."""
+    return "cuda_events" if torch.device(device).type == "cuda" and backend == "nccl" else "host"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -131,6 +100,14 @@ class ExchangeRecord:
     waited: float = 0.0
     emulated: bool = False
     wait_start: float = float("nan")  # when the caller began to wait()
+    pending: Optional[Callable[["ExchangeRecord"], None]] = field(default=None, repr=False, compare=False)
+
+    def resolve(self) -> "ExchangeRecord":
+        """Fill in the times measured by CUDA events (blocks until they have happened); no-op for host clocks."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending(self)
+        return self
 
     @property
     def duration(self) -> float:
@@ -155,9 +132,13 @@ class CommRecorder:
     def clear(self) -> None:
         self.records.clear()
 
+    def resolved(self) -> list[ExchangeRecord]:
+        """The records with every time filled in (CUDA-event records are resolved here, not in the step)."""
+        return [r.resolve() for r in list(self.records)]
+
     def summary(self, names: Optional[Sequence[str]] = None) -> dict[str, float]:
         """Totals in seconds: comm_s (sum of exchange durations), exposed_s (sum of waits), and the count."""
-        recs = [r for r in self.records if names is None or r.name in names]
+        recs = [r for r in self.resolved() if names is None or r.name in names]
         return {"exchanges": len(recs), "comm_s": sum(r.duration for r in recs),
                 "exposed_s": sum(r.waited for r in recs), "bytes": sum(r.nbytes for r in recs)}
 
@@ -205,26 +186,79 @@ class EmulatedLink:
         return f"EmulatedLink(latency_us={self.latency_us:g}, gbps={self.gbps:g})"
 
 
-class Exchange:
-    """A started exchange: wait() blocks until it is complete (really, and per the emulated link if any), runs the
-    `finish` callback once, records the trace and returns finish's result.
+class _CudaEventTimes:
+    """The CUDA events of one NCCL exchange, on the GPU's clock:
 
-    `work` is the torch.distributed Work of the collective (None for a world of one).
+        launched   on the compute stream when the collective is started (NCCL's stream begins after it)
+        completed  on a watcher stream made to wait for NCCL's stream: the data has moved
+        waiting    on the compute stream when wait() is called (compute has reached the point that needs the data)
+        resumed    on the compute stream right after wait(): it fires when the stream may go on
+
+    so the compute stream's stall is elapsed(waiting, resumed) and the exchange's flight elapsed(launched, completed).
+    `event`, `stream_ctx` and `watcher` are injectable so that the arithmetic is tested on CPU.
+    """
+
+    _watchers: dict = {}
+
+    def __init__(self, work, device, event=None, stream_ctx=None, watcher=None):
+        self.event = event or (lambda: torch.cuda.Event(enable_timing=True))
+        self.stream_ctx = stream_ctx or torch.cuda.stream
+        device = torch.device(device)
+        if watcher is None:
+            watcher = self._watchers.get(device)
+            if watcher is None:
+                watcher = self._watchers[device] = torch.cuda.Stream(device)
+        self.launched = self._record()
+        with self.stream_ctx(watcher):
+            work.wait()                            # the watcher (not compute) waits for NCCL's stream
+            self.completed = self._record()
+        self.waiting = self.resumed = None
+
+    def _record(self):
+        ev = self.event()
+        ev.record()
+        return ev
+
+    def around_wait(self, work) -> None:
+        self.waiting = self._record()
+        work.wait()                                # compute stream waits for the collective; the host does not
+        self.resumed = self._record()
+
+    def fill(self, rec: "ExchangeRecord") -> None:
+        self.resumed.synchronize()
+        self.completed.synchronize()
+        ms = self.launched.elapsed_time
+        rec.end = rec.start + ms(self.completed) * 1e-3
+        rec.wait_start = rec.start + ms(self.waiting) * 1e-3
+        rec.waited = self.waiting.elapsed_time(self.resumed) * 1e-3
+
+
+class Exchange:
+    """A started exchange: wait() makes the caller wait until it is complete (really, and per the emulated link if
+    any), runs the `finish` callback once, records the trace and returns finish's result.
+
+    `work` is the torch.distributed Work of the collective (None for a world of one). `clock` says how the wait is
+    measured (`exchange_clock`); with 'cuda_events' the record's times are filled in when the trace is read.
     """
 
     def __init__(self, name: str, work, nbytes: int, finish: Callable[[], object],
                  link: Optional[EmulatedLink] = None, recorder: Optional[CommRecorder] = None,
-                 done: Optional[StreamDone] = None):
+                 clock: str = "host", device="cpu", events: Optional[dict] = None):
+        if clock not in ("host", "cuda_events"):
+            raise ValueError(f"Exchange clock={clock!r}: must be 'host' or 'cuda_events'")
         self.record = ExchangeRecord(name, nbytes, time.perf_counter(), emulated=link is not None)
-        self.work, self.finish, self.done = work, finish, done
+        self.work, self.finish = work, finish
         self.recorder = TRACE if recorder is None else recorder
         self.deadline = self.record.start + (link.seconds(nbytes) if link is not None else 0.0)
         self._completed_at: Optional[float] = None if work is not None else self.record.start
         self._lock = threading.Lock()
         self._result = None
         self._waited = False
-        if work is not None:
-            # the completion time is stamped by gloo/NCCL's own thread when the data has moved, even if nobody waits
+        self._gpu = None
+        if work is not None and clock == "cuda_events":
+            self._gpu = _CudaEventTimes(work, device, **(events or {}))
+        elif work is not None:
+            # the completion time is stamped by gloo's own thread when the data has moved, even if nobody waits
             work.get_future().add_done_callback(lambda _: self._stamp())
 
     def _stamp(self) -> None:
@@ -239,18 +273,20 @@ class Exchange:
     def wait(self):
         if self._waited:
             return self._result
-        t0 = time.perf_counter()
-        if self.work is not None:
-            self.work.wait()
-            self._stamp()
-        now = time.perf_counter()
-        if now < self.deadline:
-            time.sleep(self.deadline - now)
-        if self.done is not None:
-            self.done.wait()
-        t1 = time.perf_counter()
-        self.record.waited, self.record.wait_start = t1 - t0, t0
-        self.record.end = max(self._completed_at, self.deadline)
+        if self._gpu is not None:
+            self._gpu.around_wait(self.work)
+            self.record.pending = self._gpu.fill
+        else:
+            t0 = time.perf_counter()
+            if self.work is not None:
+                self.work.wait()
+                self._stamp()
+            now = time.perf_counter()
+            if now < self.deadline:
+                time.sleep(self.deadline - now)
+            t1 = time.perf_counter()
+            self.record.waited, self.record.wait_start = t1 - t0, t0
+            self.record.end = max(self._completed_at, self.deadline)
         self.recorder.add(self.record)
         self._result, self._waited = self.finish(), True
         self.finish = None
@@ -259,7 +295,7 @@ class Exchange:
 
 def all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: Sequence[int], in_splits: Sequence[int],
                group, name: str = "all_to_all", link: Optional[EmulatedLink] = None,
-               recorder: Optional[CommRecorder] = None, stream: Optional[CommStream] = None,
+               recorder: Optional[CommRecorder] = None,
                finish: Optional[Callable[[], object]] = None) -> Exchange:
     """Start all_to_all_single of rows: inp [sum(in_splits), ...] -> out [sum(out_splits), ...]; returns an Exchange
     whose wait() gives finish() (default: `out`).
@@ -271,7 +307,6 @@ def all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: Sequence[int], 
     row = math.prod(inp.shape[1:]) * inp.element_size()                # bytes per row
     sent = (sum(in_splits) - in_splits[me]) * row
     received = (sum(out_splits) - out_splits[me]) * row
-    ctx = stream.launch() if stream is not None else contextlib.nullcontext(None)
-    with ctx as done:
-        work = dist.all_to_all_single(out, inp, list(out_splits), list(in_splits), group=group, async_op=True)
-    return Exchange(name, work, max(sent, received), finish or (lambda: out), link, recorder, done)
+    work = dist.all_to_all_single(out, inp, list(out_splits), list(in_splits), group=group, async_op=True)
+    clock = exchange_clock(inp.device, dist.get_backend(group))
+    return Exchange(name, work, max(sent, received), finish or (lambda: out), link, recorder, clock, inp.device)

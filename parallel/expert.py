@@ -71,13 +71,12 @@ class _Route:
     name: str
     link: Optional[comm.EmulatedLink]
     recorder: Optional[comm.CommRecorder]
-    stream: Optional[comm.CommStream]
     fp8: bool = False
     pow2: bool = True
 
     def reverse(self) -> "_Route":
         return _Route(self.in_splits, self.out_splits, self.group, self.name + ".backward", self.link,
-                      self.recorder, self.stream)
+                      self.recorder)
 
 
 def _fp8_rows(x: torch.Tensor, pow2: bool) -> torch.Tensor:
@@ -100,7 +99,7 @@ def _start(x: torch.Tensor, route: _Route, out: torch.Tensor) -> comm.Exchange:
     """Start moving the rows of x [sum(in_splits), C] along `route` into out [sum(out_splits), C]."""
     if not route.fp8:
         return comm.all_to_all(out, x.contiguous(), route.out_splits, route.in_splits, route.group, route.name,
-                               route.link, route.recorder, route.stream)
+                               route.link, route.recorder)
     C = x.shape[1]
     payload = _fp8_rows(x, route.pow2)                                         # [M, C + 4G]
     received = payload.new_empty(sum(route.out_splits), payload.shape[1])
@@ -111,7 +110,7 @@ def _start(x: torch.Tensor, route: _Route, out: torch.Tensor) -> comm.Exchange:
         return out
 
     return comm.all_to_all(received, payload, route.out_splits, route.in_splits, route.group, route.name,
-                           route.link, route.recorder, route.stream, finish=unpack)
+                           route.link, route.recorder, finish=unpack)
 
 
 class _Exchange(torch.autograd.Function):
@@ -158,7 +157,7 @@ class _PaddedRows(torch.autograd.Function):
         g_recv = grad.index_select(0, dctx.unsort)                             # [M_recv, C], [source][expert]
         g_send = grad.new_empty(sum(dctx.send_splits), grad.shape[1])          # [M_send, C]
         comm.all_to_all(g_send, g_recv, dctx.send_splits, dctx.recv_splits, d.group, f"{d.name}.dispatch.backward",
-                        d.link, d.recorder, d.stream).wait()
+                        d.link, d.recorder).wait()
         return g_send.new_zeros(dctx.n_tokens, grad.shape[1]).index_add_(0, dctx.token, g_send), None, None, None
 
 
@@ -212,12 +211,13 @@ class ExpertParallelDispatcher(Dispatcher):
 
     fp8: send the dispatch payload as E4M3 1x128 tiles (+ fp32 scales, power-of-two when pow2), dequantized on
     arrival; the combine stays in the activations' precision (V3 §3.3). link: an EmulatedLink that delays every
-    exchange (CPU benchmarks). recorder: where exchanges are traced (comm.TRACE by default). stream: a CommStream.
+    exchange (CPU benchmarks). recorder: where exchanges are traced (comm.TRACE by default). On NCCL the exchanges run on
+    the communicator's own high-priority stream, limited to parallel.comm.sm_budget CTAs (parallel/comm.py).
     """
 
     def __init__(self, n_experts: int, ep_group, fp8: bool = False, pow2_scales: bool = True,
                  link: Optional[comm.EmulatedLink] = None, recorder: Optional[comm.CommRecorder] = None,
-                 stream: Optional[comm.CommStream] = None, name: str = "moe", layout: str = "counts",
+                 name: str = "moe", layout: str = "counts",
                  capacity: Optional[int] = None):
         if layout not in LAYOUTS:
             raise ValueError(f"parallel.comm.dispatch={layout!r}: must be one of {', '.join(LAYOUTS)}")
@@ -232,7 +232,7 @@ class ExpertParallelDispatcher(Dispatcher):
         if fp8 and quantize_act is None:
             raise ValueError("fp8.dispatch=true: framework.fp8.quantize is not available; set fp8.dispatch=false")
         self.n_experts, self.n_local = n_experts, n_experts // self.ep
-        self.fp8, self.pow2, self.link, self.recorder, self.stream = fp8, pow2_scales, link, recorder, stream
+        self.fp8, self.pow2, self.link, self.recorder = fp8, pow2_scales, link, recorder
         self.name = name
 
     @property
@@ -241,7 +241,7 @@ class ExpertParallelDispatcher(Dispatcher):
 
     def _route(self, what: str, out_splits, in_splits, fp8: bool = False) -> _Route:
         return _Route(list(out_splits), list(in_splits), self.group, f"{self.name}.{what}", self.link,
-                      self.recorder, self.stream, fp8, self.pow2)
+                      self.recorder, fp8, self.pow2)
 
     # ---------------------------------------------------------------------------------------------------------------
     @property
@@ -285,7 +285,7 @@ class ExpertParallelDispatcher(Dispatcher):
         recv_counts = torch.empty_like(send_counts)
         counts_route = self._route("counts", [E_local] * ep, [E_local] * ep)
         exchange = comm.all_to_all(recv_counts, send_counts, counts_route.out_splits, counts_route.in_splits,
-                                   self.group, counts_route.name, self.link, self.recorder, self.stream)
+                                   self.group, counts_route.name, self.link, self.recorder)
         return CountsInFlight(lambda: self._start_rows(x_send, exchange, recv_counts, send_counts, token, weight, N))
 
     def _start_rows(self, x_send, counts_exchange, recv_counts, send_counts, token, weight, N) -> Pending:
@@ -327,7 +327,7 @@ class ExpertParallelDispatcher(Dispatcher):
         message = torch.cat([message, choices.view(torch.uint8)], dim=1)      # [cap, B]
         received = torch.empty(ep * cap, message.shape[1], dtype=torch.uint8, device=x.device)
         exchange = comm.all_to_all(received, message.repeat(ep, 1), [cap] * ep, [cap] * ep, self.group,
-                                   f"{self.name}.dispatch", self.link, self.recorder, self.stream)
+                                   f"{self.name}.dispatch", self.link, self.recorder)
 
         def select():
             got = received[:, -4 * K:].contiguous().view(torch.int32)         # [ep*cap, K]
@@ -434,7 +434,7 @@ def mark_expert_params(module: nn.Module) -> None:
 
 def apply_expert_parallel(model: nn.Module, mesh, cfg=None, fp8_dispatch: Optional[bool] = None,
                           link: Optional[comm.EmulatedLink] = None, recorder: Optional[comm.CommRecorder] = None,
-                          stream: Optional[comm.CommStream] = None, layout: Optional[str] = None) -> nn.Module:
+                          layout: Optional[str] = None) -> nn.Module:
     """Shard every MoE layer of `model` over mesh.ep_group, in place; returns the model.
 
     Each MoE keeps only this rank's experts, copied from the full (or larger) Experts module it had, so a model built
@@ -456,8 +456,6 @@ def apply_expert_parallel(model: nn.Module, mesh, cfg=None, fp8_dispatch: Option
         if dist.get_rank(mesh.ep_group) != mesh.ep_rank:
             raise ValueError(f"ep_group rank {dist.get_rank(mesh.ep_group)} != mesh.ep_rank {mesh.ep_rank}: "
                              f"experts would be misplaced")
-        if stream is None and mesh.device.type == "cuda":
-            stream = comm.CommStream(mesh.device)
     for name, moe in model.named_modules():
         if not isinstance(moe, MoE):
             continue
@@ -467,7 +465,7 @@ def apply_expert_parallel(model: nn.Module, mesh, cfg=None, fp8_dispatch: Option
                 moe.experts = _experts_like(moe.experts, moe.n_experts, local)
             moe.dispatcher = ExpertParallelDispatcher(moe.n_experts, mesh.ep_group, fp8=fp8_dispatch,
                                                       pow2_scales=pow2, link=link, recorder=recorder,
-                                                      stream=stream, name=name or "moe", layout=layout)
+                                                      name=name or "moe", layout=layout)
         mark_expert_params(moe)
     return model
 

@@ -353,8 +353,7 @@ def moe_block_steps(block: nn.Module, h: torch.Tensor, tape: Tape, recompute: bo
         g_recv = g_sorted.index_select(0, ctx.unsort)                          # [M_recv, C], [source][expert]
         g_send = g_recv.new_empty(sum(ctx.send_splits), g_recv.shape[1])       # [M_send, C]
         exchange = comm.all_to_all(g_send, g_recv, ctx.send_splits, ctx.recv_splits, dispatcher.group,
-                                   f"{dispatcher.name}.dispatch.backward", dispatcher.link, dispatcher.recorder,
-                                   dispatcher.stream)
+                                   f"{dispatcher.name}.dispatch.backward", dispatcher.link, dispatcher.recorder)
         # the weight gradients held back so far (V3 Figure 4's ATTN(W)) run under this exchange: without them only
         # the other chunk's routed experts would
         tape.run_deferred_w()
@@ -372,7 +371,7 @@ def moe_block_steps(block: nn.Module, h: torch.Tensor, tape: Tape, recompute: bo
     y_recv = y_sorted.detach().index_select(0, ctx.unsort)                     # [M_recv, C]
     y_back = y_recv.new_empty(sum(ctx.send_splits), y_recv.shape[1])          # [M_send, C]
     exchange = comm.all_to_all(y_back, y_recv, ctx.send_splits, ctx.recv_splits, dispatcher.group,
-                               f"{dispatcher.name}.combine", dispatcher.link, dispatcher.recorder, dispatcher.stream)
+                               f"{dispatcher.name}.combine", dispatcher.link, dispatcher.recorder)
     yield f"{dispatcher.name}.combine"
     exchange.wait()
     y_back.requires_grad_()
@@ -382,8 +381,7 @@ def moe_block_steps(block: nn.Module, h: torch.Tensor, tape: Tape, recompute: bo
         g_back = y_back.grad if y_back.grad is not None else torch.zeros_like(y_back)
         g_recv = g_back.new_empty(sum(ctx.recv_splits), g_back.shape[1])       # [M_recv, C], [source][expert]
         exchange = comm.all_to_all(g_recv, g_back, ctx.recv_splits, ctx.send_splits, dispatcher.group,
-                                   f"{dispatcher.name}.combine.backward", dispatcher.link, dispatcher.recorder,
-                                   dispatcher.stream)
+                                   f"{dispatcher.name}.combine.backward", dispatcher.link, dispatcher.recorder)
         yield f"{dispatcher.name}.combine.backward"
         # a turn of its own for compute that needs no exchange, the shared expert's backward: the other chunk's
         # token counts (or, padded layout, its rows) travel under it

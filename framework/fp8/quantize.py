@@ -236,3 +236,22 @@ def fp8_gemm(xq, xs, wq, ws, block=BLOCK, out_dtype=torch.float32):
         part.mul_(xs[:, g0:g1].t().unsqueeze(2)).mul_(ws_rows[:, g0:g1].t().unsqueeze(1))
         out += part.sum(dim=0)
     return out.to(out_dtype)
+
+
+def fp8_grouped_gemm(xq, xs, wq, ws, counts, block=BLOCK, out_dtype=torch.float32):
+    """out [T, N]: rows [start_e, start_e + counts[e]) of X times W_e^T, for every expert e (the reference).
+
+    xq [T, K] E4M3 with xs [T, G] (1x128 tiles, tokens sorted by expert); wq [E, N, K] E4M3 with ws [E, Nb, G]
+    (128x128 blocks) or [E, N, G] (1x128 tiles); counts: E host ints summing to T. One fp8_gemm per expert.
+    """
+    counts = [int(c) for c in counts]
+    if wq.dim() != 3 or ws.dim() != 3 or len(counts) != wq.shape[0] or sum(counts) != xq.shape[0]:
+        raise ValueError(f"fp8_grouped_gemm: wq [E, N, K], ws [E, *, G] and {xq.shape[0]} rows in counts of E "
+                         f"experts, got wq {tuple(wq.shape)}, ws {tuple(ws.shape)}, counts {counts}")
+    out = torch.zeros(xq.shape[0], wq.shape[1], dtype=torch.float32, device=xq.device)
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            out[start:start + c] = fp8_gemm(xq[start:start + c], xs[start:start + c], wq[e], ws[e], block)
+        start += c
+    return out.to(out_dtype)

@@ -138,6 +138,39 @@ if HAVE_TRITON:
         c = c_ptr + rm[:, None] * stride_cm + rn[None, :]
         tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
+    @triton.jit
+    def _fp8_grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, tiles_ptr, N, K, G,
+                                 stride_am, stride_be, stride_bn, stride_cm, stride_asm, stride_bse, stride_bsn,
+                                 B_ROWS_PER_SCALE: tl.constexpr,
+                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # One launch for all experts: program (t, n) computes rows [row0, row1) of expert e (tile t of the
+        # table built on the host) times W_e^T, so no tile straddles two experts.
+        t = tl.program_id(0)
+        e = tl.load(tiles_ptr + 3 * t)
+        row0 = tl.load(tiles_ptr + 3 * t + 1)
+        row1 = tl.load(tiles_ptr + 3 * t + 2)
+        rm = row0 + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        m_ok = rm < row1
+        n_ok = rn < N
+        a_rows = a_ptr + rm[:, None] * stride_am
+        b_rows = b_ptr + e.to(tl.int64) * stride_be + rn[:, None] * stride_bn
+        a_scale_rows = as_ptr + rm * stride_asm
+        b_scale_rows = bs_ptr + e.to(tl.int64) * stride_bse + (rn // B_ROWS_PER_SCALE) * stride_bsn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for g in range(0, G):
+            k = g * BLOCK_K + rk
+            k_ok = k < K
+            a = tl.load(a_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            partial = tl.dot(a, tl.trans(b))  # promoted to fp32 every K group, as in _fp8_gemm_kernel
+            sa = tl.load(a_scale_rows + g, mask=m_ok, other=0.0)
+            sb = tl.load(b_scale_rows + g, mask=n_ok, other=0.0)
+            acc += partial * sa[:, None] * sb[None, :]
+        c = c_ptr + rm[:, None] * stride_cm + rn[None, :]
+        tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
 
 def quantize_act(x, block=BLOCK, pow2=False, block_m=None):
     """Triton version of quantize.quantize_act: x [..., K] -> (q E4M3 [..., K], scale fp32 [..., ceil(K/block)])."""
@@ -204,4 +237,52 @@ def fp8_gemm(xq, xs, wq, ws, block=BLOCK, out_dtype=torch.float32, block_m=None,
                            xq.stride(0), wq.stride(0), out.stride(0), xs.stride(0), ws.stride(0),
                            B_ROWS_PER_SCALE=rows_per_scale, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block,
                            **kwargs)
+    return out
+
+
+def grouped_tiles(counts, block_m):
+    """[tiles, 3] int32 (expert, first row, end row): each expert's rows cut into tiles of at most block_m."""
+    rows, start = [], 0
+    for e, c in enumerate(int(c) for c in counts):
+        rows += [(e, r, min(r + block_m, start + c)) for r in range(start, start + c, block_m)]
+        start += c
+    return torch.tensor(rows, dtype=torch.int32).view(-1, 3)
+
+
+def fp8_grouped_gemm(xq, xs, wq, ws, counts, block=BLOCK, out_dtype=torch.float32, block_m=None, block_n=None):
+    """Triton version of quantize.fp8_grouped_gemm: every expert's GEMM in ONE kernel launch.
+
+    xq [T, K] / xs [T, G] (tokens sorted by expert), wq [E, N, K] / ws [E, Nb, G] or [E, N, G], counts: E host
+    ints. The tile table (expert, row range) is built on the host from counts, which the caller already has there.
+    """
+    check_device(xq.device)
+    counts = [int(c) for c in counts]
+    if (wq.dim() != 3 or ws.dim() != 3 or len(counts) != wq.shape[0] or sum(counts) != xq.shape[0]
+            or xq.dtype != E4M3 or wq.dtype != E4M3):
+        raise ValueError(f"fp8_grouped_gemm: xq [T, K] and wq [E, N, K] in {E4M3}, ws [E, *, G] and counts of E "
+                         f"experts summing to T, got xq {tuple(xq.shape)}, wq {tuple(wq.shape)}, "
+                         f"ws {tuple(ws.shape)}, counts {counts}")
+    T_, K = xq.shape
+    E, N, _ = wq.shape
+    G = math.ceil(K / block)
+    if INTERPRETED and out_dtype != torch.float32:  # see fp8_gemm: round to bf16/fp16 in torch
+        return fp8_grouped_gemm(xq, xs, wq, ws, counts, block, torch.float32, block_m, block_n).to(out_dtype)
+    rows_per_scale = 1 if ws.shape[1] == N else block
+    xq, wq = xq.contiguous(), wq.contiguous()
+    xs, ws = xs.float().contiguous(), ws.float().contiguous()
+    out = torch.zeros(T_, N, dtype=out_dtype, device=xq.device)
+    if T_ == 0 or N == 0:
+        return out
+    if INTERPRETED:
+        block_m = block_m or min(128, max(16, _next_pow2(max(counts))))
+        block_n = block_n or min(128, max(16, _next_pow2(N)))
+    block_m, block_n = block_m or 128, block_n or 128
+    tiles = grouped_tiles(counts, block_m).to(xq.device)
+    kwargs = {} if INTERPRETED else {"num_warps": 8, "num_stages": 4}
+    grid = (tiles.shape[0], triton.cdiv(N, block_n))
+    _fp8_grouped_gemm_kernel[grid](xq, wq, out, xs, ws, tiles, N, K, G,
+                                   xq.stride(0), wq.stride(0), wq.stride(1), out.stride(0), xs.stride(0),
+                                   ws.stride(0), ws.stride(1),
+                                   B_ROWS_PER_SCALE=rows_per_scale, BLOCK_M=block_m, BLOCK_N=block_n,
+                                   BLOCK_K=block, **kwargs)
     return out

@@ -118,19 +118,76 @@ def test_new_ep_group_carries_collectives():
     assert [r["new_ep_group_sum"] for r in four_rank_results()] == [6.0] * 4
 
 
-def test_nccl_options_on_cpu_build_logs_once(monkeypatch, caplog):
-    import torch.distributed as dist
-
+def test_sm_budget_follows_the_backend_in_use(monkeypatch, caplog):
     from parallel import comm
 
-    if dist.is_nccl_available():
-        pytest.skip("this torch build has NCCL: the options are built, see the GPU check")
+    assert comm.sm_budget_note("nccl", 20) is None
+    # gloo is not applicable even on a torch build that has NCCL: the group's backend decides, not the build
+    assert comm.sm_budget_note("gloo", 20) == ("parallel.comm.sm_budget=20: not applicable (gloo): only NCCL "
+                                               "communicators take CTA limits")
     monkeypatch.setattr(comm, "_said_not_applicable", False)
+    monkeypatch.setattr(comm.dist, "new_group", lambda ranks, backend, pg_options: (ranks, backend, pg_options))
     with caplog.at_level(logging.INFO, logger="parallel.comm"):
-        assert comm.nccl_options(20) is None
-        assert comm.nccl_options(20) is None
+        assert comm.new_ep_group([0, 1], "gloo", 20) == ([0, 1], "gloo", None)
+        assert comm.new_ep_group([2, 3], "gloo", 20) == ([2, 3], "gloo", None)
     lines = [r.getMessage() for r in caplog.records if r.name == "parallel.comm"]
-    assert lines == ["parallel.comm.sm_budget=20: not applicable on gloo/CPU (NCCL CTA limits need CUDA)"]
+    assert lines == [comm.sm_budget_note("gloo", 20)]                       # once per process
+
+
+def test_exchange_clock_chooses_by_device_and_backend():
+    from parallel.comm import exchange_clock
+
+    assert exchange_clock("cpu", "gloo") == "host"
+    assert exchange_clock(torch.device("cuda", 0), "gloo") == "host"         # gloo's wait() blocks the host
+    assert exchange_clock("cuda:1", "nccl") == "cuda_events"                 # NCCL's wait() only orders streams
+
+
+class _FakeEvent:
+    """A CUDA event on a scripted GPU clock: record() takes the next time of the script (ms)."""
+
+    def __init__(self, script):
+        self.script, self.t = script, None
+
+    def record(self):
+        self.t = self.script.pop(0)
+
+    def synchronize(self):
+        assert self.t is not None
+
+    def elapsed_time(self, other):
+        return other.t - self.t
+
+
+class _FakeWork:
+    def __init__(self):
+        self.waits = 0
+
+    def wait(self):
+        self.waits += 1
+
+
+def test_cuda_event_exchange_measures_the_compute_stream_stall():
+    import contextlib
+
+    from parallel.comm import CommRecorder, Exchange
+
+    # GPU clock (ms): launched at 0, data moved at 7; compute reached wait() at 5 and resumed at 7.5
+    script = [0.0, 7.0, 5.0, 7.5]
+    work, rec = _FakeWork(), CommRecorder()
+    events = {"event": lambda: _FakeEvent(script), "stream_ctx": lambda s: contextlib.nullcontext(), "watcher": "w"}
+    ex = Exchange("dispatch", work, 64, lambda: "rows", recorder=rec, clock="cuda_events", device="cuda",
+                  events=events)
+    assert ex.wait() == "rows" and work.waits == 2                          # the watcher's wait and the compute's
+    (r,) = rec.records
+    assert r.pending is not None                                             # nothing synchronized in the step
+    (r,) = rec.resolved()
+    assert r.pending is None
+    assert r.duration == pytest.approx(7e-3) and r.waited == pytest.approx(2.5e-3)
+    assert r.wait_start - r.start == pytest.approx(5e-3)
+    assert rec.summary() == {"exchanges": 1, "comm_s": pytest.approx(7e-3), "exposed_s": pytest.approx(2.5e-3),
+                             "bytes": 64}
+    with pytest.raises(ValueError, match="clock='wall'"):
+        Exchange("x", None, 0, lambda: None, clock="wall")
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, None])
@@ -139,14 +196,3 @@ def test_nccl_options_rejects_bad_budget(bad):
 
     with pytest.raises(ValueError, match="parallel.comm.sm_budget"):
         nccl_options(bad)
-
-
-def test_comm_stream_is_a_no_op_on_cpu():
-    from parallel.comm import CommStream
-
-    s = CommStream("cpu")
-    assert s.stream is None
-    with s.launch() as done:
-        x = torch.arange(3.0) * 2
-    done.wait()
-    assert x.tolist() == [0.0, 2.0, 4.0]

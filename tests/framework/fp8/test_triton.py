@@ -71,6 +71,25 @@ def _worker():
         ob = T.fp8_gemm(xq, xs, wq, ws, out_dtype=torch.bfloat16)
         out[f"gemm_bf16_out/{name}"] = rel(ob, o) if ob.dtype == torch.bfloat16 else 1.0
 
+    # --- grouped GEMM, one launch for all experts: vs the per-expert torch loop (an empty expert, ragged counts) ---
+    counts = [5, 0, 20, 3]
+    E, N, K = len(counts), 130, 256
+    xq, xs = Q.quantize_act(torch.randn(sum(counts), K, generator=g))
+    w = torch.randn(E, N, K, generator=g)
+    blocks = [Q.quantize_weight(w[e]) for e in range(E)]
+    wq, ws = torch.stack([b[0] for b in blocks]), torch.stack([b[1] for b in blocks])
+    out["grouped_gemm/blocks"] = rel(T.fp8_grouped_gemm(xq, xs, wq, ws, counts),
+                                     Q.fp8_grouped_gemm(xq, xs, wq, ws, counts))
+    wt, wst = wq.transpose(1, 2).contiguous(), ws.transpose(1, 2).contiguous()  # Dgrad: dY [T, N] @ W_e
+    dq, dsc = Q.quantize_act(torch.randn(sum(counts), N, generator=g))
+    out["grouped_gemm/dgrad"] = rel(T.fp8_grouped_gemm(dq, dsc, wt, wst, counts),
+                                    Q.fp8_grouped_gemm(dq, dsc, wt, wst, counts))
+    rows = [Q.quantize_act(w[e]) for e in range(E)]  # 1x128 tiles on the weight side
+    rq, rs = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+    out["grouped_gemm/rows"] = rel(T.fp8_grouped_gemm(xq, xs, rq, rs, counts),
+                                   Q.fp8_grouped_gemm(xq, xs, rq, rs, counts))
+    out["grouped_gemm/tiles"] = T.grouped_tiles(counts, 16).tolist()
+
     # --- Fp8Linear and the grouped experts: triton backend vs torch backend, forward and backward ---
     K, N = 256, 128
     torch.manual_seed(1)
@@ -122,6 +141,13 @@ def test_gemm_kernel_matches_reference(results):
     assert all(results[k] <= 1e-6 for k in keys), {k: results[k] for k in keys}
     # bf16 output = the fp32 result rounded once to nearest: within half a bf16 ulp (2^-8 relative) of it
     assert all(results[f"gemm_bf16_out/{n}"] <= 2.0 ** -8 for n in ("m32_n256_k256", "m7_n130_k200", "m4_n16_k256"))
+
+
+def test_grouped_gemm_is_one_launch_matching_the_loop(results):
+    keys = ["grouped_gemm/blocks", "grouped_gemm/dgrad", "grouped_gemm/rows"]
+    assert all(results[k] <= 1e-6 for k in keys), {k: results[k] for k in keys}
+    # the launch's tile table: no tile straddles two experts, the empty expert has none
+    assert results["grouped_gemm/tiles"] == [[0, 0, 5], [2, 5, 21], [2, 21, 25], [3, 25, 28]]
 
 
 def test_linear_and_grouped_backends_agree(results):
