@@ -101,6 +101,7 @@ def weight_grads(ctx, weights: Sequence[Optional[torch.Tensor]], compute: Callab
         grads = tuple(compute())
         return tuple(g if want else None for g, want in zip(grads, wants))
 
+    @torch.no_grad()  # as inside autograd's backward: saved activations that require grad must not build a graph
     def deferred():
         for w, g, want in zip(weights, compute(), wants):
             if want and g is not None:
