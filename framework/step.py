@@ -102,10 +102,10 @@ class PipelineStep:
             part.overlap = p.overlap         # F&B pairs hide one chunk's all-to-all under the other's compute
             part.recompute = p.recompute     # RMSNorm and SwiGLU outputs recomputed in backward (V3 §3.3)
         # a weight whose layer cannot defer its gradient keeps it in B, which the schedule's bubble does not expect
-        stuck = [w for part in self.stages.values() for w in undeferred_weights(part)]
+        stuck = undeferred_weights(model, [m for part in self.stages.values() for m in part.modules()])
         if stuck:
             log.warning(f"weight gradients computed in B, not deferred to W, on pipeline rank {mesh.pp_rank}: "
-                        f"{', '.join(dict.fromkeys(stuck))}")
+                        f"{', '.join(stuck)}")
         self.first_mbs = {mb for s in self.stages if self.layout.is_first(s)
                           for mb in microbatches_of(self.layout, s, self.n)}
         self.last_mbs = {mb for s in self.stages if self.layout.is_last(s)

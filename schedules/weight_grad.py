@@ -7,7 +7,7 @@ their deferring subclasses in place) and the check that names the weights which 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -50,11 +50,15 @@ def enable_weight_grad_split(module: nn.Module) -> int:
     return converted
 
 
-def undeferred_weights(module: nn.Module) -> list[str]:
-    """'name (Type)' of every module inside `module` that holds trainable parameters of its own and does not
-    declare `defers_weight_grad`: their weight gradients are computed in B whatever the schedule asks."""
+def undeferred_weights(module: nn.Module, among: Optional[Iterable[nn.Module]] = None) -> list[str]:
+    """'name (Type)' of every module inside `module` (or only those of `among`, named as in `module`) that holds
+    trainable parameters of its own and does not declare `defers_weight_grad`: their weight gradients are computed
+    in B whatever the schedule asks."""
+    keep = None if among is None else {id(m) for m in among}
     out = []
     for name, m in module.named_modules():
+        if keep is not None and id(m) not in keep:
+            continue
         own = [p for p in m.parameters(recurse=False) if p.requires_grad]
         if own and not getattr(m, "defers_weight_grad", False):
             out.append(f"{name or '<root>'} ({type(m).__name__})")
