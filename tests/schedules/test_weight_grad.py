@@ -278,3 +278,33 @@ def test_dualpipe_runs_weight_gradients_in_w_fp8_moe_mtp():
             checked += 1
             assert excess <= 1, (name, excess)
     print(f"pipeline vs one process (FP8): {checked} gradients, worst error {worst:.3g} of the rounding bound")
+
+
+def test_mirror_waits_for_the_embedding_write_of_the_last_part(monkeypatch):
+    """DualPipe rank 0 holds the first part (which registers the embedding) and the last part (whose MTP depth
+    writes the embedding's gradient too, in its own W): the bucket holding the embedding starts only once both
+    stages reported it final, and the executor's per-W report names the embedding for the last stage."""
+    from framework.models import build_model
+    from schedules import get_layout
+    from schedules.mirror import MirrorExchange, _Bucket, used_parameters
+    from schedules.stage import split_model
+
+    cfg = compose_cfg("model=deepseek_v3_tiny", "data.vocab_size=300", "model.hidden_size=16",
+                      "model.num_hidden_layers=2", "model.moe_intermediate_size=8", "model.intermediate_size=24")
+    model = build_model(cfg.model)
+    layout = get_layout("dualpipe", 2)
+    parts = split_model(model, layout.num_parts)
+    stages = {s: parts[layout.stage_to_part[s]] for s in layout.stages_of(0)}   # {0: first part, 3: last part}
+    first, last = stages[0], stages[3]
+    embed = model.embed.weight
+    assert all(p is not embed for p in last.parameters())                      # not registered by the last part
+    assert any(p is embed for p in used_parameters(last))                       # but written by it
+    started = []
+    monkeypatch.setattr(_Bucket, "start", lambda self: started.append(self))
+    exchange = MirrorExchange(stages, layout, {0: None, 1: None}, bucket_elems=1)   # one bucket per parameter
+    exchange.stage_done(0)                                                      # the first part's last W is done
+    assert not any(any(p is embed for p in b.params) for b in started)
+    exchange.stage_done(3, [p for p in used_parameters(last) if p is not embed])
+    assert not any(any(p is embed for p in b.params) for b in started)
+    exchange.stage_done(3, [embed])                                             # the last part's W wrote it
+    assert any(any(p is embed for p in b.params) for b in started)
