@@ -39,8 +39,8 @@ def test_deferred_grad_under_checkpoint_matches_linear():
 
 
 # ------------------------------------------------------------------------------------------------ zero bubble
-# DualPipe on 2 ranks with the tiny DeepSeek-V3 (MoE, FP8 blockwise, one MTP depth): where does the weight-gradient
-# work run? Every GEMM of the step is counted (mm, addmm, bmm, baddbmm, _grouped_mm: 2 FLOPs per multiply-add) and
+# DualPipe and DualPipeV on 2 ranks with the tiny DeepSeek-V3 (MoE, FP8 blockwise, one MTP depth): where does the
+# weight-gradient work of the split backwards (B, and the backward half of an F&B pair that leaves W for later) run? Every GEMM of the step is counted (mm, addmm, bmm, baddbmm, _grouped_mm: 2 FLOPs per multiply-add) and
 # attributed to the action running it and, when it runs inside a layer's weight-gradient computation (the closure a
 # layer gives framework.weight_grad.weight_grads, whether it runs at once or in W), to weight-gradient work. A
 # weight gradient computed outside that mechanism would show as a .grad written during a split B: those are listed.
@@ -99,7 +99,7 @@ def _instrument(counter: WorkCounter):
     for module in list(sys.modules.values()):   # every module that imported the function by name
         if getattr(module, "weight_grads", None) is original:
             module.weight_grads = weight_grads
-    written_in_b: list = []
+    written = {"B": [], "W": []}
 
     def wrap(op):
         run = getattr(PipelineExecutor, "_do_" + op)
@@ -113,22 +113,25 @@ def _instrument(counter: WorkCounter):
                 run(self, a)
             finally:
                 counter.action = "none"
-            if kind == "B":
+            if kind in written:
                 for s, m in self.stage_modules.items():
                     for name, p in m.named_parameters():
                         if p.grad is not None and before.get(id(p)) != (id(p.grad), p.grad._version):
-                            written_in_b.append((str(a), name))
+                            written[kind].append((str(a), name, p.numel()))
         setattr(PipelineExecutor, "_do_" + op, do)
 
     for op in ("F", "B", "W", "BW", "FB"):
         wrap(op)
-    return written_in_b
+    return written
 
 
-def zb_overrides() -> list[str]:
+ZB_SCHEDULES = ("dualpipe", "dualpipev")
+
+
+def zb_overrides(schedule: str = "dualpipe") -> list[str]:
     return ["model=deepseek_v3_tiny", "data.vocab_size=300", "train.seq_len=16", "model.max_position_embeddings=32",
             "model.num_hidden_layers=4", "model.first_k_dense_replace=1", "model.num_nextn_predict_layers=1",
-            "model.expert_impl=grouped", "parallel.pp=2", "parallel.schedule=dualpipe", "train.micro_batches=8",
+            "model.expert_impl=grouped", "parallel.pp=2", f"parallel.schedule={schedule}", "train.micro_batches=8",
             "train.global_batch_size=16", "fp8.enabled=true", "fp8.backend=torch"]
 
 
@@ -165,14 +168,20 @@ def zb_worker(rank, world, port, out):
                 records.append(record.getMessage())
 
         logging.getLogger("duet").addHandler(Keep())
-        model = fp8_model(cfg)
-        step = PipelineStep(model, mesh, cfg)
         counter = WorkCounter()
-        written_in_b = _instrument(counter)
-        with counter:
-            loss_sum, count, _ = step.forward_backward(batches)
-        # numpy arrays travel by value (a tensor would be passed as shared memory the exiting process takes along)
-        grads = {name: p.grad.numpy().copy() for name, p in step.named_parameters()}
+        written = _instrument(counter)
+        runs = {}
+        for schedule in ZB_SCHEDULES:
+            step = PipelineStep(fp8_model(cfg), mesh, compose_cfg(*zb_overrides(schedule)))
+            counter.flops = {}
+            written["B"].clear()
+            written["W"].clear()
+            with counter:
+                loss_sum, count, _ = step.forward_backward(batches)
+            # numpy arrays travel by value (a tensor would be passed as shared memory the exiting process takes along)
+            runs[schedule] = {"flops": dict(counter.flops), "written_in_b": list(written["B"]),
+                              "written_in_w": list(written["W"]), "loss": (loss_sum, count),
+                              "grads": {name: p.grad.numpy().copy() for name, p in step.named_parameters()}}
 
         # a user's expert GEMMs that say nothing about their weight gradient: one line names the layer
         class PlainGemms:
@@ -183,8 +192,7 @@ def zb_worker(rank, world, port, out):
         other = fp8_model(cfg)
         other.layers[2].mlp.experts.linear_fn = PlainGemms()
         PipelineStep(other, mesh, cfg)
-        out.put((rank, {"flops": counter.flops, "written_in_b": written_in_b, "loss": (loss_sum, count),
-                        "grads": grads, "quiet": quiet, "warnings": records[quiet:]}))
+        out.put((rank, {"runs": runs, "quiet": quiet, "warnings": records[quiet:]}))
     except BaseException:
         out.put((rank, {"error": traceback.format_exc()}))
         raise
@@ -245,16 +253,6 @@ def test_dualpipe_runs_weight_gradients_in_w_fp8_moe_mtp():
     assert not errors, "\n".join(errors)
 
     for rank, r in sorted(results.items()):
-        f = r["flops"]
-        in_w, in_b = f.get(("W", "wgrad"), 0), f.get(("B", "wgrad"), 0)
-        print(f"rank {rank}: weight-gradient GEMM FLOPs in W {in_w:.4g}, in split B {in_b:.4g} "
-              f"({in_w / (in_w + in_b):.2%} in W); input-gradient FLOPs in split B {f.get(('B', 'other'), 0):.4g}; "
-              f"in full backwards (BW) weight {f.get(('BW', 'wgrad'), 0):.4g}; W other {f.get(('W', 'other'), 0)}; "
-              f".grad written in split B: {len(r['written_in_b'])}")
-        assert in_w > 0 and in_w >= 0.95 * (in_w + in_b)
-        assert r["written_in_b"] == []                       # no weight gradient escaped the mechanism
-        assert f.get(("W", "other"), 0) == 0                  # W runs weight-gradient work only
-        assert f.get(("B", "other"), 0) > 0                   # and B really ran (input gradients)
         assert r["quiet"] == 0                                # every layer defers: nothing logged
         assert len(r["warnings"]) == 1 and "layers.2.mlp.experts (Experts)" in r["warnings"][0], r["warnings"]
 
@@ -265,19 +263,34 @@ def test_dualpipe_runs_weight_gradients_in_w_fp8_moe_mtp():
     cfg = compose_cfg(*zb_overrides())
     n = cfg.train.micro_batches
     ref_loss, ref, scale = reference(cfg)
-    # each rank holds the last stage of one direction, i.e. the losses of half the micro-batches
-    loss = sum(r["loss"][0] for r in results.values()) / sum(r["loss"][1] for r in results.values())
-    assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss), (loss, ref_loss)
-    worst, checked = 0.0, 0
-    for r in results.values():
-        for name, g in r["grads"].items():
-            g = torch.from_numpy(g)
-            bound = 2 * (2 * n * 2.0 ** -24 * scale[name]) + 1e-30
-            excess = ((g - ref[name]).abs() / bound).max().item()
-            worst = max(worst, excess)
-            checked += 1
-            assert excess <= 1, (name, excess)
-    print(f"pipeline vs one process (FP8): {checked} gradients, worst error {worst:.3g} of the rounding bound")
+    for schedule in ZB_SCHEDULES:
+        runs = {rank: r["runs"][schedule] for rank, r in results.items()}
+        for rank, r in sorted(runs.items()):
+            f = r["flops"]
+            in_w, in_b = f.get(("W", "wgrad"), 0), f.get(("B", "wgrad"), 0)
+            w_params = {name: numel for _, name, numel in r["written_in_w"]}
+            print(f"{schedule} rank {rank}: weight-gradient GEMM FLOPs in W {in_w:.4g}, in split B {in_b:.4g} "
+                  f"({in_w / (in_w + in_b):.2%} in W); input-gradient FLOPs in split B {f.get(('B', 'other'), 0):.4g}; "
+                  f"weight-gradient FLOPs in full backwards (BW, F&B) {f.get(('BW', 'wgrad'), 0):.4g}; "
+                  f"parameters written in W {len(w_params)} ({sum(w_params.values())} elements), in split B "
+                  f"{len(r['written_in_b'])}")
+            assert in_w > 0 and in_w >= 0.95 * (in_w + in_b)
+            assert r["written_in_b"] == []                       # no weight gradient escaped the mechanism
+            assert f.get(("W", "other"), 0) == 0                  # W runs weight-gradient work only
+            assert f.get(("B", "other"), 0) > 0                   # and B really ran (input gradients)
+        # each rank holds the last stage of one direction (DualPipe) or of the V (DualPipeV, rank 0)
+        loss = sum(r["loss"][0] for r in runs.values()) / sum(r["loss"][1] for r in runs.values())
+        assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss), (schedule, loss, ref_loss)
+        worst, checked = 0.0, 0
+        for r in runs.values():
+            for name, g in r["grads"].items():
+                g = torch.from_numpy(g)
+                bound = 2 * (2 * n * 2.0 ** -24 * scale[name]) + 1e-30
+                excess = ((g - ref[name]).abs() / bound).max().item()
+                worst = max(worst, excess)
+                checked += 1
+                assert excess <= 1, (schedule, name, excess)
+        print(f"{schedule} vs one process (FP8): {checked} gradients, worst error {worst:.3g} of the rounding bound")
 
 
 def test_mirror_waits_for_the_embedding_write_of_the_last_part(monkeypatch):
