@@ -12,10 +12,14 @@ LocalStep is the whole model on every rank, data parallel only.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from parallel.data_parallel import grad_norm_sq_share, reduce_gradients
 from parallel.mesh import Mesh
+
+log = logging.getLogger("duet")
 
 
 def merge_metrics(acc: dict, new: dict, weight: float) -> None:
@@ -77,7 +81,7 @@ class PipelineStep:
         from schedules.stage import split_model
         from schedules.verify import microbatches_of
         from schedules.mirror import build_mirror_exchange, pipelines_of
-        from schedules.weight_grad import enable_weight_grad_split
+        from schedules.weight_grad import enable_weight_grad_split, undeferred_weights
 
         p, t = cfg.parallel, cfg.train
         self.model, self.mesh, self.n = model, mesh, t.micro_batches
@@ -97,6 +101,11 @@ class PipelineStep:
             part.loss_scale = 1.0 / self.n
             part.overlap = p.overlap         # F&B pairs hide one chunk's all-to-all under the other's compute
             part.recompute = p.recompute     # RMSNorm and SwiGLU outputs recomputed in backward (V3 §3.3)
+        # a weight whose layer cannot defer its gradient keeps it in B, which the schedule's bubble does not expect
+        stuck = undeferred_weights(model, [m for part in self.stages.values() for m in part.modules()])
+        if stuck:
+            log.warning(f"weight gradients computed in B, not deferred to W, on pipeline rank {mesh.pp_rank}: "
+                        f"{', '.join(stuck)}")
         self.first_mbs = {mb for s in self.stages if self.layout.is_first(s)
                           for mb in microbatches_of(self.layout, s, self.n)}
         self.last_mbs = {mb for s in self.stages if self.layout.is_last(s)

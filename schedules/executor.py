@@ -4,7 +4,7 @@ A schedule (schedules/<name>.py) is data: an ordered list of `Action`s per rank.
 rank's list once per training step:
 
   F   stage forward of one micro-batch; a first stage reads the caller's inputs, a last stage computes the loss
-  B   input-gradient backward; linears that support it (weight_grad.py) leave their weight gradient for a later W
+  B   input-gradient backward; layers leave their weight gradient for a later W (framework/weight_grad.py)
   W   runs the weight-gradient closures B left for the same (stage, micro-batch)
   BW  full backward
   FB  forward of one chunk with the backward of another; a stage class may overlap them (the DualPipe hook)
@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .actions import COMM_OPS, Action, Layout
-from .mirror import flat_grads, last_backward_index, write_grads
+from .mirror import flat_grads, last_backward_index, used_parameters, write_grads
 from .weight_grad import WeightGradStore
 
 Shapes = Sequence[Sequence[int]]
@@ -313,7 +313,7 @@ class PipelineExecutor:
         # the stage's last W: report each parameter as soon as its gradient is final, i.e. after the last closure
         # that writes it (a linear called twice in one forward, like a head shared with MTP, leaves two)
         last = {id(p): j for j, f in enumerate(funcs) for p in f.params}
-        self._grads_ready(a.stage, [p for p in self.stage_modules[a.stage].parameters() if id(p) not in last])
+        self._grads_ready(a.stage, [p for p in used_parameters(self.stage_modules[a.stage]) if id(p) not in last])
         for j, func in enumerate(funcs):
             func()
             done = [p for p in func.params if last[id(p)] == j]

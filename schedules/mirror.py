@@ -25,6 +25,16 @@ import torch.nn as nn
 from .actions import Action, Layout
 
 
+def used_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters whose gradients `module`'s backward writes: its own, and those of modules it reaches without
+    registering them (`module.used_parameters()` where it says so)."""
+    own = list(module.parameters())
+    if not hasattr(module, "used_parameters"):
+        return own
+    seen = {id(p) for p in own}
+    return own + [p for p in module.used_parameters() if id(p) not in seen]
+
+
 def duplicated_parts(layout: Layout) -> dict[int, tuple[int, int]]:
     """part -> the two pipeline ranks holding a copy of it (only parts held twice, i.e. DualPipe's)."""
     holders: dict[int, set] = {}
@@ -133,8 +143,11 @@ class MirrorExchange:
         seen: set[int] = set()
         for s in sorted(stage_modules, key=lambda s: layout.stage_to_part[s]):
             params = [p for p in stage_modules[s].parameters() if p.requires_grad]
-            self._stage_params[s] = params
-            for p in params:
+            # a stage may also write parameters another local part registers (the last part's multi-token
+            # prediction reads the first part's embedding): those are final only once that stage is done too
+            used = [p for p in used_parameters(stage_modules[s]) if p.requires_grad]
+            self._stage_params[s] = used
+            for p in used:
                 self._stages_of.setdefault(id(p), set()).add(s)
             part = layout.stage_to_part[s]
             if part not in dup:

@@ -44,9 +44,10 @@ Outside an F&B pair (a plain F, then B or BW), the cut pieces are stitched back 
 back-propagates the chunk's outputs as usual and the pieces run one after the other.
 
 Recomputation (`recompute=True`, V3 §3.3): RMSNorm outputs and the SwiGLU products silu(gate) * up are not kept for
-backward but recomputed there (torch.utils.checkpoint with a policy that keeps GEMM outputs). Linears whose weight
-gradient is deferred to W (weight_grad.SplitLinear) stay outside the recomputed regions: a deferred gradient must
-land in the parameter itself, not in the alias a checkpoint hands back.
+backward but recomputed there (torch.utils.checkpoint with a policy that keeps GEMM outputs). A layer that defers
+its weight gradient (framework/weight_grad.py) holds the weight by handle, not as a saved tensor, so the deferred
+gradient lands in the parameter itself, not in the alias a checkpoint hands back: norms and routed experts defer
+inside recomputed regions.
 """
 from __future__ import annotations
 
@@ -80,8 +81,8 @@ def _keep_gemm_outputs(ctx, op, *args, **kwargs):
 def recomputed(fn: Callable, *args):
     """fn(*args), keeping for backward only its inputs and GEMM outputs; the rest is recomputed there.
 
-    fn must be free of communication and side effects (it runs twice) and must not contain linears that defer
-    their weight gradient (see the module doc).
+    fn must be free of communication and side effects (it runs twice); its layers may defer their weight
+    gradients (see the module doc).
     """
     return checkpoint(fn, *args, use_reentrant=False,
                       context_fn=partial(create_selective_checkpoint_contexts, _keep_gemm_outputs))
@@ -208,7 +209,7 @@ class Tape:
 
     def _segment_backward(self, segment: _Segment) -> None:
         """A segment's backward; unless the schedule already defers weight gradients to W actions (the store is
-        enabled), the split linears' weight gradients are kept for `run_deferred_w` (V3 Figure 4's ATTN(W)): input
+        enabled), the layers' weight gradients are kept for `run_deferred_w` (V3 Figure 4's ATTN(W), MLP(W)): input
         gradients first, so the next exchange starts sooner, and the weight-gradient GEMMs later run under the
         dispatch's backward exchange, where the other chunk's compute alone (its experts) is short."""
         if WeightGradStore.enabled:

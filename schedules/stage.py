@@ -68,6 +68,14 @@ class ModelPart(nn.Module):
         self.overlap = True
         self.recompute = False
 
+    def used_parameters(self) -> list[nn.Parameter]:
+        """Parameters this part's backward writes: its own, plus the embedding the multi-token prediction of a
+        last part reads through the model (registered by the first part)."""
+        extra = []
+        if self.last and not self.first and len(getattr(self, "mtp", ())):
+            extra = list(self._model[0].embed.parameters())
+        return list(self.parameters()) + extra
+
     def uses_steps(self) -> bool:
         """Whether a training forward runs as sub-stages: recomputation asked for, or overlap with expert all-to-alls
         to hide (a MoE layer whose dispatcher exchanges tokens between processes)."""

@@ -15,6 +15,8 @@ import fnmatch
 import torch
 from torch import nn
 
+from framework.weight_grad import weight_grads
+
 
 def _bf16(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16).to(t.dtype)
@@ -27,22 +29,29 @@ class Bf16EmulatedLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         xb, wb = x.to(torch.bfloat16), weight.to(torch.bfloat16)
         ctx.save_for_backward(xb, wb)  # the bf16 copies: 2 bytes per element
-        ctx.meta = (x.dtype, weight.dtype, bias is not None)
+        ctx.weight, ctx.bias = weight, bias  # by handle: their gradients may be deferred (framework/weight_grad.py)
+        ctx.x_dtype = x.dtype
         y = xb.to(x.dtype) @ wb.to(x.dtype).t()
         return y + bias if bias is not None else y
 
     @staticmethod
     def backward(ctx, dy):
         xb, wb = ctx.saved_tensors
-        x_dtype, w_dtype, has_bias = ctx.meta
+        weight, bias = ctx.weight, ctx.bias
         dyb = _bf16(dy)
         dx = dyb @ wb.to(dy.dtype)
-        dw = dyb.reshape(-1, dyb.shape[-1]).t() @ xb.reshape(-1, xb.shape[-1]).to(dy.dtype)
-        db = dy.reshape(-1, dy.shape[-1]).sum(0) if has_bias else None
-        return dx.to(x_dtype), dw.to(w_dtype), db
+
+        def compute():
+            dw = dyb.reshape(-1, dyb.shape[-1]).t() @ xb.reshape(-1, xb.shape[-1]).to(dy.dtype)
+            db = dy.reshape(-1, dy.shape[-1]).sum(0) if bias is not None else None
+            return dw.to(weight.dtype), db
+
+        return (dx.to(ctx.x_dtype), *weight_grads(ctx, (weight, bias), compute))
 
 
 class Bf16EmulatedLinear(nn.Linear):
+    defers_weight_grad = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return Bf16EmulatedLinearFunction.apply(x, self.weight, self.bias)
 
@@ -65,7 +74,8 @@ class Bf16GroupedFunction(torch.autograd.Function):
     def forward(ctx, x, weights, segments):
         xb, wb = x.to(torch.bfloat16), weights.to(torch.bfloat16)
         ctx.save_for_backward(xb, wb)
-        ctx.meta = (segments, x.dtype, weights.dtype)
+        ctx.weight = weights  # by handle: its gradient may be deferred (framework/weight_grad.py)
+        ctx.meta = (segments, x.dtype)
         xf, wf = xb.to(x.dtype), wb.to(x.dtype)
         out = x.new_zeros(x.shape[0], weights.shape[1])  # [T, N]
         for e, (s, c) in enumerate(segments):
@@ -76,16 +86,23 @@ class Bf16GroupedFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         xb, wb = ctx.saved_tensors
-        segments, x_dtype, w_dtype = ctx.meta
+        segments, x_dtype = ctx.meta
+        weights = ctx.weight
         dyb = _bf16(dy)
         xf, wf = xb.to(dy.dtype), wb.to(dy.dtype)
         dx = dy.new_zeros(dy.shape[0], wb.shape[2])
-        dw = torch.zeros(wb.shape, dtype=dy.dtype, device=dy.device)
         for e, (s, c) in enumerate(segments):
             if c:
                 dx[s:s + c] = dyb[s:s + c] @ wf[e]
-                dw[e] = dyb[s:s + c].t() @ xf[s:s + c]
-        return dx.to(x_dtype), dw.to(w_dtype), None
+
+        def compute():
+            dw = torch.zeros(wb.shape, dtype=dy.dtype, device=dy.device)
+            for e, (s, c) in enumerate(segments):
+                if c:
+                    dw[e] = dyb[s:s + c].t() @ xf[s:s + c]
+            return (dw.to(weights.dtype),)
+
+        return (dx.to(x_dtype), *weight_grads(ctx, (weights,), compute), None)
 
 
 def bf16_grouped(x: torch.Tensor, counts, weights: torch.Tensor) -> torch.Tensor:
@@ -103,6 +120,8 @@ def bf16_grouped(x: torch.Tensor, counts, weights: torch.Tensor) -> torch.Tensor
 
 class Bf16ExpertGemms:
     """The `linear_fn` of a MoE Experts module under train.dtype=bf16_emulated: both expert GEMMs via bf16_grouped."""
+
+    defers_weight_grad = True
 
     def __call__(self, x_sorted, counts, weight, proj):
         return bf16_grouped(x_sorted, counts, weight)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from framework.weight_grad import weight_grads
+
 from . import quantize as Q
 
 BACKENDS = ("torch", "triton", "auto")
@@ -172,25 +174,28 @@ class Fp8LinearFunction(torch.autograd.Function):
         if bias is not None:
             out = out + bias.float()
         ctx.save_for_backward(xq, xs, wq, ws)  # FP8 copies only: ~1 byte per element + scales
-        ctx.meta = (backend, pow2, stats, x.dtype, weight.dtype, bias is not None and bias.dtype)
+        ctx.weight, ctx.bias = weight, bias  # by handle: their gradients may be deferred (framework/weight_grad.py)
+        ctx.meta = (backend, pow2, stats, x.dtype)
         return out.to(x.dtype).view(*lead, weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
         xq, xs, wq, ws = ctx.saved_tensors
-        backend, pow2, stats, x_dtype, w_dtype, b_dtype = ctx.meta
+        backend, pow2, stats, x_dtype = ctx.meta
+        weight, bias = ctx.weight, ctx.bias
         quant, gemm = _kernels(backend)
         N, K = wq.shape
         lead = dy.shape[:-1]
         dy2 = dy.reshape(-1, N).float()  # [M, N]
-        dx = dw = db = None
+        dx = None
         if ctx.needs_input_grad[0]:
             dx = _dgrad(quant, gemm, dy2, wq, ws, pow2, None if stats is None else stats.dy).to(x_dtype).view(*lead, K)
-        if ctx.needs_input_grad[1]:
-            dw = _wgrad(quant, gemm, dy2, xq, xs, pow2).to(w_dtype)
-        if ctx.needs_input_grad[2]:
-            db = dy2.sum(0).to(b_dtype)
-        return dx, dw, db, None, None, None
+
+        def compute():  # Wgrad from the cached FP8 input, now or in W
+            return (_wgrad(quant, gemm, dy2, xq, xs, pow2).to(weight.dtype),
+                    None if bias is None else dy2.sum(0).to(bias.dtype))
+
+        return (dx, *weight_grads(ctx, (weight, bias), compute), None, None, None)
 
 
 def fp8_linear(x, weight, bias=None, backend="auto", pow2=False, stats=None):
@@ -209,6 +214,7 @@ class Fp8Linear(nn.Linear):
     'auto' (triton on CUDA GPUs with FP8 tensor cores, torch elsewhere). pow2: power-of-2 (ue8m0) scales.
     track_stats: keep an Fp8Stats (costs one extra elementwise pass per quantized tensor).
     """
+    defers_weight_grad = True
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *,
                  backend="auto", pow2=False, track_stats=True):
@@ -244,6 +250,7 @@ class Fp8ExpertGemms:
     """The `linear_fn` of a MoE Experts module in FP8: both expert GEMMs (gate_up, then down) run through
     fp8_grouped_linear, with the Fp8Linear recipe, and keep one Fp8Stats per projection."""
 
+    defers_weight_grad = True
     PROJS = ("gate_up_proj", "down_proj")
 
     def __init__(self, backend="auto", pow2=False, track_stats=True):
@@ -388,17 +395,19 @@ class Fp8GroupedLinearFunction(torch.autograd.Function):
             if c:
                 out[s:s + c] = gemm(xq[s:s + c], xs[s:s + c], wq[e], ws[e])
         ctx.save_for_backward(xq, xs, wq, ws)
-        ctx.meta = (segments, backend, pow2, stats, x.dtype, weights.dtype)
+        ctx.weight = weights  # by handle: its gradient may be deferred (framework/weight_grad.py)
+        ctx.meta = (segments, backend, pow2, stats, x.dtype)
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
         xq, xs, wq, ws = ctx.saved_tensors
-        segments, backend, pow2, stats, x_dtype, w_dtype = ctx.meta
+        segments, backend, pow2, stats, x_dtype = ctx.meta
+        weights = ctx.weight
         quant, gemm = _kernels(backend)
         E, N, K = wq.shape
         dy2 = dy.float()
-        dx = dw = None
+        dx = None
         if ctx.needs_input_grad[0]:
             dyq, dys = quant(dy2, pow2=pow2)  # per-token tiles: once for all experts
             if stats is not None:
@@ -408,13 +417,15 @@ class Fp8GroupedLinearFunction(torch.autograd.Function):
                 if c:
                     dx[s:s + c] = gemm(dyq[s:s + c], dys[s:s + c], wq[e].t().contiguous(), ws[e].t().contiguous())
             dx = dx.to(x_dtype)
-        if ctx.needs_input_grad[1]:
+
+        def compute():  # Wgrad per expert from the cached FP8 input, now or in W
             dw = torch.zeros(E, N, K, dtype=torch.float32, device=dy.device)
             for e, (s, c) in enumerate(segments):
                 if c:
                     dw[e] = _wgrad(quant, gemm, dy2[s:s + c], xq[s:s + c], xs[s:s + c], pow2)
-            dw = dw.to(w_dtype)
-        return dx, dw, None, None, None, None
+            return (dw.to(weights.dtype),)
+
+        return (dx, *weight_grads(ctx, (weights,), compute), None, None, None, None)
 
 
 def fp8_grouped_linear(x_sorted, counts, weights, backend="auto", pow2=False, stats=None):

@@ -5,8 +5,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from framework.weight_grad import scale
+
 
 class RMSNorm(nn.Module):
+    defers_weight_grad = True  # the scale's gradient can wait for W (framework/weight_grad.py)
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
@@ -15,7 +19,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # statistics in fp32 even for bf16 inputs (V3 §3.3 keeps norms in high precision)
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return scale((xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x), self.weight)
 
 
 class SwiGLU(nn.Module):

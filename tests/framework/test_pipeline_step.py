@@ -1,7 +1,8 @@
 """The framework's models through every pipeline schedule vs. one process, in float64.
 
 One spawned gloo group of 2 ranks and one of 4 run all the checks: the loss and every parameter gradient a rank
-holds must equal the single-process gradient of the mean loss over the same global batch.
+holds must equal the single-process gradient of the mean loss over the same global batch. Every weight (embedding,
+norms, router, experts, MLA naive and absorbed, MTP, head) defers its gradient to W where a schedule splits B and W.
 """
 import os
 import traceback
@@ -25,6 +26,8 @@ def model_overrides(name: str) -> list[str]:
     moe = common + ["model=deepseek_v3_tiny", "model.hidden_size=16", "model.num_hidden_layers=8",
                     "model.expert_impl=loop", "model.moe_intermediate_size=8", "model.first_k_dense_replace=1",
                     "model.intermediate_size=24"]
+    if name == "deepseek_v3_absorb":  # absorbed MLA: kv_b_proj's halves used per head, their gradients deferred too
+        return moe + ["model.attn_impl=absorb"]
     # with a balance loss, earlier stages' share of it rides on their activation's gradient (AttachLoss)
     return moe + (["model.seq_aux_loss_alpha=0.01"] if name == "deepseek_v3_aux" else [])
 
@@ -124,6 +127,7 @@ def models():
 def test_two_ranks_every_schedule():
     jobs = [(2, 1, m, s) for m in models() for s in SCHEDULES]
     jobs += [(2, 1, "deepseek_v3_aux", s) for s in ("1f1b", "dualpipe")][: 2 * (len(models()) - 1)]
+    jobs += [(2, 1, "deepseek_v3_absorb", s) for s in ("zb1p", "dualpipev")][: 2 * (len(models()) - 1)]
     spawn(2, jobs)
 
 

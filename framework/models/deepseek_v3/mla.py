@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from framework.models.layers import RMSNorm
+from framework.weight_grad import weight_einsum
 
 # The low-rank norms inside MLA use a fixed eps in DeepSeek's code and in Hugging Face's port (not rms_norm_eps).
 LATENT_NORM_EPS = 1e-6
@@ -232,14 +233,20 @@ class MLA(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
         return y.transpose(1, 2)                                             # [B, T, H, dv]
 
+    def _w_uk(self, w: torch.Tensor) -> torch.Tensor:
+        return w.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)[:, :self.nope_dim]   # [H, dn, r]
+
+    def _w_uv(self, w: torch.Tensor) -> torch.Tensor:
+        return w.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)[:, self.nope_dim:]   # [H, dv, r]
+
     def _absorbed(self, q_nope, q_pe, latent, k_pe, mask):
-        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        w_uk, w_uv = w[:, :self.nope_dim], w[:, self.nope_dim:]             # [H, dn, r], [H, dv, r]
-        q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)              # query moved into latent space
+        # kv_b_proj's key and value halves, applied per head (weight gradients deferrable like its linear's)
+        w = self.kv_b_proj.weight
+        q_latent = weight_einsum("bthd,hdr->bthr", q_nope, w, self._w_uk)   # query moved into latent space
         scores = (torch.einsum("bthr,bsr->bhts", q_latent, latent)
                   + torch.einsum("bthd,bsd->bhts", q_pe, k_pe)) * self.softmax_scale
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).type_as(scores)
         o_latent = torch.einsum("bhts,bsr->bthr", probs, latent)            # weighted latent per head
-        return torch.einsum("bthr,hdr->bthd", o_latent, w_uv)               # [B, T, H, dv]
+        return weight_einsum("bthr,hdr->bthd", o_latent, w, self._w_uv)     # [B, T, H, dv]

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from framework.models.layers import SwiGLU
+from framework.weight_grad import grouped_linear, split_linear
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -39,6 +40,7 @@ class Router(nn.Module):
     gate weight and the bias stay fp32 even when the model is cast to bf16 (V3 §3.3 keeps gating in high precision).
     `load` counts the tokens routed to each expert since the last reset (read by balance.expert_loads).
     """
+    defers_weight_grad = True
 
     def __init__(self, cfg):
         super().__init__()
@@ -69,7 +71,7 @@ class Router(nn.Module):
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Affinities [N, E] in fp32 (or float64 when the model runs in float64)."""
         dtype = torch.promote_types(x.dtype, torch.float32)
-        logits = F.linear(x.to(dtype), self.weight.to(dtype))
+        logits = split_linear(x.to(dtype), self.weight.to(dtype))
         return logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
 
     def route(self, x: torch.Tensor):
@@ -162,13 +164,6 @@ class LocalDispatcher(Dispatcher):
 GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
-    # torch._grouped_mm's backward rejects stride-0 (expanded) incoming gradients such as the one of .sum()
-    if t.requires_grad:
-        t.register_hook(lambda g: g.contiguous())
-    return t
-
-
 class Experts(nn.Module):
     """The routed SwiGLU experts this process owns: `expert_ids` (a range of global ids, default all).
 
@@ -179,7 +174,9 @@ class Experts(nn.Module):
 
     linear_fn (None by default) replaces both grouped GEMMs when set, for other GEMM numerics (FP8, emulated bf16:
     framework/fp8 sets it): linear_fn(x [M, K], counts [E_local] ints, weight [E_local, N, K], proj) -> [M, N], with
-    proj "gate_up_proj" or "down_proj" naming the weight (so per-projection statistics can be kept).
+    proj "gate_up_proj" or "down_proj" naming the weight (so per-projection statistics can be kept). The weight
+    gradients of every path can be deferred to W (framework/weight_grad.py); a linear_fn says so with
+    `defers_weight_grad = True`.
     """
 
     def __init__(self, cfg, local_experts: Optional[range] = None):
@@ -197,6 +194,10 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * I, C))           # [E_local, 2I, C]: gate rows, up rows
         self.down_proj = nn.Parameter(torch.empty(n, C, I))                  # [E_local, C, I]
         self.linear_fn: Optional[Callable] = None
+
+    @property
+    def defers_weight_grad(self) -> bool:
+        return self.linear_fn is None or getattr(self.linear_fn, "defers_weight_grad", False)
 
     def forward(self, x_sorted: torch.Tensor, tokens_per_expert: Union[torch.Tensor, Sequence[int]]) -> torch.Tensor:
         if self.linear_fn is not None:
@@ -221,12 +222,10 @@ class Experts(nn.Module):
             return self._loop(x, tokens_per_expert)
         counts = torch.as_tensor(tokens_per_expert, device=x.device)
         offs = torch.cumsum(counts, dim=0).to(torch.int32)                   # end row of each expert's group
-        w_gu = self.gate_up_proj.to(x.dtype).transpose(1, 2)                 # [E, C, 2I] view, no copy
-        w_d = self.down_proj.to(x.dtype).transpose(1, 2)                     # [E, I, C]
-        gate_up = _contiguous_grad(torch._grouped_mm(x.contiguous(), w_gu, offs=offs))    # [M, 2I]
+        gate_up = grouped_linear(x.contiguous(), self.gate_up_proj, offs=offs)    # [M, 2I]
         gate, up = gate_up.split(self.inter, dim=-1)
         h = (F.silu(gate) * up).contiguous()                                 # [M, I]
-        return _contiguous_grad(torch._grouped_mm(h, w_d, offs=offs))       # [M, C]
+        return grouped_linear(h, self.down_proj, offs=offs)                  # [M, C]
 
     def _with_linear_fn(self, x, tokens_per_expert):
         counts = tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert) else list(tokens_per_expert)
@@ -235,13 +234,8 @@ class Experts(nn.Module):
 
     def _loop(self, x, tokens_per_expert):
         counts = tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert) else list(tokens_per_expert)
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            xe = x[start:start + n]
-            gate, up = F.linear(xe, self.gate_up_proj[e].to(x.dtype)).split(self.inter, dim=-1)
-            outs.append(F.linear(F.silu(gate) * up, self.down_proj[e].to(x.dtype)))
-            start += n
-        return torch.cat(outs, dim=0) if outs else x.new_zeros(0, self.hidden)
+        gate, up = grouped_linear(x, self.gate_up_proj, counts=counts).split(self.inter, dim=-1)
+        return grouped_linear(F.silu(gate) * up, self.down_proj, counts=counts)    # [M, C]
 
 
 # --------------------------------------------------------------------------------------------------------------------
