@@ -53,6 +53,14 @@ def resolve_backend(backend, device):
     return backend
 
 
+def _grouped_gemm(backend):
+    """fp8_grouped_gemm of a resolved backend: one triton launch for all experts, or the torch reference loop."""
+    if backend == "triton":
+        from . import triton_kernels
+        return triton_kernels.fp8_grouped_gemm
+    return Q.fp8_grouped_gemm
+
+
 def _kernels(backend):
     """(quantize_act, fp8_gemm) of a resolved backend."""
     if backend == "triton":
@@ -376,24 +384,21 @@ def _segments(counts, total):
 class Fp8GroupedLinearFunction(torch.autograd.Function):
     """Expert e maps rows [start_e, start_e + count_e) of x with weights[e]; same FP8 recipe as Fp8LinearFunction.
 
-    The 1x128 tiles of x and dY belong to single tokens, so they are quantized once for all experts; the
-    Wgrad tiles run along tokens and must not straddle two experts, so they are cut per expert. Per-expert
-    GEMMs are a Python loop (torch and triton backends alike): exact, simple, not a fused grouped kernel.
+    The 1x128 tiles of x and dY belong to single tokens, so they are quantized once for all experts, and Fprop and
+    Dgrad run as one grouped GEMM over the experts' row ranges (one triton launch; a loop in the torch reference).
+    The Wgrad tiles run along tokens and must not straddle two experts, so Wgrad is cut per expert.
     """
 
     @staticmethod
     def forward(ctx, x, weights, segments, backend, pow2, stats):
-        quant, gemm = _kernels(backend)
+        quant, _ = _kernels(backend)
         E, N, K = weights.shape
         xq, xs = quant(x, pow2=pow2)  # [T, K], [T, G]
         wq, ws = Q.quantize_weight(weights.detach(), pow2=pow2)  # [E, N, K], [E, Nb, G]
         if stats is not None:
             _observe_act(stats.x, x, xq, xs)
             _observe_weight(stats.w, weights, wq, ws)
-        out = torch.zeros(x.shape[0], N, dtype=torch.float32, device=x.device)
-        for e, (s, c) in enumerate(segments):
-            if c:
-                out[s:s + c] = gemm(xq[s:s + c], xs[s:s + c], wq[e], ws[e])
+        out = _grouped_gemm(backend)(xq, xs, wq, ws, [c for _, c in segments])  # [T, N] fp32
         ctx.save_for_backward(xq, xs, wq, ws)
         ctx.weight = weights  # by handle: its gradient may be deferred (framework/weight_grad.py)
         ctx.meta = (segments, backend, pow2, stats, x.dtype)
@@ -412,11 +417,9 @@ class Fp8GroupedLinearFunction(torch.autograd.Function):
             dyq, dys = quant(dy2, pow2=pow2)  # per-token tiles: once for all experts
             if stats is not None:
                 _observe_act(stats.dy, dy2, dyq, dys)
-            dx = torch.zeros(dy.shape[0], K, dtype=torch.float32, device=dy.device)
-            for e, (s, c) in enumerate(segments):
-                if c:
-                    dx[s:s + c] = gemm(dyq[s:s + c], dys[s:s + c], wq[e].t().contiguous(), ws[e].t().contiguous())
-            dx = dx.to(x_dtype)
+            # dY_e @ W_e: the transposed weights' 128x128 blocks are the transposed block scales
+            dx = _grouped_gemm(backend)(dyq, dys, wq.transpose(1, 2).contiguous(), ws.transpose(1, 2).contiguous(),
+                                        [c for _, c in segments]).to(x_dtype)
 
         def compute():  # Wgrad per expert from the cached FP8 input, now or in W
             dw = torch.zeros(E, N, K, dtype=torch.float32, device=dy.device)
