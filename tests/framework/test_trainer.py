@@ -67,7 +67,8 @@ def test_failed_save_keeps_previous(make_cfg, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(dcp, "save", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match=r"^step 2: saving the checkpoint to .*step_00000002\.tmp failed: disk "
+                                              r"full; .*step_00000001 is intact$"):
         t.save_checkpoint()
     monkeypatch.undo()
     ck = Checkpointer(tmp_path / "r" / "checkpoints")
@@ -162,7 +163,8 @@ def test_secrets_never_reach_the_checkpoint_config(make_cfg, tmp_path, monkeypat
 
 
 def test_checkpoints_load_without_pickle():
-    """Checkpoints are DCP shards + JSON; nothing in the framework unpickles (torch.load only with weights_only)."""
+    """Checkpoints are DCP shards + JSON; the one unpickler in the framework is checkpoint.py's, which builds only
+    DCP's metadata classes (tests/framework/test_checkpoint.py feeds it a payload); torch.load only weights_only."""
     import re
     from tests.conftest import ROOT
 
@@ -172,4 +174,7 @@ def test_checkpoints_load_without_pickle():
             for i, line in enumerate(path.read_text().splitlines(), 1):
                 if re.search(r"\bpickle\b|torch\.load\(", line) and "weights_only=True" not in line:
                     offenders.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
-    assert offenders == []
+    allowed = [o for o in offenders if o.startswith("framework/checkpoint.py:")]
+    assert [o for o in offenders if o not in allowed] == []
+    assert not any(re.search(r"pickle\.loads?\(|pickle\.Unpickler\(", o) for o in allowed), allowed
+    assert any("class _MetadataUnpickler(pickle.Unpickler)" in o for o in allowed), allowed

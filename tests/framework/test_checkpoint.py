@@ -1,0 +1,160 @@
+"""Checkpoints that cannot be fooled: nothing in a folder runs code, every file is checksummed, a bad newest
+checkpoint is skipped, a folder without any valid one is left exactly as it was."""
+import dataclasses
+import hashlib
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from framework.checkpoint import CheckpointError, Checkpointer, check_complete, read_metadata
+from framework.trainer import Trainer
+from parallel.mesh import init_mesh
+
+
+def trainer(cfg):
+    return Trainer(cfg, init_mesh(1, 1, 1, "cpu"))
+
+
+class Payload:
+    """Unpickling this writes a marker file: proof that the bytes ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def rewrite(folder: Path, name: str, data: bytes) -> None:
+    """Replace one file of a checkpoint and fix its size and sha256 in meta.json, as an attacker would."""
+    (folder / name).write_bytes(data)
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_crafted_metadata_runs_through_no_entry(make_cfg, tmp_path):
+    marker = tmp_path / "PWNED"
+    evil = pickle.dumps(Payload(marker))
+    pickle.loads(evil)                       # the payload is live: unpickled naively, it writes the marker
+    assert marker.read_text() == "ran"
+    marker.unlink()
+
+    t = trainer(make_cfg("train.steps=2", out=tmp_path / "run"))
+    t.train_step(t.sampler.next_batch())
+    good = t.save_checkpoint()
+    t.train_step(t.sampler.next_batch())
+    bad = t.save_checkpoint()
+    t.release()
+    # the payload nested inside real DCP metadata, so the unpickler has to refuse a class, not a shape
+    md = read_metadata(bad)
+    md.planner_data = {"x": Payload(marker)}
+    rewrite(bad, ".metadata", pickle.dumps(md))
+    tensors = {f"model/{k}": v for k, v in t.step_fn.state_tensors().items()}
+
+    refused = r"file \.metadata is not DCP metadata \(builtins\.exec is not part of DCP's metadata\)"
+    with pytest.raises(CheckpointError, match=refused):              # the library entry
+        Checkpointer.load(bad, tensors)
+    with pytest.raises(CheckpointError, match=refused):              # the optimizer manager's template
+        t.optimizer.sharded_state_dict(like=bad)
+    with pytest.raises(CheckpointError, match=refused):              # train.resume=<folder>
+        trainer(make_cfg(f"train.resume={bad}", out=tmp_path / "other"))
+    resumed = trainer(make_cfg("train.resume=auto", out=tmp_path / "run"))   # auto: skipped, falls back
+    assert resumed.step == 1 and resumed.resume_from.folder == good
+    resumed.release()
+
+    # launch.sample / launch.rl rl.init: a post-training checkpoint with the payload
+    from omegaconf import OmegaConf
+
+    from framework.models import build_model
+    from launch.sample import main as sample_main
+
+    mc = OmegaConf.to_object(t.cfg.model)
+    policy = build_model(mc)
+    rl = Checkpointer(tmp_path / "rl" / "checkpoints").save(
+        1, {f"model/{k}": v for k, v in policy.state_dict().items()},
+        {"model": dataclasses.asdict(mc), "tokenizer": "char", "config": {}})
+    rewrite(rl, ".metadata", evil)
+    assert sample_main(["--checkpoint", str(rl), "--out", str(tmp_path / "s.jsonl"), "--problems", "1"]) == 2
+
+    # a checkpoint whose entry is pickled bytes (DCP would torch.load it with weights_only=False)
+    import torch.distributed.checkpoint as dcp
+    key = next(iter(tensors))
+    sneaky = tmp_path / "bytes" / "step_00000001"
+    dcp.save({key: Payload(marker)}, checkpoint_id=str(sneaky), no_dist=True)
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+             for p in sneaky.iterdir()}
+    (sneaky / "meta.json").write_text(json.dumps({"format_version": 2, "step": 1, "files": files}))
+    with pytest.raises(CheckpointError, match=rf"entry '{key}' is not stored as a tensor: refused"):
+        Checkpointer.load(sneaky, {key: tensors[key]})
+    # a shard holding a pickle (DCP reads shards with weights_only=True; we say so in one line)
+    shard = next(p.name for p in good.iterdir() if p.suffix == ".distcp")
+    rewrite(good, shard, evil + b"\0" * max(0, (good / shard).stat().st_size - len(evil)))
+    with pytest.raises(CheckpointError, match=rf"checkpoint {good}: reading its shards failed \(.*\)$"):
+        Checkpointer.load(good, {k: v.clone() for k, v in tensors.items()})
+    assert not marker.exists()
+
+
+def test_every_file_is_checksummed_and_bad_checkpoints_are_skipped_or_named(make_cfg, tmp_path, capsys):
+    run = tmp_path / "run"
+    trainer(make_cfg("train.steps=3", "train.checkpoint_interval=1", "train.keep_checkpoints=3", out=run)).fit()
+    ck = Checkpointer(run / "checkpoints")
+    s1, s2, s3 = ck.complete_checkpoints()
+    meta = json.loads((s3 / "meta.json").read_text())
+    assert set(meta["files"]) == {p.name for p in s3.iterdir()} - {"meta.json"}
+    for name, entry in meta["files"].items():
+        assert entry == {"bytes": (s3 / name).stat().st_size,
+                         "sha256": hashlib.sha256((s3 / name).read_bytes()).hexdigest()}
+    assert not (run / "run.lock").exists()                  # the job gave the folder back
+
+    # same-size corruption of the newest shard: skipped with one line, auto falls back to step 2
+    shard = next(p for p in s3.iterdir() if p.suffix == ".distcp")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert ck.latest() == s2
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == [f"resume: skipping checkpoint {s3}: file {shard.name} does not match its sha256 in meta.json "
+                   f"(corrupt)"]
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {s3}: file {shard.name} does not match its sha256"):
+        trainer(make_cfg(f"train.resume={s3}", out=tmp_path / "x"))
+
+    # a garbage `latest` is ignored in one line
+    (ck.root / "latest").write_bytes(b"\xff\xfe../../etc\n\x00")
+    capsys.readouterr()
+    assert ck.latest() == s2
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith(f"resume: ignoring {ck.root / 'latest'}: names ") and len(lines) == 2
+
+    # no valid checkpoint left: refuse, and leave every byte of the run folder as it was
+    (s2 / ".metadata").write_bytes(b"junk")
+    (s1 / "meta.json").unlink()
+    before = snapshot(run)
+    with pytest.raises(CheckpointError, match=rf"^train\.resume=auto: none of the 3 checkpoints in {ck.root} is "
+                                              rf"valid \(newest: checkpoint {s3}: .*\); nothing was changed$"):
+        trainer(make_cfg("train.resume=auto", out=run))
+    assert snapshot(run) == before and not (run / "run.lock").exists()
+
+
+def test_disk_full_during_save_keeps_the_previous_checkpoint(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("DUET_FAULT", "disk_full:step=4")
+    run = tmp_path / "run"
+    t = trainer(make_cfg("train.checkpoint_interval=2", out=run))
+    with pytest.raises(CheckpointError) as e:
+        t.fit()
+    ck = Checkpointer(run / "checkpoints")
+    assert str(e.value) == (f"step 4: saving the checkpoint to {ck.root / 'step_00000004.tmp'} failed: [Errno 28] "
+                            f"No space left on device; {ck.root / 'step_00000002'} is intact")
+    assert ck.complete_checkpoints() == [ck.root / "step_00000002"] and ck.latest() == ck.root / "step_00000002"
+    assert sorted(p.name for p in ck.root.iterdir()) == ["latest", "step_00000002"]     # no half-written folder
+    check_complete(ck.root / "step_00000002")
+    assert not (run / "run.lock").exists()
