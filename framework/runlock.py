@@ -73,6 +73,16 @@ class RunLock:
             return "a lock that just went away"
         return f"a stale lock ({who}: no heartbeat for {age:.0f} s)" if age > STALE_AFTER_S else None
 
+    def check_free(self) -> None:
+        """Raise RunFolderLocked if a live other job holds the folder; take nothing (a look before Hydra writes)."""
+        holder = self._holder()
+        if holder and holder != self.me and self._stale_reason(holder) is None:
+            raise RunFolderLocked(self._refusal(holder))
+
+    def _refusal(self, holder: dict) -> str:
+        return (f"run folder {self.path.parent} is in use by host {holder['host']} pid {holder['pid']} run "
+                f"{holder['run_id']} ({self.path}); use another hydra.run.dir, or stop that job")
+
     def acquire(self) -> None:
         """Take the lock or raise RunFolderLocked naming the holder."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,10 +97,7 @@ class RunLock:
                     break
                 reason = self._stale_reason(holder)
                 if reason is None:
-                    raise RunFolderLocked(
-                        f"run folder {self.path.parent} is in use by host {holder['host']} pid {holder['pid']} "
-                        f"run {holder['run_id']} ({self.path}); use another hydra.run.dir, or stop that job") \
-                        from None
+                    raise RunFolderLocked(self._refusal(holder)) from None
                 if "this process" not in reason:
                     log.warning(f"run folder {self.path.parent}: taking over {reason}")
                 self.path.unlink(missing_ok=True)
