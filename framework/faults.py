@@ -106,6 +106,7 @@ def at_step(step: int, rank: int, run_dir: Path) -> None:
                 _terminate(step, rank)
                 continue
             print(f"fault injection: rank {rank} stalls at step {step}", flush=True)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)   # frozen: no Python handler runs, torchrun's SIGTERM kills
             while True:            # alive (threads keep running) but never reaches the next collective
                 time.sleep(3600)
 

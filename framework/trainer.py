@@ -202,6 +202,9 @@ class Trainer:
         self.sampler.load_state_dict(meta["sampler"])
         self.scheduler.load_state_dict(meta["scheduler"])
         apply_schedule(self.scheduler, self.optimizer, self.cfg.optim.lr, int(meta["step"]))
+        for m in self.step_fn.models():       # what the last step's hooks set (the MTP weight's switch)
+            if hasattr(m, "set_progress"):
+                m.set_progress(int(meta["step"]) / self.cfg.train.steps)
         rng = torch.frombuffer(bytearray(base64.b64decode(meta["rng"])), dtype=torch.uint8)
         torch.set_rng_state(rng)
         log.info(f"resumed from {folder} at step {meta['step']}")   # console (rank 0) and every rank's log file
