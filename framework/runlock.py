@@ -76,6 +76,8 @@ class RunLock:
     def check_free(self) -> None:
         """Raise RunFolderLocked if a live other job holds the folder; take nothing (a look before Hydra writes)."""
         holder = self._holder()
+        if holder and self.run_id and holder.get("run_id") == self.run_id:
+            return                                      # our own job's rank 0 got there first
         if holder and holder != self.me and self._stale_reason(holder) is None:
             raise RunFolderLocked(self._refusal(holder))
 

@@ -158,3 +158,60 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(make_cfg, tmp_path,
     assert sorted(p.name for p in ck.root.iterdir()) == ["latest", "step_00000002"]     # no half-written folder
     check_complete(ck.root / "step_00000002")
     assert not (run / "run.lock").exists()
+
+
+# -- one decision for every rank (run inside tests/parallel/test_mesh.py's 4-rank group) --------------------------
+def fake_checkpoint(root: Path, step: int) -> Path:
+    """A valid checkpoint folder holding x = [step, step], written by this process alone."""
+    import torch.distributed.checkpoint as dcp
+
+    from framework.checkpoint import FORMAT_VERSION, _file_table
+
+    folder = root / f"step_{step:08d}"
+    dcp.save({"x": torch.full((2,), float(step))}, checkpoint_id=str(folder), no_dist=True)
+    (folder / "meta.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "step": step,
+                                                  "files": _file_table(folder)}))
+    return folder
+
+
+def resume_decision_checks(rank: int) -> dict:
+    """Each rank sees its own checkpoints folder: rank 0 the step-2 checkpoint, the others a newer step 4 too (a
+    folder changing between reads). Every rank must resume what rank 0 chose, and get rank 0's error."""
+    import tempfile
+    import warnings
+    from types import SimpleNamespace
+
+    from framework.checkpoint import load_tensors
+    from framework.resume import decide
+
+    cfg = SimpleNamespace(train=SimpleNamespace(resume="auto"))
+    root = Path(tempfile.mkdtemp(prefix=f"view{rank}-"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")            # dcp.save(no_dist=True) warns inside a process group
+        chosen = fake_checkpoint(root, 2)
+        if rank != 0:
+            fake_checkpoint(root, 4)
+    d = decide(cfg, Checkpointer(root), rank, True, None)
+    shared = d.folder                              # rank 0's folder: on a cluster, the one shared file system
+    x = {"x": torch.zeros(2)}
+    load_tensors(shared, x)                        # collective, through the safe reader
+    out = {"resume_folder_is_rank0s": shared == chosen if rank == 0 else shared.name == "step_00000002",
+           "resume_step": d.meta["step"], "resume_x": x["x"].tolist()}
+    (chosen / ".metadata").write_bytes(b"junk")     # now rank 0 has no valid checkpoint; the others still do
+    try:
+        decide(cfg, Checkpointer(root), rank, True, None)
+        out["resume_error"] = None
+    except CheckpointError as e:
+        out["resume_error"] = str(e).replace(str(root), "<root>") if rank == 0 else str(e)
+    return out
+
+
+def test_rank0_decides_for_every_rank():
+    from tests.parallel.test_mesh import four_rank_results
+
+    res = four_rank_results()
+    assert [r["resume_folder_is_rank0s"] for r in res] == [True] * 4
+    assert [r["resume_step"] for r in res] == [2] * 4 and [r["resume_x"] for r in res] == [[2.0, 2.0]] * 4
+    errors = {r["resume_error"] for r in res[1:]}
+    assert len(errors) == 1 and errors.pop().startswith("train.resume=auto: none of the 1 checkpoints in ")
+    assert res[0]["resume_error"].startswith("train.resume=auto: none of the 1 checkpoints in <root> is valid")

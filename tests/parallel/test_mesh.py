@@ -85,6 +85,8 @@ def four_rank_checks(rank: int) -> dict:
     out["new_ep_group_sum"] = float(t)
     out.update(data_parallel_checks(mesh))           # the dp=4, ep=2 mesh
     out.update(ep4_checks(init_mesh(1, 4, 4, device="cpu", backend="gloo", timeout_s=120)))
+    from tests.framework.test_checkpoint import resume_decision_checks
+    out.update(resume_decision_checks(rank))
     return out
 
 
