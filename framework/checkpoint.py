@@ -18,6 +18,7 @@ is written once, and a pipeline rank loads only the keys of the stages it holds,
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
@@ -88,7 +89,7 @@ _METADATA_CLASSES.update({
     ("torch.serialization", "_get_layout"): torch.serialization._get_layout,   # a name -> torch.strided etc.
     ("pathlib", "PosixPath"): pathlib.PurePosixPath,     # StorageMeta.checkpoint_id: kept as a pure path
     ("pathlib", "WindowsPath"): pathlib.PureWindowsPath,
-    ("collections", "OrderedDict"): __import__("collections").OrderedDict,
+    ("collections", "OrderedDict"): collections.OrderedDict,
 })
 
 
@@ -117,12 +118,17 @@ def read_metadata(folder: str | Path) -> dcp_md.Metadata:
 
 
 class SafeReader(dcp.FileSystemReader):
-    """DCP's file reader with the metadata read by read_metadata() above (shards: DCP's weights_only=True)."""
+    """DCP's file reader handing DCP the metadata we read and checked (never re-reading a file that may have changed
+    since); shards are read by DCP with torch.load(weights_only=True)."""
+
+    def __init__(self, path: str | Path, md: dcp_md.Metadata):
+        super().__init__(str(path))
+        self.checked = md
 
     def read_metadata(self, *args, **kwargs) -> dcp_md.Metadata:
         if kwargs.get("rank") is not None:
             raise CheckpointError(f"checkpoint {self.path}: per-rank metadata files are not supported")
-        md = read_metadata(self.path)
+        md = self.checked
         if getattr(md, "storage_meta", None) is None:
             md.storage_meta = dcp_md.StorageMeta()
         md.storage_meta.load_id = self.load_id
@@ -141,7 +147,7 @@ def check_storage(folder: Path, md: dcp_md.Metadata, keys, files: dict) -> None:
     for k in keys:
         if k in md.state_dict_metadata and not isinstance(md.state_dict_metadata[k], dcp_md.TensorStorageMetadata):
             raise CheckpointError(f"checkpoint {folder}: entry {k!r} is not stored as a tensor: refused")
-    for index, info in md.storage_data.items():
+    for info in md.storage_data.values():
         rel = getattr(info, "relative_path", None)
         if not isinstance(rel, str) or rel not in files or Path(rel).name != rel:
             raise CheckpointError(f"checkpoint {folder}: .metadata points at {rel!r}, not a checksummed file of the "
@@ -155,19 +161,19 @@ def load_tensors(folder: str | Path, tensors: dict[str, torch.Tensor], md: dcp_m
     md = md if md is not None else read_metadata(folder)
     check_storage(folder, md, tensors.keys(), meta.get("files", {}))
     try:
-        dcp.load(tensors, storage_reader=SafeReader(str(folder)), planner=_TensorsOnlyPlanner(),
+        dcp.load(tensors, storage_reader=SafeReader(folder, md), planner=_TensorsOnlyPlanner(),
                  no_dist=not dist.is_initialized())
     except CheckpointError:
         raise
-    except (Exception, CheckpointException) as e:   # a shard that is not what .metadata says (weights_only refused
-        raise CheckpointError(f"checkpoint {folder}: reading its shards failed ({_cause(e)})") from None   # it)
+    except (Exception, CheckpointException) as e:   # a shard that is not what .metadata says (not a tensor pickle:
+        raise CheckpointError(f"checkpoint {folder}: reading its shards failed ({_cause(e)})") from None  # refused)
 
 
 def _cause(e: BaseException) -> str:
     """One line for an error, looking through DCP's CheckpointException (which wraps each rank's exception)."""
     failures = getattr(e, "failures", None)
     if isinstance(failures, dict) and failures:
-        rank, inner = sorted(failures.items())[0]
+        _, inner = sorted(failures.items())[0]
         inner = inner[0] if isinstance(inner, tuple) else inner
         if isinstance(inner, BaseException):
             e = inner
@@ -268,13 +274,14 @@ class Checkpointer:
             faults.in_save(step, _rank(), self.root.parent)   # tests: a crash with the shards written, meta not
         except (OSError, CheckpointException) as e:   # DCP wraps a rank's write error in CheckpointException
             error = e
-        if _agree(error) is None and _rank() == 0:
+        failed = _agree(error)
+        if failed is None and _rank() == 0:
             try:
                 self._complete(step, tmp, final, meta)
             except OSError as e:
                 error = e
-        error = _agree(error)
-        if error is not None:
+        failed = _agree(error)
+        if failed is not None:
             if _rank() == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             try:
@@ -282,7 +289,7 @@ class Checkpointer:
             except CheckpointError:
                 previous = None
             kept = f"; {previous} is intact" if previous else ""
-            raise CheckpointSaveError(f"step {step}: saving the checkpoint to {tmp} failed: {error}{kept}")
+            raise CheckpointSaveError(f"step {step}: saving the checkpoint to {tmp} failed: {failed}{kept}")
         return final
 
     def _complete(self, step: int, tmp: Path, final: Path, meta: dict) -> None:
@@ -329,11 +336,12 @@ class CheckpointSaveError(CheckpointError):
     """A save failed (disk full, quota, I/O error): one line, the previous checkpoint intact."""
 
 
-def _agree(error: BaseException | None) -> BaseException | None:
-    """The first rank's error (in rank order) on every rank, None if no rank failed. Collective."""
+def _agree(error: BaseException | None) -> str | None:
+    """The first failing rank's error (in rank order) in one line, the same on every rank; None if none failed.
+    Collective."""
+    mine = None if error is None else (str(error) if isinstance(error, OSError) else _cause(error))
     if not dist.is_initialized():
-        return error
+        return mine
     errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
-    first = next((e for e in errors if e is not None), None)
-    return error if error is not None else (OSError(first) if first else None)
+    dist.all_gather_object(errors, mine)
+    return next((e for e in errors if e is not None), None)

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from framework import faults
-from framework.checkpoint import Checkpointer
+from framework.checkpoint import CheckpointError, Checkpointer
 from framework.config import to_container
 from framework.dashboards import Dashboards, optimizer_bytes
 from framework.data.dataset import Sampler, TokenWindows, validation_batches
@@ -42,6 +42,8 @@ class TrainingAborted(RuntimeError):
 
 def is_comm_failure(err: BaseException) -> bool:
     """A collective that failed because a peer is gone or late (gloo/NCCL timeouts, closed connections)."""
+    if isinstance(err, CheckpointError):       # already one line (a full disk, a bad checkpoint)
+        return False
     if isinstance(err, getattr(dist, "DistError", ())):
         return True
     text = str(err).lower()

@@ -197,6 +197,7 @@ def resume_decision_checks(rank: int) -> dict:
     load_tensors(shared, x)                        # collective, through the safe reader
     out = {"resume_folder_is_rank0s": shared == chosen if rank == 0 else shared.name == "step_00000002",
            "resume_step": d.meta["step"], "resume_x": x["x"].tolist()}
+    out.update(save_failure_checks(rank))
     (chosen / ".metadata").write_bytes(b"junk")     # now rank 0 has no valid checkpoint; the others still do
     try:
         decide(cfg, Checkpointer(root), rank, True, None)
@@ -204,6 +205,31 @@ def resume_decision_checks(rank: int) -> dict:
     except CheckpointError as e:
         out["resume_error"] = str(e).replace(str(root), "<root>") if rank == 0 else str(e)
     return out
+
+
+def save_failure_checks(rank: int) -> dict:
+    """Rank 1's disk fills up while saving step 2: every rank raises the same one line, step 1 stays selected."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    from framework.checkpoint import CheckpointSaveError
+
+    shared = [tempfile.mkdtemp(prefix="shared-") if rank == 0 else None]
+    dist.broadcast_object_list(shared, src=0)
+    ck = Checkpointer(Path(shared[0]) / "checkpoints")
+    ck.save(1, {f"x{rank}": torch.full((2,), 1.0)}, {})
+    os.environ["DUET_FAULT"] = "disk_full:rank=1:step=2"
+    try:
+        ck.save(2, {f"x{rank}": torch.full((2,), 2.0)}, {})
+        error = None
+    except CheckpointSaveError as e:
+        error = str(e).replace(shared[0], "<root>")
+    finally:
+        del os.environ["DUET_FAULT"]
+    dist.barrier()
+    return {"save_error": error, "save_latest": ck.latest(verbose=False).name,
+            "save_left": sorted(p.name for p in ck.root.iterdir())}
 
 
 def test_rank0_decides_for_every_rank():
@@ -215,3 +241,8 @@ def test_rank0_decides_for_every_rank():
     errors = {r["resume_error"] for r in res[1:]}
     assert len(errors) == 1 and errors.pop().startswith("train.resume=auto: none of the 1 checkpoints in ")
     assert res[0]["resume_error"].startswith("train.resume=auto: none of the 1 checkpoints in <root> is valid")
+    # a save that fails on one rank fails on all, in the same words, and leaves the previous checkpoint selected
+    assert [r["save_error"] for r in res] == ["step 2: saving the checkpoint to <root>/checkpoints/step_00000002.tmp "
+                                              "failed: [Errno 28] No space left on device; "
+                                              "<root>/checkpoints/step_00000001 is intact"] * 4
+    assert all(r["save_latest"] == "step_00000001" and r["save_left"] == ["latest", "step_00000001"] for r in res)
