@@ -27,8 +27,9 @@ install: $(STAMP)
 data: $(STAMP)
 	$(PY) -m launch.prepare_data
 
+# TORCHRUN_ARGS: torchrun's own flags (e.g. --max-restarts=3); a restarted worker group gets its own rendezvous store
 train: data
-	$(VENV)/bin/torchrun --standalone --nproc-per-node=$(NPROC) -m launch.train parallel=dualpipe $(ARGS)
+	TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 $(VENV)/bin/torchrun --standalone $(TORCHRUN_ARGS) --nproc-per-node=$(NPROC) -m launch.train parallel=dualpipe $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(ARGS)

@@ -171,6 +171,7 @@ class TrainConfig:
                                            # (framework/footprint.py states the estimate)
     max_bad_steps: int = 5                 # abort after this many non-finite steps in a row (each one is skipped)
     resume: str = "auto"                   # auto (newest complete checkpoint in output_dir, if any) | none | <path>
+    resume_allow_data_change: bool = False  # resume even if the prepared data or tokenizer differs from the checkpoint's
     output_dir: str = "outputs/${run_id}"  # run folder shared by all ranks
     device: str = "auto"                   # auto | cpu | cuda
     dtype: str = "float32"                 # float32 | bfloat16 | bf16_emulated (fp32 weights, linears with bf16-rounded

@@ -6,15 +6,19 @@ DUET_FAULT holds one or more comma-separated faults, each `kind:key=value:...`:
   stall:rank=1:step=3       stop responding just before step 3: sleep forever, join no collective
   save_kill:rank=0:step=4   SIGKILL inside the checkpoint save of step 4, after the shards are written and
                             before the folder is complete (the worst moment for atomicity)
+  disk_full:rank=0:step=4   the checkpoint save of step 4 fails with ENOSPC after the shards are written
+  term:rank=0:step=3        send SIGTERM (what SLURM sends before preempting a job) to this process and, under
+                            torchrun, to its agent, just before step 3
   nan:step=2:param=GLOB     write NaN into the gradient of the first parameter whose name matches GLOB
                             (default: the first parameter), at steps 2 .. 2+count-1 (count=1 by default)
 
-`rank` defaults to every rank. A process-level fault (kill, stall, save_kill) fires once per run folder: it leaves a
+`rank` defaults to every rank. A process-level fault (kill, stall, save_kill, disk_full, term) fires once per run folder: it leaves a
 marker file `faults/<fault>.fired` in the run folder before acting, so the group torchrun restarts after it runs
 clean, which is exactly what an elastic-restart test needs.
 """
 from __future__ import annotations
 
+import errno
 import fnmatch
 import functools
 import os
@@ -25,7 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 ENV = "DUET_FAULT"
-KINDS = ("kill", "stall", "save_kill", "nan")
+KINDS = ("kill", "stall", "save_kill", "disk_full", "term", "nan")
 
 
 @dataclass(frozen=True)
@@ -95,12 +99,24 @@ def _kill_self(what: str) -> None:
 def at_step(step: int, rank: int, run_dir: Path) -> None:
     """Called by the training loop before each step."""
     for f in active():
-        if f.kind in ("kill", "stall") and f.applies(step, rank) and _claim(f, run_dir):
+        if f.kind in ("kill", "stall", "term") and f.applies(step, rank) and _claim(f, run_dir):
             if f.kind == "kill":
                 _kill_self(f"kill at step {step} on rank {rank}")
+            if f.kind == "term":
+                _terminate(step, rank)
+                continue
             print(f"fault injection: rank {rank} stalls at step {step}", flush=True)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)   # frozen: no Python handler runs, torchrun's SIGTERM kills
             while True:            # alive (threads keep running) but never reaches the next collective
                 time.sleep(3600)
+
+
+def _terminate(step: int, rank: int) -> None:
+    """SIGTERM to this process and, under torchrun, to the agent (it forwards it to every worker of the group)."""
+    print(f"fault injection: SIGTERM before step {step} on rank {rank}", flush=True)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        os.kill(os.getppid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def in_save(step: int, rank: int, run_dir: Path) -> None:
@@ -108,6 +124,8 @@ def in_save(step: int, rank: int, run_dir: Path) -> None:
     for f in active():
         if f.kind == "save_kill" and f.applies(step, rank) and _claim(f, run_dir):
             _kill_self(f"kill while saving the checkpoint of step {step} on rank {rank}")
+        if f.kind == "disk_full" and f.applies(step, rank) and _claim(f, run_dir):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def poison_grads(step: int, named_params) -> Optional[str]:

@@ -5,6 +5,8 @@ import base64
 import functools
 import logging
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from framework import faults
-from framework.checkpoint import Checkpointer
+from framework.checkpoint import CheckpointError, Checkpointer
 from framework.config import to_container
 from framework.dashboards import Dashboards, optimizer_bytes
 from framework.data.dataset import Sampler, TokenWindows, validation_batches
@@ -21,6 +23,8 @@ from framework.data.prepare import prepare
 from framework.metrics import build_metrics, redact
 from framework.models import build_model
 from framework.optim.lr import make_scheduler
+from framework.resume import apply_schedule, check_data, data_identity, decide
+from framework.runlock import RunLock
 from framework.watchdog import STALL_EXIT, Watchdog
 from parallel.mesh import Mesh
 
@@ -38,6 +42,8 @@ class TrainingAborted(RuntimeError):
 
 def is_comm_failure(err: BaseException) -> bool:
     """A collective that failed because a peer is gone or late (gloo/NCCL timeouts, closed connections)."""
+    if isinstance(err, CheckpointError):       # already one line (a full disk, a bad checkpoint)
+        return False
     if isinstance(err, getattr(dist, "DistError", ())):
         return True
     text = str(err).lower()
@@ -65,7 +71,8 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """Achievable matmul FLOP/s of this device, measured: the denominator of MFU when no spec sheet applies.
     (On CPU there is no published peak for the 2-thread sandbox; a square GEMM is the honest ceiling.)"""
     n = 1024 if device.type == "cpu" else 8192
-    a = torch.randn(n, n, device=device, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(0)   # not the global RNG: a resumed run draws what an
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)   # uninterrupted one does
     best = math.inf
     for _ in range(3):
         if device.type == "cuda":
@@ -117,8 +124,24 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.run_dir = Path(t.output_dir)
         self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16_emulated": torch.float32}[t.dtype]
+        self.ckpt = Checkpointer(self.run_dir / "checkpoints", t.keep_checkpoints)
+        self.lock = RunLock(self.run_dir, cfg.run_id) if mesh.rank == 0 else None
+        self.resume_from = decide(cfg, self.ckpt, mesh.rank, mesh.distributed, self.lock)  # before anything is written
+        try:
+            self._build(cfg, mesh, step_factory)
+        except BaseException:
+            self.release()
+            raise
 
+    def release(self) -> None:
+        """Give the run folder back (rank 0's lock). fit() does it when it ends."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def _build(self, cfg, mesh: Mesh, step_factory) -> None:
+        t = cfg.train
         prepared = prepare_data(cfg, mesh)
+        self.data_identity = data_identity(prepared.folder)
         self.train_windows = TokenWindows(prepared.train_bin, prepared.dtype, t.seq_len, prepared.vocab_size)
         val_windows = TokenWindows(prepared.val_bin, prepared.dtype, t.seq_len, prepared.vocab_size)
 
@@ -146,11 +169,10 @@ class Trainer:
         self.sampler = Sampler(self.train_windows, t.seed, t.global_batch_size, mesh.dp_rank, mesh.dp, t.micro_batches)
         self.val_batches = validation_batches(val_windows, t.eval_batches, t.global_batch_size, mesh.dp_rank, mesh.dp,
                                               t.micro_batches)
-        self.ckpt = Checkpointer(self.run_dir / "checkpoints", t.keep_checkpoints)
-        self.step = self._maybe_resume()
         self.tokens_per_step = t.global_batch_size * t.seq_len
         self.flops_per_token = self.model.flops_per_token(t.seq_len)
         self.peak_flops = measure_peak_flops(mesh.device, self.dtype)
+        self.step = self._maybe_resume()
         self.metrics = build_metrics(cfg.logging, self.run_dir, mesh.rank, t.steps, self.step, to_container(cfg))
         self.dashboards = Dashboards(cfg, self.run_dir, mesh)
         self.bad_steps = 0                     # non-finite steps in a row
@@ -159,6 +181,8 @@ class Trainer:
         self.last_expert_loads: torch.Tensor | None = None
         self.watchdog: Watchdog | None = None
         self.history: list[dict] = []
+        self.stop_requested = False            # SIGTERM seen by this rank
+        self.stopping = False                  # some rank saw it: every rank stops after the same step
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def _checkpoint_tensors(self) -> dict[str, torch.Tensor]:
@@ -167,24 +191,22 @@ class Trainer:
         return tensors
 
     def _maybe_resume(self) -> int:
-        r = self.cfg.train.resume
-        folder = None
-        if r == "auto":
-            folder = self.ckpt.latest()
-        elif r != "none":
-            folder = Path(r)
+        """Load what rank 0 decided (framework/resume.py); rank 0 verified every file's checksum first."""
+        folder, meta = self.resume_from.folder, self.resume_from.meta
         if folder is None:
             return 0
-        Checkpointer.verify(folder)            # complete and uncorrupted, before the optimizer reads its layout
+        check_data(meta, self.data_identity, self.cfg.train.resume_allow_data_change, folder)
         tensors = {f"model/{k}": v for k, v in self.step_fn.state_tensors().items()}
         convert = self.cfg.optim.convert_state
         optim_sd = optimizer_tensors(self.optimizer, self.param_names, like=folder, convert=convert)
-        meta = Checkpointer.load(folder, {**tensors, **optim_sd})
+        meta = Checkpointer.load(folder, {**tensors, **optim_sd}, verified=meta)
         self.optimizer.load_sharded_state_dict(optim_sd, convert=convert)
         self.sampler.load_state_dict(meta["sampler"])
         self.scheduler.load_state_dict(meta["scheduler"])
-        for g, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
-            g["lr"] = lr
+        apply_schedule(self.scheduler, self.optimizer, self.cfg.optim.lr, int(meta["step"]))
+        for m in self.step_fn.models():       # what the last step's hooks set (the MTP weight's switch)
+            if hasattr(m, "set_progress"):
+                m.set_progress(int(meta["step"]) / self.cfg.train.steps)
         rng = torch.frombuffer(bytearray(base64.b64decode(meta["rng"])), dtype=torch.uint8)
         torch.set_rng_state(rng)
         log.info(f"resumed from {folder} at step {meta['step']}")   # console (rank 0) and every rank's log file
@@ -194,7 +216,8 @@ class Trainer:
         tensors = self._checkpoint_tensors()
         self._check_finite(tensors)
         meta = {"sampler": self.sampler.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": _rng_state_b64(), "config": redact(to_container(self.cfg)), "world_size": self.mesh.world_size}
+                "rng": _rng_state_b64(), "config": redact(to_container(self.cfg)), "world_size": self.mesh.world_size,
+                "data_identity": self.data_identity}
         return self.ckpt.save(self.step, tensors, meta)
 
     def _check_finite(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -296,7 +319,8 @@ class Trainer:
         loss_sum, count, model_metrics = self.step_fn.forward_backward(micro_batches)
         faults.poison_grads(n, self.step_fn.named_parameters())
         self._mark("all_reduce loss and gradient norm")
-        loss_sum, count = self._sum([loss_sum, count])
+        loss_sum, count, stop = self._sum([loss_sum, count, float(self.stop_requested)])
+        self.stopping = stop > 0               # agreed with the step's own reduction: no extra collective
         loss = loss_sum / count
         grad_norm = math.sqrt(self._sum([self.step_fn.grad_norm_sq().item()])[0])
         clip = self.cfg.optim.grad_clip
@@ -401,6 +425,7 @@ class Trainer:
         self.watchdog = Watchdog.for_process_group(self.cfg.parallel.timeout_s)
         if self.watchdog is not None:
             self.watchdog.start()
+        previous_handler = self._catch_sigterm()
         try:
             if self.step == 0:
                 self._mark("evaluate", 0)
@@ -416,9 +441,14 @@ class Trainer:
                     out.update(self.evaluate())
                 self.metrics.log(self.step, out)
                 self.history.append({"step": self.step, **out})
-                if (t.checkpoint_interval and self.step % t.checkpoint_interval == 0) or self.step == t.steps:
+                if (t.checkpoint_interval and self.step % t.checkpoint_interval == 0) or self.step == t.steps \
+                        or self.stopping:
                     self._mark("checkpoint save", self.step)
                     self.save_checkpoint()
+                if self.stopping and self.step < t.steps:
+                    log.warning(f"SIGTERM: stopped after step {self.step} with a checkpoint saved; a restart with "
+                                f"train.resume=auto continues from it")
+                    break
         except Exception as e:
             if self.watchdog is not None and is_comm_failure(e):   # name the rank that left the others waiting
                 cause = (str(e).strip().splitlines() or [""])[0][:200]
@@ -426,7 +456,23 @@ class Trainer:
                                       exit_code=STALL_EXIT) from e
             raise
         finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
             if self.watchdog is not None:
                 self.watchdog.stop()
             self.metrics.close()
+            self.release()
         return self.history
+
+    def _catch_sigterm(self):
+        """SLURM preemption (and torchrun stopping its workers) sends SIGTERM: finish the step, save, return. The
+        flag travels with the step's loss reduction, so every rank stops after the same step."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def request_stop(signum, frame):
+            if not self.stop_requested:
+                log.warning(f"SIGTERM received during step {self.step + 1}: finishing it, then saving a checkpoint")
+            self.stop_requested = True
+
+        return signal.signal(signal.SIGTERM, request_stop)

@@ -66,7 +66,7 @@ def load_policy(folder: str | Path, device=None):
         raise ValueError(f"rl.init={str(folder)!r}: not a launch.rl checkpoint (its meta.json has no 'model')")
     model_cfg = ModelConfig(**meta["model"])
     model = build_model(model_cfg).to(device or torch.device("cpu"))
-    Checkpointer.load(folder, {f"model/{k}": v for k, v in model.state_dict().items()})
+    Checkpointer.load(folder, {f"model/{k}": v for k, v in model.state_dict().items()}, verified=meta)
     return model, model_cfg, meta
 
 

@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from framework.checkpoint import CheckpointError
     from framework.rl.config import RLConfig
     from framework.rl.rewards import RewardSet, Scored
     from framework.rl.sampling import sample
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             problems = ArithmeticTask.from_config(rl).problems(a.problems, seed=a.seed, heldout=False)
         prompts = [[tok.bos_id] + tok.encode(p.prompt) for p in problems]
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     gen = torch.Generator().manual_seed(a.seed)

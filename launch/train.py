@@ -245,6 +245,23 @@ def precheck(args: list[str]) -> None:
         check_overrides([a for a in args if not a.startswith("-")])
     except Exception as e:
         refuse(f"config error: {_one_line(e)}")
+    check_run_folder(args)
+
+
+def check_run_folder(args: list[str]) -> None:
+    """A run folder another live job holds is refused before Hydra writes its .hydra/ there (the trainer takes the
+    lock itself; this only looks). Knowable here when hydra.run.dir is given or the run id comes from the launcher."""
+    from framework.runlock import RunFolderLocked, RunLock
+
+    given = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
+    run_id = os.environ.get("DUET_RUN_ID") or os.environ.get("TORCHELASTIC_RUN_ID")
+    run_dir = given[-1] if given else (f"outputs/{run_id}" if run_id else None)
+    if run_dir is None or "${" in run_dir:
+        return
+    try:
+        RunLock(run_dir, run_id or "").check_free()
+    except RunFolderLocked as e:
+        refuse(f"error: {e}")
 
 
 def main() -> None:

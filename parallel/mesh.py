@@ -45,6 +45,26 @@ def env_world() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
+def restart_safe_store(rank: int, world: int, timeout: timedelta):
+    """torchrun lets its workers rendezvous on the agent's own TCP store, which outlives a group that --max-restarts
+    restarts: the previous attempt's keys (gloo's peer addresses, heartbeats) are still there and the new group
+    connects to dead peers ("Gloo connectFullMesh failed"). On one node (one agent, one restart count) a key prefix
+    per restart keeps the attempts apart, so `torchrun --standalone --max-restarts=N` works as typed. Across nodes
+    the agents' restart counts differ: there torchrun needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (the recipes in
+    launch/ export it). None: initialise from the environment as usual."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if os.environ.get("LOCAL_WORLD_SIZE", str(world)) != str(world):
+        if restart != "0":
+            raise ValueError("a multi-node group restarted by torchrun cannot reuse the agent's store: start torchrun "
+                             "with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 exported (see launch/multinode.sh)")
+        return None
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                           timeout=timeout)
+    return dist.PrefixStore(f"duet/restart{restart}/", client)
+
+
 def pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device='cuda': no CUDA device is visible; use train.device=cpu or auto")
@@ -71,8 +91,10 @@ def init_mesh(pp: int, dp: Optional[int], ep: int, device: str = "auto", backend
     if backend == "nccl" and not dist.is_nccl_available():
         raise ValueError("parallel.backend='nccl': this torch build has no NCCL; use gloo or auto")
     if not dist.is_initialized():
+        store = restart_safe_store(rank, world, timedelta(seconds=timeout_s))
+        kw = dict(store=store, rank=rank, world_size=world) if store is not None else {}
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
-                                device_id=dev if dev.type == "cuda" else None)
+                                device_id=dev if dev.type == "cuda" else None, **kw)
     # every rank must create every group, in the same order
     for p in range(pp):
         g = dist.new_group([p * dp + d for d in range(dp)])

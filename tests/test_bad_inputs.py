@@ -228,7 +228,7 @@ def test_data(source, culprit, world, untouched):
 CKPT_ROWS = [  # (checkpoint key or path, extra overrides, what the line must say)
     ("/nonexistent/step_00000001", [], "train.resume='/nonexistent/step_00000001': no such checkpoint folder"),
     ("truncated", [], "has 64 bytes, expected"),
-    ("flipped_metadata", [], ".metadata does not match its checksum (corrupt)"),
+    ("flipped_metadata", [], "file .metadata does not match its sha256 in meta.json (corrupt)"),
     ("bad_meta_json", [], "meta.json is corrupt"),
     ("no_meta_json", [], "no meta.json (incomplete or not a duet checkpoint)"),
     ("good", ["model.hidden_size=48"],

@@ -45,7 +45,7 @@ shards are all-gathered first (each rank holds the full state of its parameters 
 once); without sharding the tensors ARE the live state (no copy; loading in place restores it).
 The format is in the key, so loading into a manager of another format fails loudly instead of casting raw codes:
     sd = opt.sharded_state_dict(like=checkpoint_dir)   # empty tensors laid out like the checkpoint
-    dcp.load(sd, checkpoint_id=checkpoint_dir)
+    framework.checkpoint.load_tensors(checkpoint_dir, sd)   # or dcp.load for a folder you wrote yourself
     opt.load_sharded_state_dict(sd, convert=False)     # ValueError naming both formats unless convert=True
 """
 from __future__ import annotations
@@ -55,7 +55,6 @@ import os
 from typing import Callable, Iterable
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 from framework.optim.state_format import FORMATS, MomentBuffer, check_format, decode
 from framework.optim.zero import (BucketLayout, all_gather_shards, flatten_into, group_rank, group_size,
@@ -369,7 +368,8 @@ class OptimizerStateManager(torch.optim.Optimizer):
 
     def _template(self, like, convert: bool, prefix: str) -> dict[str, torch.Tensor]:
         if isinstance(like, (str, os.PathLike)):
-            like = dcp.FileSystemReader(str(like)).read_metadata()
+            from framework.checkpoint import read_metadata   # never unpickles anything but DCP's metadata
+            like = read_metadata(like)
         saved = like.state_dict_metadata
 
         def empty(key):

@@ -3,8 +3,10 @@
 Four jobs start together (they spend most of their time importing torch, so overlapping them saves minutes):
   nodes    launch/slurm.sbatch with stand-ins for srun/scontrol: two torchrun agents, one process each, meet at a
            c10d rendezvous as two "nodes" and train a tiny DeepSeek-V3 with DualPipe
-  elastic  the same training under one agent with --max-restarts=2 and two injected crashes: rank 0 killed inside
-           the checkpoint save of step 4, then rank 1 killed before step 6; the result must equal `nodes` exactly
+  elastic  the same training under one agent with --max-restarts=2 as a user types it (no environment variable) and
+           two injected crashes: rank 0 killed inside the checkpoint save of step 4, then rank 1 killed before step
+           6; then SIGTERM to the agent before step 7 (a preemption): the workers finish step 7, save and exit 0;
+           the test requeues the job, and the result must equal `nodes` exactly
   stall    data + expert parallel (ep=2); rank 1 stops responding before step 3 with parallel.timeout_s=10
   sweep    a Hydra sweep (-m) of two jobs in one process, W&B offline, a fake WANDB_API_KEY in the environment
 """
@@ -56,6 +58,7 @@ def jobs(corpus_dir, data_cache, tmp_path_factory):
     fake_slurm(tmp / "bin")
     base = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     base.pop("DUET_FAULT", None)
+    base.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
     dirs = {k: tmp / k for k in ("nodes", "elastic", "stall", "sweep")}
     cmds = {
         "nodes": (["bash", "launch/slurm.sbatch", *tiny_moe(corpus_dir, data_cache, "parallel=dualpipe",
@@ -65,8 +68,7 @@ def jobs(corpus_dir, data_cache, tmp_path_factory):
                    "MASTER_PORT": str(free_port()), "TORCHRUN": TORCHRUN, "MAX_RESTARTS": "0"}),
         "elastic": ([TORCHRUN, "--standalone", "--nproc-per-node=2", "--max-restarts=2", "-m", "launch.train",
                      *tiny_moe(corpus_dir, data_cache, "parallel=dualpipe", f"hydra.run.dir={dirs['elastic']}")],
-                    {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-                     "DUET_FAULT": "save_kill:rank=0:step=4,kill:rank=1:step=6"}),
+                    {"DUET_FAULT": "save_kill:rank=0:step=4,kill:rank=1:step=6,term:rank=0:step=7"}),
         "stall": ([TORCHRUN, "--standalone", "--nproc-per-node=2", "-m", "launch.train",
                    *tiny_moe(corpus_dir, data_cache, "parallel.ep=2", "parallel.timeout_s=10",
                              "logging.dashboard_interval=1", f"hydra.run.dir={dirs['stall']}")],
@@ -80,18 +82,31 @@ def jobs(corpus_dir, data_cache, tmp_path_factory):
                   {"WANDB_API_KEY": FAKE_KEY, "WANDB_MODE": "offline"}),
     }
     procs, started = {}, time.monotonic()
-    for name, (cmd, env) in cmds.items():
+
+    def start(name, cmd, env):
         log = open(tmp / f"{name}.out", "w")
         procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env={**base, **env}, stdout=log, stderr=subprocess.STDOUT), log)
+
+    for name, (cmd, env) in cmds.items():
+        start(name, cmd, env)
+    dirs["requeue"] = dirs["elastic"]
     results = {}
-    for name, (p, log) in procs.items():
-        try:
-            rc = p.wait(timeout=max(1.0, 420 - (time.monotonic() - started)))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            rc = "timeout"
-        log.close()
-        results[name] = (rc, (tmp / f"{name}.out").read_text(), dirs[name])
+    while len(results) < len(procs):
+        for name, (p, log) in list(procs.items()):
+            if name in results:
+                continue
+            rc = p.poll()
+            if rc is None and time.monotonic() - started < 420:
+                continue
+            if rc is None:
+                p.kill()
+                p.wait()
+                rc = "timeout"
+            log.close()
+            results[name] = (rc, (tmp / f"{name}.out").read_text(), dirs[name])
+            if name == "elastic":          # the preempted job, requeued as soon as it is gone (the same command)
+                start("requeue", *cmds["elastic"])
+        time.sleep(0.5)
     return results
 
 
@@ -100,14 +115,12 @@ def rows(run_dir: Path) -> list[dict]:
 
 
 def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a DCP checkpoint, read in this one process (no pickles)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    """Every tensor of a DCP checkpoint, read in this one process through the framework's safe reader."""
+    from framework.checkpoint import load_tensors, read_metadata
 
-    md = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
-    out = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in md.items()
-           if isinstance(v, TensorStorageMetadata)}
-    dcp.load(out, checkpoint_id=str(folder), no_dist=True)
+    md = read_metadata(folder).state_dict_metadata
+    out = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in md.items()}
+    load_tensors(folder, out)
     return out
 
 
@@ -134,12 +147,18 @@ def test_two_nodes_through_slurm_train_dualpipe(jobs):
 
 def test_elastic_restart_resumes_exactly(jobs):
     rc, out, run = jobs["elastic"]
-    assert rc == 0, out[-4000:]
+    assert rc != 0 and "Received 15 death signal, shutting down workers" in out, out[-4000:]   # torchrun's own exit
     assert "kill while saving the checkpoint of step 4 on rank 0" in out and "kill at step 6 on rank 1" in out
     assert f"resumed from {run / 'checkpoints' / 'step_00000002'} at step 2" in out   # the step-4 save never completed
     assert f"resumed from {run / 'checkpoints' / 'step_00000004'} at step 4" in out
+    assert "Gloo connectFullMesh failed" not in out                  # restarts work without the environment variable
+    # preempted before step 7: both workers finished it, saved it and exited 0
+    assert out.count("SIGTERM: stopped after step 7 with a checkpoint saved") == 2, out[-4000:]
+    rc_requeue, requeue, _ = jobs["requeue"]
+    assert rc_requeue == 0, requeue[-4000:]
+    assert f"resumed from {run / 'checkpoints' / 'step_00000007'} at step 7" in requeue
     fired = sorted(p.name for p in (run / "faults").iterdir())
-    assert fired == ["kill-rank1-step6.fired", "save_kill-rank0-step4.fired"]
+    assert fired == ["kill-rank1-step6.fired", "save_kill-rank0-step4.fired", "term-rank0-step7.fired"]
     # metrics.jsonl was cut back to the checkpoint on each resume: every step once, in order
     got = rows(run)
     assert [x["step"] for x in got] == [0, *range(1, STEPS + 1)]
@@ -155,9 +174,10 @@ def test_elastic_restart_resumes_exactly(jobs):
     # no sample skipped or seen twice: the sampler consumed exactly steps x global batch
     meta = json.loads((final / "meta.json").read_text())
     assert meta["sampler"]["samples_consumed"] == STEPS * 8
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000006", "step_00000008"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000007", "step_00000008"]
     log0 = (run / "logs" / "rank0.log").read_text()
     assert "restart0" in log0 and "restart2" in log0                # one log per rank, appended across restarts
+    assert not (run / "run.lock").exists()
 
 
 def test_stalled_rank_is_named_and_every_rank_exits(jobs):

@@ -85,6 +85,8 @@ def four_rank_checks(rank: int) -> dict:
     out["new_ep_group_sum"] = float(t)
     out.update(data_parallel_checks(mesh))           # the dp=4, ep=2 mesh
     out.update(ep4_checks(init_mesh(1, 4, 4, device="cpu", backend="gloo", timeout_s=120)))
+    from tests.framework.test_checkpoint import resume_decision_checks
+    out.update(resume_decision_checks(rank))
     return out
 
 
@@ -196,3 +198,31 @@ def test_nccl_options_rejects_bad_budget(bad):
 
     with pytest.raises(ValueError, match="parallel.comm.sm_budget"):
         nccl_options(bad)
+def test_restart_safe_store_keeps_attempts_apart_on_one_node_and_refuses_across_nodes(monkeypatch):
+    """Under torchrun's shared store a restarted group on one node gets a key prefix per restart (so the previous
+    attempt's gloo addresses are never read); a restarted multi-node group is told to export the variable."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from parallel.mesh import restart_safe_store
+
+    t = timedelta(seconds=5)
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    assert restart_safe_store(0, 2, t) is None                         # not torchrun's shared store: env:// as usual
+    port = free_port()
+    server = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=t, wait_for_workers=False)
+    dist.PrefixStore("duet/restart0/", server).set("key", "old attempt")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    store = restart_safe_store(0, 1, t)
+    store.set("key", "new attempt")
+    assert dist.PrefixStore("duet/restart1/", server).get("key") == b"new attempt"
+    assert dist.PrefixStore("duet/restart0/", server).get("key") == b"old attempt"
+    with pytest.raises(ValueError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 exported"):   # 2 nodes of 1 process
+        restart_safe_store(0, 2, t)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert restart_safe_store(0, 2, t) is None                         # the first attempt needs nothing
