@@ -18,7 +18,6 @@ Sources (spec sheets, read 2024-2025):
 from __future__ import annotations
 
 import math
-import resource
 import time
 from dataclasses import dataclass, field, replace
 
@@ -91,10 +90,6 @@ DEVICES: dict[str, Device] = {
 DEVICE_NAMES = tuple(DEVICES) + ("cpu",)
 
 
-def _rss_bytes() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0   # Linux reports KiB
-
-
 def _rate(fn, seconds: float = 0.25) -> float:
     """Seconds per call of fn, averaged over about `seconds` of calls after a warm-up. An average, not a best
     time: on a shared machine a run gets the share of the cores that is left, and so does the plan."""
@@ -108,12 +103,46 @@ def _rate(fn, seconds: float = 0.25) -> float:
             return elapsed / calls
 
 
-def measure_cpu(processes: int = 1, memory_bytes: float | None = None, runtime_bytes: float | None = None) -> Device:
+_RUNTIME_PROBE = """
+import os, resource, sys, tempfile
+import torch, torch.distributed as dist
+import framework.trainer, hydra  # what a trainer process imports (launch.train composes with Hydra)
+from framework.optim.manager import OptimizerStateManager
+from matplotlib.figure import Figure
+if sys.argv[1] != "disabled":
+    import wandb
+with tempfile.TemporaryDirectory() as d:
+    dist.init_process_group("gloo", init_method="file://" + os.path.join(d, "store"), rank=0, world_size=1)
+    w = torch.nn.Parameter(torch.ones(8))
+    (w * 2).sum().backward()
+    OptimizerStateManager([w]).step()
+    dist.destroy_process_group()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def trainer_runtime_bytes(wandb_mode: str = "offline") -> float:
+    """Peak RSS of a fresh process that does what a trainer does before its model exists: imports the trainer,
+    joins a gloo group, runs autograd and an optimizer step (torch.optim pulls in its compile machinery), loads
+    matplotlib for the dashboards and wandb unless disabled."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", _RUNTIME_PROBE, wandb_mode], cwd=root, capture_output=True,
+                         text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    if out.returncode != 0:
+        raise RuntimeError(f"measuring a trainer process's memory failed: {out.stderr.strip().splitlines()[-1:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def measure_cpu(processes: int = 1, memory_bytes: float | None = None, runtime_bytes: float | None = None,
+                wandb_mode: str = "offline") -> Device:
     """The `cpu` device, measured now with the threads one of `processes` trainer processes gets (torchrun sets
     OMP_NUM_THREADS=1 when it starts several): a square fp32 GEMM (as the trainer's MFU does), an elementwise
     multiply of 16 MB tensors (memory bandwidth), the host time of one small autograd operator, and (unless given)
-    the memory a trainer process holds before its model: this process's peak RSS after importing torch and the
-    framework.
+    the memory a trainer process holds before its model (`trainer_runtime_bytes`).
     Links between processes on one machine (gloo over loopback) are not measured: latency 50 us and the copy
     bandwidth are used (assumption)."""
     import torch
@@ -122,12 +151,12 @@ def measure_cpu(processes: int = 1, memory_bytes: float | None = None, runtime_b
     if processes > 1:
         torch.set_num_threads(1)
     try:
-        return _measure_cpu(processes, memory_bytes, runtime_bytes)
+        return _measure_cpu(processes, memory_bytes, runtime_bytes, wandb_mode)
     finally:
         torch.set_num_threads(threads)
 
 
-def _measure_cpu(processes: int, memory_bytes: float | None, runtime_bytes: float | None) -> Device:
+def _measure_cpu(processes: int, memory_bytes: float | None, runtime_bytes: float | None, wandb_mode: str) -> Device:
     import torch
 
     n = 1024
@@ -149,17 +178,17 @@ def _measure_cpu(processes: int, memory_bytes: float | None, runtime_bytes: floa
     return Device("cpu", bf16_flops=flops, fp8_flops=None, hbm_bytes_s=hbm, memory_bytes=memory_bytes,
                   nvlink_bytes_s=hbm / 2, ib_bytes_s=hbm / 2, link_latency_s=50e-6, sms=0, gpus_per_node=1 << 30,
                   fused_kernels=False, op_overhead_s=op_s,
-                  runtime_bytes=_rss_bytes() if runtime_bytes is None else runtime_bytes,
+                  runtime_bytes=trainer_runtime_bytes(wandb_mode) if runtime_bytes is None else runtime_bytes,
                   eff=Efficiencies(gemm_fp8=1.0, gemm_bf16=1.0, attn_fwd=1.0, attn_bwd=1.0, hbm=1.0, nvlink=1.0,
                                    ib=1.0), measured=True)
 
 
 def get_device(name: str, memory_gb: float | None = None, gpus_per_node: int | None = None,
-               processes: int = 1) -> Device:
+               processes: int = 1, wandb_mode: str = "offline") -> Device:
     """A device model by name (`cpu` is measured for `processes` processes sharing this machine); memory_gb /
     gpus_per_node override the data when given."""
     if name == "cpu":
-        dev = measure_cpu(processes)
+        dev = measure_cpu(processes, wandb_mode=wandb_mode)
     elif name in DEVICES:
         dev = DEVICES[name]
     else:

@@ -54,6 +54,7 @@ class Memory:
     moments: float = 0.0
     activations: float = 0.0
     recompute: float = 0.0
+    workspace: float = 0.0      # one micro-batch's activations of a part again: backward's gradients, temporaries
     comm_buffers: float = 0.0
     runtime: float = 0.0
     peak_inflight: int = 0      # micro-batches whose activations are alive at the peak (schedule)
@@ -62,7 +63,7 @@ class Memory:
     @property
     def total(self) -> float:
         return (self.weights + self.second_copy + self.grads + self.master + self.moments + self.activations
-                + self.recompute + self.comm_buffers + self.runtime)
+                + self.recompute + self.workspace + self.comm_buffers + self.runtime)
 
 
 @dataclass
@@ -264,6 +265,7 @@ class Planner:
             mem.master = 4.0 * (state - sum(fp32) / shard_d) if a != 4 else 0.0
             mem.moments = (state - small) * sum(moment_bytes(f) for f in s.moments) + small * 8.0
             mem.activations = peak[r] * tokens * max(parts[p].act_bytes for p in mine)
+            mem.workspace = tokens * max(parts[p].act_bytes for p in mine)
             one_layer = max((b.recompute_bytes for b in self.blocks), default=0.0)
             mem.recompute = tokens * one_layer
             act_msg = tokens * self.m.hidden_size * (2 if d.fused_kernels else a)

@@ -113,22 +113,32 @@ def assumptions(dev) -> str:
              f"{e.attn_bwd}, memory {e.hbm}, NVLink {e.nvlink}, InfiniBand {e.ib} (sources: framework/plan/devices.py)"]
     if dev.measured:
         lines.append(f"host time per eager operator {dev.op_overhead_s * 1e6:.3g} us; runtime memory "
-                     f"{dev.runtime_bytes / GiB:.3g} GiB (this process's peak RSS before any model tensor)")
+                     f"{dev.runtime_bytes / GiB:.3g} GiB (a trainer process without its model, measured)")
     return "\n".join(lines)
 
 
-def plan_from_config(cfg) -> str:
+def make_plans(cfg, search: bool = True):
+    """(ranked plans, the configured layout or None, device). search=False plans only the configured layout."""
     c = cfg.cluster
-    dev = get_device(c.gpu, c.memory_gb, c.gpus_per_node, processes=c.gpus)
+    dev = get_device(c.gpu, c.memory_gb, c.gpus_per_node, processes=c.gpus, wandb_mode=cfg.logging.wandb.mode)
     setting = setting_from_config(cfg)
     planner = Planner(cfg.model, dev, setting)
     given = configured_layout(cfg, planner)
-    layouts = candidates(planner, list(c.schedules), [int(x) for x in c.micro_batch_sizes], given)
+    if search:
+        layouts = candidates(planner, list(c.schedules), [int(x) for x in c.micro_batch_sizes], given)
+    else:
+        layouts = [given] if given is not None else []
     if not layouts:
         raise ConfigError(f"train.global_batch_size={setting.global_batch_size}: no layout of {c.gpus} devices "
                           f"splits it into micro-batches of {list(c.micro_batch_sizes)} sequences "
                           f"(cluster.micro_batch_sizes) that the schedules accept")
-    plans = rank([planner.plan(lay) for lay in layouts])
+    return rank([planner.plan(lay) for lay in layouts]), given, dev
+
+
+def plan_from_config(cfg) -> str:
+    c = cfg.cluster
+    plans, given, dev = make_plans(cfg)
+    setting = setting_from_config(cfg)
     best = plans[0]
     text = [f"# Plan: {cfg.model.name} ({c.gpus} x {dev.name}), {setting.global_batch_size} x {setting.seq_len} "
             f"tokens per step", "", table(plans, given, c.top), "", assumptions(dev)]

@@ -54,11 +54,11 @@ def rank(plans: list[Plan]) -> list[Plan]:
 
 
 def _gb(x: float) -> str:
-    return f"{x / GiB:.1f}"
+    return f"{x / GiB:.3g}"
 
 
 HEADER = ("| # | schedule | pp | dp | ep | mb x size | weights | 2nd copy | grads | master | moments | activations "
-          "(in flight) | recompute | comm buf | runtime | total GiB | fits | step s | bubble | a2a exposed | "
+          "(in flight) | recompute | workspace | comm buf | runtime | total GiB | fits | step s | bubble | a2a exposed | "
           "tokens/s | MFU | GPU-h / 1T tok |")
 
 
@@ -73,7 +73,8 @@ def table(plans: list[Plan], given: Layout | None = None, top: int = 10) -> str:
         lines.append(
             f"| {i}{mark} | {L.schedule} | {L.pp} | {L.dp} | {L.ep} | {L.micro_batches} x {L.micro_batch_size} | "
             f"{_gb(M.weights)} | {_gb(M.second_copy)} | {_gb(M.grads)} | {_gb(M.master)} | {_gb(M.moments)} | "
-            f"{_gb(M.activations)} ({M.peak_inflight}) | {_gb(M.recompute)} | {_gb(M.comm_buffers)} | "
+            f"{_gb(M.activations)} ({M.peak_inflight}) | {_gb(M.recompute)} | {_gb(M.workspace)} | "
+            f"{_gb(M.comm_buffers)} | "
             f"{_gb(M.runtime)} | {_gb(M.total)} | {fits} | {p.step_s:.4g} | {p.bubble:.1%} | {a2a} | "
             f"{p.tokens_per_s:,.0f} | {p.mfu:.1%} | {p.gpu_hours_per_T:,.0f} |")
     return "\n".join(lines)
