@@ -60,7 +60,19 @@ def _v3_section() -> str:
                      f"{p.step_s:.2f} | {p.bubble:.1%} | {p.a2a_exposed:.2f} of {p.a2a_total:.2f} s | "
                      f"{p.mfu:.1%} |")
     lines += ["", "The planner's ranking of every layout of the same job (top 8, the V3 row marked):", "",
-              table(plans, given, 8), ""]
+              table(plans, given, 8), "",
+              "Assumed, not fitted (framework/plan/devices.py cites each): spec-sheet peaks (H800: 989 BF16 / 1979 FP8 "
+              "TFLOPS, 3.35 TB/s, NVLink 200 GB/s each way, one 50 GB/s NIC per GPU); FP8 GEMMs at 0.60 of peak "
+              "(DeepGEMM's grouped MoE figures on H800, 1093-1297 TFLOPS), BF16 GEMMs 0.60, attention 0.75 forward "
+              "(FlashAttention-3) and 0.50 backward, 20 of 132 SMs lent to communication while experts are "
+              "parallel (V3 §3.2.2), NVLink 0.78 and InfiniBand 0.9 of their rates (DeepEP); activations as V3 "
+              "keeps them (FP8 linear inputs, RMSNorm and MLA up-projections recomputed). Not modelled, each of "
+              "which can only slow the real run down: expert load imbalance within a batch (the busiest GPU sets "
+              "the pace of every all-to-all), kernels below their published efficiency at V3's shapes, imperfect "
+              "overlap inside F&B pairs, stage imbalance beyond the slowest part, stragglers and restarts. The "
+              "default split of launch.train (remainder layers to the middle parts) leaves the head and MTP on a "
+              "full part: the plan says it does not fit, which is why the planner writes its balanced "
+              "`layers_per_part` into train_plan.yaml.", ""]
     return "\n".join(lines)
 
 

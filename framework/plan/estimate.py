@@ -165,11 +165,13 @@ class Planner:
     def default_parts(self, schedule: str, pp: int) -> tuple[int, ...]:
         """Layers per part balancing the compute time of each part (first: + embedding, last: + head and MTP)."""
         num_parts = 2 * pp if schedule == "dualpipev" else pp
-        per = [self._compute(c, 1, ep=1)[0] + self._compute(c, 1, ep=1)[1] for c in self.blocks]
+        def cost(c: LayerCost) -> float:   # one sequence's forward and backward
+            return sum(self._compute(c, self.s.seq_len, ep=1))
+        per = [cost(c) for c in self.blocks]
         if len(per) < num_parts:
             raise ValueError(f"model.num_hidden_layers={len(per)}: fewer layers than the {num_parts} pipeline parts")
-        per[0] += sum(self._compute(self.embed, 1, ep=1))
-        per[-1] += sum(self._compute(self.head, 1, ep=1))
+        per[0] += cost(self.embed)
+        per[-1] += cost(self.head)
         return balanced_parts(per, num_parts)
 
     # -- costs ------------------------------------------------------------------------------------------------------
@@ -196,28 +198,17 @@ class Planner:
         F = tokens * (lin + c.attn_flops / attn_f + traffic_f * c.act_bytes / bw) + c.ops * d.op_overhead_s
         recompute = tokens * c.recompute_bytes * 2 / bw
         if d.fused_kernels:  # MLA up-projections run again in backward (V3 §3.2.3)
-            recompute += tokens * self._up_projection_flops(c) / gemm
+            recompute += tokens * c.up_proj_flops / gemm
         # backward operators: ~1.6x the forward's (counted: 217 / 135 dense, 264 / 181 MoE), ~1/4 of them in W
         B = (tokens * (lin + c.attn_flops * attn_bwd_factor / attn_b + traffic_b * c.act_bytes / bw) + recompute
              + 1.2 * c.ops * d.op_overhead_s)
         W = tokens * lin + 0.4 * c.ops * d.op_overhead_s
         return F, B, W
 
-    def _up_projection_flops(self, c: LayerCost) -> float:
-        m = self.m
-        H, dn, dr, dv, r, q = (m.num_attention_heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim,
-                               m.kv_lora_rank, m.q_lora_rank)
-        per_layer = 2.0 * ((q or m.hidden_size) * H * (dn + dr) + r * H * (dn + dv))
-        return per_layer * (c.attn_flops > 0) * self._layers_in(c)
-
-    def _layers_in(self, c: LayerCost) -> int:
-        one = self.blocks[0].attn_flops
-        return round(c.attn_flops / one) if one else 0
-
     def all_to_all(self, c: LayerCost, tokens: float, ep: int) -> tuple[float, float]:
         """(forward, backward) seconds of the MoE exchanges of part `c` for `tokens` tokens."""
         m, d = self.m, self.dev
-        moe_layers = self._moe_layers_in(c)
+        moe_layers = c.moe_blocks
         if ep <= 1 or moe_layers == 0:
             return 0.0, 0.0
         C, K = m.hidden_size, m.num_experts_per_tok
@@ -238,10 +229,6 @@ class Planner:
         fwd = exchange(dispatch) + exchange(wide)
         bwd = 2 * exchange(wide)
         return moe_layers * fwd, moe_layers * bwd
-
-    def _moe_layers_in(self, c: LayerCost) -> int:
-        per = next((b.expert_params for b in self.blocks if b.moe), 0)
-        return round(c.expert_params / per) if per else 0
 
     # -- memory -----------------------------------------------------------------------------------------------------
     def memory(self, lay: Layout, parts: list[LayerCost], held: list[list[int]], peak: list[int]) -> Memory:

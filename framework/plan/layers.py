@@ -46,6 +46,9 @@ class LayerCost:
     tensors: int = 0           # parameter tensors (the optimizer's per-tensor work)
     small_params: int = 0      # parameters in tensors under SMALL_TENSOR elements (their moments stay fp32)
     fp32_params: int = 0       # parameters kept in fp32 whatever the training dtype (the router)
+    blocks: int = 0            # decoder blocks (MLA layers) in it
+    moe_blocks: int = 0        # of which MoE: each dispatches and combines once per pass
+    up_proj_flops: float = 0.0  # forward FLOPs per token of the MLA up-projections (recomputed in a fused backward)
 
     def __add__(self, other: "LayerCost") -> "LayerCost":
         return LayerCost(self.params + other.params, self.expert_params + other.expert_params,
@@ -53,7 +56,8 @@ class LayerCost:
                          self.attn_flops + other.attn_flops, self.act_bytes + other.act_bytes,
                          self.recompute_bytes + other.recompute_bytes, self.moe or other.moe, self.ops + other.ops,
                          self.tensors + other.tensors, self.small_params + other.small_params,
-                         self.fp32_params + other.fp32_params)
+                         self.fp32_params + other.fp32_params, self.blocks + other.blocks,
+                         self.moe_blocks + other.moe_blocks, self.up_proj_flops + other.up_proj_flops)
 
 
 def is_moe_layer(m, i: int) -> bool:
@@ -134,7 +138,8 @@ def block_cost(m, moe: bool, seq_len: int, dtype_bytes: int, fused: bool, fp8: b
     return LayerCost(params=params, expert_params=expert_params, gemm_flops=gemm, bf16_flops=bf16,
                      attn_flops=attn_flops, act_bytes=act, recompute_bytes=recompute, moe=moe, ops=ops,
                      tensors=tensors, small_params=small,
-                     fp32_params=fp32)
+                     fp32_params=fp32, blocks=1, moe_blocks=int(moe),
+                     up_proj_flops=2.0 * ((q or C) * H * (dn + dr) + r * H * (dn + dv)))
 
 
 def embedding_cost(m) -> LayerCost:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -110,7 +109,11 @@ def assumptions(dev) -> str:
              + (f", FP8 {dev.fp8_flops / 1e12:.4g}" if dev.fp8_flops else "")
              + f", memory {dev.hbm_bytes_s / 1e9:.4g} GB/s, {dev.memory_bytes / GiB:.4g} GiB",
              f"efficiencies: FP8 GEMM {e.gemm_fp8}, BF16 GEMM {e.gemm_bf16}, attention fwd {e.attn_fwd} / bwd "
-             f"{e.attn_bwd}, memory {e.hbm}, NVLink {e.nvlink}, InfiniBand {e.ib} (sources: framework/plan/devices.py)"]
+             f"{e.attn_bwd}, memory {e.hbm}, NVLink {e.nvlink}, InfiniBand {e.ib} (sources: framework/plan/devices.py)",
+             "kernels: " + ("fused (flash attention, V3's FP8 caching and recomputation, fused cross-entropy; "
+                            "framework/plan/layers.py)" if dev.fused_kernels else
+                            "this project's eager torch modules (what runs on cpu)")
+             + "; MFU against the dense BF16 peak; gradient exchange after the pipeline counted as not overlapped"]
     if dev.measured:
         lines.append(f"host time per eager operator {dev.op_overhead_s * 1e6:.3g} us; runtime memory "
                      f"{dev.runtime_bytes / GiB:.3g} GiB (a trainer process without its model, measured)")
@@ -156,6 +159,8 @@ def plan_from_config(cfg) -> str:
     timelines = best.sim.timelines if best.layout.pp > 1 else None
     if timelines:
         _atomic_write(out / "gantt.png", lambda p: draw_gantt(timelines, p, title))
+    elif (out / "gantt.png").exists():
+        (out / "gantt.png").unlink()     # an earlier plan's chart would describe another layout
     _atomic_write(out / "train_plan.yaml", lambda p: Path(p).write_text(train_config(cfg, best.layout)))
     _atomic_write(out / "plan.md", lambda p: Path(p).write_text(report + "\n"))
     return report + f"\nwrote {out}/plan.md, {out}/train_plan.yaml" + (f", {out}/gantt.png" if timelines else "")
