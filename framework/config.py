@@ -179,6 +179,20 @@ class TrainConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """The machines a run is planned for (python -m launch.plan; framework/plan/)."""
+    gpu: str = "cpu"                       # device model: h800 | h100 | h200 | a100 | cpu (measured at start-up)
+    gpus: int = 2                          # devices in the job (processes, on cpu)
+    gpus_per_node: Optional[int] = None    # null = the device model's (8 for GPUs; one node for cpu)
+    memory_gb: Optional[float] = None      # usable memory per device, GB; null = the device model's
+    schedules: list[str] = field(default_factory=lambda: ["dualpipe", "dualpipev", "zb1p", "1f1b"])
+    micro_batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4])  # sequences per micro-batch to try
+    train_tokens: float = 0.0              # tokens of the whole run, for its GPU-hours; 0 = per trillion only
+    top: int = 10                          # layouts shown
+    out_dir: str = "outputs/plan"          # where the chosen layout's config, Gantt chart and table go
+
+
+@dataclass
 class Config:
     run_id: str = MISSING                  # set from conf/config.yaml: the launcher's job id
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -189,6 +203,7 @@ class Config:
     fp8: Fp8Config = field(default_factory=Fp8Config)
     train: TrainConfig = field(default_factory=TrainConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 SCHEDULES = ("dualpipe", "dualpipev", "1f1b", "zb1p", "gpipe")

@@ -1,0 +1,200 @@
+"""Device models: what one accelerator (and its links) can do, kept as data.
+
+Peaks are spec-sheet figures; the fractions of them that real kernels reach are separate, named efficiencies with
+their sources, so a plan states its assumptions instead of hiding them in a fudge factor. `cpu` has no spec sheet:
+its figures are measured when the planner starts (`measure_cpu`).
+
+Sources (spec sheets, read 2024-2025):
+  H100 SXM5  NVIDIA H100 Tensor Core GPU datasheet: BF16 989.4 TFLOPS dense (1979 with sparsity), FP8 1978.9 dense,
+             80 GB HBM3 at 3.35 TB/s, NVLink 4 at 900 GB/s (bidirectional, 450 GB/s each way), 132 SMs.
+  H800 SXM5  NVIDIA H800 datasheet: the H100 SXM5 die and clocks (989.4 / 1978.9 TFLOPS, 80 GB, 3.35 TB/s, 132 SMs)
+             with NVLink cut to 400 GB/s bidirectional (200 each way). V3 §3.2.2 measures 160 GB/s NVLink and
+             50 GB/s InfiniBand (one 400 Gb/s NIC per GPU) on DeepSeek's cluster.
+  H200 SXM   NVIDIA H200 datasheet: same compute as H100 SXM5, 141 GB HBM3e at 4.8 TB/s, NVLink 900 GB/s, 132 SMs.
+  A100 SXM4  NVIDIA A100 datasheet (80 GB): BF16 312 TFLOPS dense, no FP8 tensor cores, HBM2e 2.039 TB/s,
+             NVLink 3 at 600 GB/s (300 each way), 108 SMs; HDR InfiniBand 200 Gb/s = 25 GB/s per GPU (DGX A100).
+  Hopper nodes: 8 GPUs per node, one 400 Gb/s (50 GB/s) NDR NIC per GPU (DGX H100 / H800 reference design).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+
+TFLOPS = 1e12
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Efficiencies:
+    """Fractions of the spec peaks that the training kernels reach, and where each figure comes from.
+
+    gemm_fp8   DeepGEMM README (H800): grouped FP8 GEMMs of V3's MoE shapes reach 1093-1297 TFLOPS, midpoint
+               1195 / 1978.9 = 0.60 (dense shapes up to 1358 = 0.69; we take the MoE figure, most FLOPs are experts).
+    gemm_bf16  0.60 as well, for lack of a measured figure in the project's sources: only the head, router and
+               embedding-side GEMMs run in BF16 under FP8 (V3 §3.3), so it moves an FP8 plan by a few percent.
+    attn_fwd   FlashAttention-3 (Shah et al. 2024): 740 TFLOPS BF16 forward on H100 = 0.75 of 989.
+    attn_bwd   0.5: FlashAttention's backward runs well below its forward (FA2 paper: backward reaches ~2/3 of the
+               forward's throughput); assumption, 2/3 of attn_fwd.
+    hbm        0.8 of the HBM spec for elementwise kernels (norms, SwiGLU, quantize): assumption.
+    nvlink     DeepEP normal kernels reach 153-158 GB/s intranode on H800 (NVLink 200 GB/s each way): 0.78.
+    ib         DeepEP internode 43-58 GB/s against a 50 GB/s NIC: 0.9 (the upper figures count NVLink forwarding).
+    """
+    gemm_fp8: float = 0.60
+    gemm_bf16: float = 0.60
+    attn_fwd: float = 0.75
+    attn_bwd: float = 0.50
+    hbm: float = 0.80
+    nvlink: float = 0.78
+    ib: float = 0.90
+
+
+@dataclass(frozen=True)
+class Device:
+    """One accelerator and its links. Rates are spec peaks (per second); `eff` says what kernels reach."""
+    name: str
+    bf16_flops: float                 # dense matmul FLOP/s at the training dtype (fp32 on cpu)
+    fp8_flops: float | None           # dense FP8 matmul FLOP/s; None = no FP8 tensor cores (FP8 runs as bf16)
+    hbm_bytes_s: float                # memory bandwidth
+    memory_bytes: float               # usable memory per device
+    nvlink_bytes_s: float             # within a node, each way, per GPU
+    ib_bytes_s: float                 # across nodes, each way, per GPU
+    link_latency_s: float             # one message across nodes (p2p and all-to-all start-up)
+    sms: int                          # streaming multiprocessors (0 on cpu)
+    gpus_per_node: int
+    fused_kernels: bool               # flash attention, fused cross-entropy, V3's FP8 caching; False = the eager
+                                      # torch modules of this project (what runs on cpu)
+    op_overhead_s: float = 0.0        # host time per eager operator (cpu: measured; GPUs launch asynchronously)
+    runtime_bytes: float = 0.0        # memory a trainer process holds before any model tensor (cpu: measured)
+    eff: Efficiencies = field(default_factory=Efficiencies)
+    measured: bool = False
+
+    def compute_share(self, comm_sms: int) -> float:
+        """Share of the SMs left to computation while `comm_sms` run all-to-all (V3 §3.2.2: 20 of 132)."""
+        return 1.0 if self.sms == 0 or comm_sms == 0 else (self.sms - comm_sms) / self.sms
+
+
+_HOPPER = dict(bf16_flops=989.4 * TFLOPS, fp8_flops=1978.9 * TFLOPS, sms=132, gpus_per_node=8, fused_kernels=True,
+               link_latency_s=5e-6, ib_bytes_s=50 * GB, runtime_bytes=2.0 * GB)
+# runtime_bytes on GPUs: CUDA context, NCCL channels and allocator fragmentation, ~2 GB (assumption; the CUDA
+# context alone is ~0.5 GB on Hopper)
+
+DEVICES: dict[str, Device] = {
+    "h800": Device("h800", hbm_bytes_s=3.35e12, memory_bytes=80 * GB, nvlink_bytes_s=200 * GB, **_HOPPER),
+    "h100": Device("h100", hbm_bytes_s=3.35e12, memory_bytes=80 * GB, nvlink_bytes_s=450 * GB, **_HOPPER),
+    "h200": Device("h200", hbm_bytes_s=4.8e12, memory_bytes=141 * GB, nvlink_bytes_s=450 * GB, **_HOPPER),
+    "a100": Device("a100", bf16_flops=312 * TFLOPS, fp8_flops=None, hbm_bytes_s=2.039e12, memory_bytes=80 * GB,
+                   nvlink_bytes_s=300 * GB, ib_bytes_s=25 * GB, link_latency_s=5e-6, sms=108, gpus_per_node=8,
+                   fused_kernels=True, runtime_bytes=2.0 * GB),
+}
+DEVICE_NAMES = tuple(DEVICES) + ("cpu",)
+
+
+def _rate(fn, seconds: float = 0.25) -> float:
+    """Seconds per call of fn, averaged over about `seconds` of calls after a warm-up. An average, not a best
+    time: on a shared machine a run gets the share of the cores that is left, and so does the plan."""
+    fn()
+    calls, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds:
+            return elapsed / calls
+
+
+_RUNTIME_PROBE = """
+import os, resource, sys, tempfile
+import torch, torch.distributed as dist
+import framework.trainer, hydra  # what a trainer process imports (launch.train composes with Hydra)
+from framework.optim.manager import OptimizerStateManager
+from matplotlib.figure import Figure
+if sys.argv[1] != "disabled":
+    import wandb
+with tempfile.TemporaryDirectory() as d:
+    dist.init_process_group("gloo", init_method="file://" + os.path.join(d, "store"), rank=0, world_size=1)
+    w = torch.nn.Parameter(torch.ones(8))
+    (w * 2).sum().backward()
+    OptimizerStateManager([w]).step()
+    dist.destroy_process_group()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def trainer_runtime_bytes(wandb_mode: str = "offline") -> float:
+    """Peak RSS of a fresh process that does what a trainer does before its model exists: imports the trainer,
+    joins a gloo group, runs autograd and an optimizer step (torch.optim pulls in its compile machinery), loads
+    matplotlib for the dashboards and wandb unless disabled."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", _RUNTIME_PROBE, wandb_mode], cwd=root, capture_output=True,
+                         text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    if out.returncode != 0:
+        raise RuntimeError(f"measuring a trainer process's memory failed: {out.stderr.strip().splitlines()[-1:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def measure_cpu(processes: int = 1, memory_bytes: float | None = None, runtime_bytes: float | None = None,
+                wandb_mode: str = "offline") -> Device:
+    """The `cpu` device, measured now with the threads one of `processes` trainer processes gets (torchrun sets
+    OMP_NUM_THREADS=1 when it starts several): a square fp32 GEMM (as the trainer's MFU does), an elementwise
+    multiply of 16 MB tensors (memory bandwidth), the host time of one small autograd operator, and (unless given)
+    the memory a trainer process holds before its model (`trainer_runtime_bytes`).
+    Links between processes on one machine (gloo over loopback) are not measured: latency 50 us and the copy
+    bandwidth are used (assumption)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if processes > 1:
+        torch.set_num_threads(1)
+    try:
+        return _measure_cpu(processes, memory_bytes, runtime_bytes, wandb_mode)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure_cpu(processes: int, memory_bytes: float | None, runtime_bytes: float | None, wandb_mode: str) -> Device:
+    import torch
+
+    n = 1024
+    a = torch.randn(n, n)
+    flops = 2 * n**3 / _rate(lambda: a @ a)
+    x, y = torch.randn(4 * 2**20), torch.randn(4 * 2**20)
+    hbm = 3 * x.numel() * 4 / _rate(lambda: torch.mul(x, y))      # an elementwise op: two reads and a write
+    w = torch.ones(8, requires_grad=True)
+
+    def ops():
+        z = w
+        for _ in range(50):
+            z = z * 1.0001
+        z.sum().backward()
+    op_s = _rate(ops) / 101                           # 50 forward + 50 backward nodes + the sum
+    if memory_bytes is None:
+        import os
+        memory_bytes = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return Device("cpu", bf16_flops=flops, fp8_flops=None, hbm_bytes_s=hbm, memory_bytes=memory_bytes,
+                  nvlink_bytes_s=hbm / 2, ib_bytes_s=hbm / 2, link_latency_s=50e-6, sms=0, gpus_per_node=1 << 30,
+                  fused_kernels=False, op_overhead_s=op_s,
+                  runtime_bytes=trainer_runtime_bytes(wandb_mode) if runtime_bytes is None else runtime_bytes,
+                  eff=Efficiencies(gemm_fp8=1.0, gemm_bf16=1.0, attn_fwd=1.0, attn_bwd=1.0, hbm=1.0, nvlink=1.0,
+                                   ib=1.0), measured=True)
+
+
+def get_device(name: str, memory_gb: float | None = None, gpus_per_node: int | None = None,
+               processes: int = 1, wandb_mode: str = "offline") -> Device:
+    """A device model by name (`cpu` is measured for `processes` processes sharing this machine); memory_gb /
+    gpus_per_node override the data when given."""
+    if name == "cpu":
+        dev = measure_cpu(processes, wandb_mode=wandb_mode)
+    elif name in DEVICES:
+        dev = DEVICES[name]
+    else:
+        raise ValueError(f"cluster.gpu={name!r}: allowed {', '.join(DEVICE_NAMES)}")
+    if memory_gb is not None:
+        dev = replace(dev, memory_bytes=memory_gb * GB)
+    if gpus_per_node is not None:
+        dev = replace(dev, gpus_per_node=gpus_per_node)
+    return dev
