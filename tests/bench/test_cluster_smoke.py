@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bench.cluster import (SCHEDULES, WIDTH, SleepStage, StageCosts, main, micro_batches, nominal_of_spans,
-                           overhead_per_action, parse, run_cluster, stage_seed, step_bubbles)
+                           overhead_per_action, parse, run_cluster, run_p2p_us, stage_seed, step_bubbles)
 from schedules import build, get_layout, simulate
 from schedules.actions import Action
 from schedules.verify import microbatches_of
@@ -108,9 +108,24 @@ def test_analysis_on_a_hand_made_step():
     assert nominal_of_spans(step[0]) == [1500000, 1000000]
 
 
+def test_p2p_latency_in_the_run_as_simulate_defines_it():
+    # rank 0: F0.0, then SEND_F0.0 and F0.1 then SEND_F0.1; rank 1 receives both
+    f00, f01, f10, f11 = Action("F", 0, 0), Action("F", 0, 1), Action("F", 1, 0), Action("F", 1, 1)
+    actions = [[f00, Action("SEND_F", 0, 0, peer=1), f01, Action("SEND_F", 0, 1, peer=1)],
+               [Action("RECV_F", 0, 0, peer=0), f10, Action("RECV_F", 0, 1, peer=0), f11]]
+    step = [dict(spans=[(0.0, 1.0, f00), (1.0, 2.0, f01)], waits=[]),
+            # waiting since 0.5 for data posted at 1.0 (the end of F0.0): arrived 1.25 -> 0.25 s; the second wait
+            # starts at 2.5, after its data was posted at 2.0: it says nothing about the latency
+            dict(spans=[(1.3, 2.3, f10), (2.6, 3.6, f11)],
+                 waits=[(0.5, 1.25, "wait RECV_F0.0@0"), (2.5, 2.55, "wait RECV_F0.1@0"), (3.7, 3.8, "wait sends")])]
+    us, count = run_p2p_us([step, step], actions)
+    assert count == 2 and us == pytest.approx(250000)
+    assert run_p2p_us([], actions) == (None, 0)
+
+
 @pytest.mark.parametrize("argv, key", [(["--pp", "6", "5"], "--pp"), (["--schedules", "gpipe2"], "--schedules"),
                                        (["--costs", "big"], "--costs"), (["--chunks-per-pp", "1"], "--chunks-per-pp"),
-                                       (["--unit-ms", "0"], "--unit-ms")])
+                                       (["--unit-ms", "0"], "--unit-ms"), (["--nice", "-21"], "--nice")])
 def test_bad_arguments_name_the_argument(argv, key, capsys):
     with pytest.raises(ValueError, match=key):
         parse(argv)
