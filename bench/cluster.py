@@ -277,7 +277,8 @@ def run_cluster(pp: int, schedules, cost_sets: dict, steps: int, warmup: int = 1
 
 # ---------------------------------------------------------------- measured costs of deepseek_v3_tiny
 def profile_tiny(repeats: int = 12) -> tuple[StageCosts, dict]:
-    """F, input-gradient B, W and a forward + full backward of a real deepseek_v3_tiny stage, in one process, median us.
+    """F, input-gradient B, W and a forward + full backward of a real deepseek_v3_tiny stage, in one process: median
+    us of the thread's CPU time, which is what the computation costs whatever else the machine runs (1 thread).
 
     The stage is the one PP=4 gives rank 1 (one MoE layer), with the trainer's weight-gradient split. One process has
     no expert all-to-all to hide, so the F&B pair is the forward followed by the full backward of another chunk."""
@@ -298,9 +299,9 @@ def profile_tiny(repeats: int = 12) -> tuple[StageCosts, dict]:
     x, dy = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
 
     def clock(fn) -> float:
-        t = time.perf_counter()
+        t = time.thread_time()
         fn()
-        return (time.perf_counter() - t) * 1e6
+        return (time.thread_time() - t) * 1e6
 
     times: dict[str, list[float]] = {k: [] for k in ("F", "B", "W", "BW", "F&B")}
     for i in range(repeats + 2):
@@ -447,6 +448,8 @@ def analyse(name: str, pp: int, n: int, steps: list[list[dict]], nominal: StageC
     charged = simulate(acts, layout, _plus(costs, round(between), full_pairs))
     n_acts = [len(tl) for tl in charged.timelines]
     with_overhead = [charged.makespan - between - (charged.busy[r] - n_acts[r] * round(between)) for r in range(pp)]
+    # cores the emulated cluster itself kept busy: all ranks' CPU time over the makespan (2 cores are all there is)
+    cores = statistics.median(sum(r["cpu_s"] for r in st) / m for st, (m, _) in zip(steps, per_step))
     shoot = [(b - a) * 1e6 - us for st in steps for r in st for _, us, a, b in r["sleeps"]]
     median_step = sorted(range(len(per_step)), key=lambda i: per_step[i][0])[len(per_step) // 2]
     return dict(
@@ -457,7 +460,7 @@ def analyse(name: str, pp: int, n: int, steps: list[list[dict]], nominal: StageC
         with_overhead=with_overhead, between_us=between, p2p_us=costs.p2p, p2p_samples=samples,
         ratio_overhead=[m / s if s else float("nan") for m, s in zip(measured, with_overhead)],
         bubble_ratio=[m / makespan for m in measured], sim_bubble_ratio=list(sim.bubble_ratio),
-        overhead=overhead, overshoot_us=(statistics.median(shoot), sorted(shoot)[int(0.9 * (len(shoot) - 1))]),
+        overhead=overhead, cores=cores, overshoot_us=(statistics.median(shoot), sorted(shoot)[int(0.9 * (len(shoot) - 1))]),
         median_step=median_step)
 
 
@@ -485,8 +488,9 @@ def summary_lines(rows: list[dict]) -> list[str]:
     lines = ["| costs | schedule | PP | N | p2p us in the run | step ms | bubble ms, worst rank: measured | simulated | measured / "
              "simulated | all ranks: max \\|measured / simulated - 1\\| | simulated + executor overhead | measured / "
              "that, worst rank | all ranks: max \\|. - 1\\| | bubble / step: measured | simulated | nominal costs, "
-             "no latency: bubble ms | table formula ms | executor us / action: wall (inside + between) | CPU |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "no latency: bubble ms | table formula ms | executor us / action: wall (inside + between) | CPU | "
+             "cores busy with the ranks |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         w = _worst(row)
         ov = statistics.median(row["overhead"]["total"])
@@ -497,7 +501,8 @@ def summary_lines(rows: list[dict]) -> list[str]:
                      f"{_dev(row['ratio']):.3f} | {row['with_overhead'][w] / 1e3:.2f} | {row['ratio_overhead'][w]:.3f} "
                      f"| {_dev(row['ratio_overhead']):.3f} | {row['bubble_ratio'][w]:.3f} | "
                      f"{row['sim_bubble_ratio'][w]:.3f} | {row['ideal'][w] / 1e3:.2f} | {row['table'] / 1e3:.2f} | "
-                     f"{ov:.0f} ({ins:.0f} + {btw:.0f}) | {statistics.median(row['overhead']['cpu']):.0f} |")
+                     f"{ov:.0f} ({ins:.0f} + {btw:.0f}) | {statistics.median(row['overhead']['cpu']):.0f} | "
+                     f"{row['cores']:.2f} |")
     return lines
 
 
@@ -568,7 +573,9 @@ def report(a, rows: list[dict], p2p: dict, tiny_info: Optional[dict], cost_sets:
              "minus the computations). Executor us / action, wall: per computation, the time inside it that is not "
              "the sleep (autograd, bookkeeping) plus the time between computations that is not a wait for data "
              "(posting p2p...), median over ranks; on a busy machine much of it is waiting for a core. CPU: the "
-             "rank process's CPU time during the step (all its threads, gloo's included) per computation. Measured "
+             "rank process's CPU time during the step (all its threads, gloo's included) per computation; cores busy "
+             "with the ranks: all ranks' CPU time over the step, against the machine's cores (what is left for the "
+             "other jobs, and the ranks' own contention). Measured "
              "bubbles and step times: median over "
              f"{a.steps} steps after {a.warmup} warm-up, the schedules' steps interleaved.\n"]
     desc = {"table": f"table: F = 1, B = 2, W = 1, F&B = 2.5 units of {a.unit_ms:g} ms "
@@ -578,7 +585,7 @@ def report(a, rows: list[dict], p2p: dict, tiny_info: Optional[dict], cost_sets:
         m = tiny_info["medians_us"]
         desc["tiny"] = (f"tiny: measured on one deepseek_v3_tiny stage (layer 1, MoE, {tiny_info['params']} "
                         f"parameters, micro-batch {list(tiny_info['shape'])}, {tiny_info['split_linears']} split "
-                        f"linears, {tiny_info['threads']} thread), median us: F {m['F']:.0f}, B (input grad) "
+                        f"linears, {tiny_info['threads']} thread), median us of CPU time: F {m['F']:.0f}, B (input grad) "
                         f"{m['B']:.0f}, W {m['W']:.0f}, full backward {m['BW']:.0f}, forward + full backward of "
                         f"another chunk {m['F&B']:.0f} -> {cost_sets['tiny']}. Only the layers with a weight-gradient "
                         "split defer to W; whatever does not defer stays in B.")
