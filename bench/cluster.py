@@ -419,10 +419,13 @@ def run_p2p_us(steps: list[list[dict]], actions: list[list]) -> tuple[Optional[f
 
 
 def _plus(costs, us: int, full_pairs: bool):
-    """Every action `us` longer. A full F&B pair costs FB + W in simulate(): its W carries the extra time."""
+    """Every action `us` longer. A full F&B pair costs FB + W in simulate(): its W carries the extra time.
+
+    The measured p2p latency runs from the end of the computation, so it already holds the sender's work before
+    posting: a message sent after the longer action arrives `us` sooner than that latency says, as it did."""
     from schedules import Costs
     return Costs(F=costs.F + us, B=costs.B + us, W=costs.W + us, FB=costs.exact("FB") + (0 if full_pairs else us),
-                 BW=costs.exact("BW") + us, p2p=costs.p2p)
+                 BW=costs.exact("BW") + us, p2p=max(0, costs.p2p - us))
 
 
 def analyse(name: str, pp: int, n: int, steps: list[list[dict]], nominal: StageCosts, p2p_us: float) -> dict:
@@ -556,7 +559,9 @@ def report(a, rows: list[dict], p2p: dict, tiny_info: Optional[dict], cost_sets:
            argv: list[str], elapsed: float) -> str:
     from bench.common import OUT, machine, write_report
 
-    lines = ["## Emulated cluster: DualPipe at PP 4-16 on 2 cores (bench/cluster.py)\n",
+    pps = ", ".join(str(r) for r in dict.fromkeys(row["pp"] for row in rows))
+    lines = [f"## Emulated cluster: pipeline schedules at PP {pps} on 2 cores"
+             + (f", {a.unit_ms:g} ms units" if "table" in cost_sets else "") + " (bench/cluster.py)\n",
              "One process per pipeline rank (gloo, 1 thread each), the real executor (schedules/executor.py) and real "
              "gloo p2p; each stage is a custom autograd function that sleeps its F, B and W (W deferred through "
              "WeightGradStore exactly as the trainer's split layers do) and an F&B hook that sleeps the pair's cost "
@@ -568,9 +573,9 @@ def report(a, rows: list[dict], p2p: dict, tiny_info: Optional[dict], cost_sets:
              "receiver's wait, over the receives whose rank was already waiting; in brackets how many); "
              "nominal = simulate() with the nominal costs and no latency; table = the DualPipe README / V3 Table 2 "
              "formula (DualPipeV: PP = 2 x devices). Simulated + executor overhead: the same simulate() with every "
-             "action made longer by the executor's measured work between actions (mean over ranks), so that its "
-             "sends and the next action start that late; its bubble is counted like the measured one (makespan "
-             "minus the computations). Executor us / action, wall: per computation, the time inside it that is not "
+             "action made longer by the executor's measured work between actions (mean over ranks), so that the "
+             "next action starts that late (a message still arrives the measured p2p latency after the computation "
+             "before its SEND); its bubble is counted like the measured one (makespan minus the computations). Executor us / action, wall: per computation, the time inside it that is not "
              "the sleep (autograd, bookkeeping) plus the time between computations that is not a wait for data "
              "(posting p2p...), median over ranks; on a busy machine much of it is waiting for a core. CPU: the "
              "rank process's CPU time during the step (all its threads, gloo's included) per computation; cores busy "
@@ -603,7 +608,7 @@ def report(a, rows: list[dict], p2p: dict, tiny_info: Optional[dict], cost_sets:
     gantt = [r for r in rows if r["schedule"] == "dualpipe" and r["pp"] == 8]
     if gantt:
         OUT.mkdir(exist_ok=True)
-        png = OUT / "cluster_dualpipe_pp8.png"
+        png = OUT / f"{a.name}_dualpipe_pp8.png"
         save_gantt(gantt[0], png)
         lines.append(f"\nMeasured DualPipe at PP=8 ({gantt[0]['cost_set']} costs, the step of median length): "
                      f"bench/out/{png.name}.")
