@@ -1,0 +1,698 @@
+"""An emulated cluster: the real executor and real gloo p2p at PP 4-16 on 2 cores, stages that only sleep.
+
+Each rank is its own process (gloo, one thread). A stage's F, B and W take a fixed wall time without occupying a
+core: they sleep inside a custom autograd function, so the executor runs the schedule exactly as it would with a
+model - F through autograd, B computing the input gradient and leaving its weight-gradient closure in
+WeightGradStore (weight_grad.py), W running that closure, BW running both. An F&B action goes through the stage's
+`overlapped_forward_backward` hook, which runs the forward and the backward with their own sleeps off and sleeps
+once for the pair (F&B - W, plus W when the pair's backward is full), as a stage that overlaps them would.
+
+Two sets of costs:
+  table  V3 Table 2's example: F = 1, B (full backward) = 2, W = 1, F&B = 2.5 units of --unit-ms
+  tiny   F, B, W and F&B measured once, in this process, on a real pipeline stage of deepseek_v3_tiny (one MoE layer,
+         the stage PP=4 gives each rank) with the weight-gradient split the trainer applies
+
+Bubble means what schedules/simulate.py means: on every rank, the step's makespan (first computation's start to
+the last computation's end over ALL ranks) minus the time this rank spent in computations. The measured bubble
+is the same quantity over the executor's traced computation spans. simulate() is fed, from the same run, the mean
+duration of each kind of action (sleep overshoot and the autograd work inside an action are in it; means, not
+medians, since delays add up along the critical path) and the mean p2p latency as simulate() defines it (from the
+end of the computation a SEND follows to the end of the receiver's wait). What simulate() has no notion of - the
+executor's work between actions - is measured per action, and a second simulation charges it to every action.
+
+    python -m bench.cluster [--pp 4 8 16] [--schedules dualpipe dualpipev zb1p 1f1b] [--costs table tiny]
+                            [--unit-ms 10] [--chunks-per-pp 2] [--steps 3] [--warmup 1] [--nice 0]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+SCHEDULES = ("dualpipe", "dualpipev", "zb1p", "1f1b")
+COST_SETS = ("table", "tiny")
+WIDTH = 16            # elements of the activation each stage hands on: small, so the wire time is gloo's latency
+
+
+# ---------------------------------------------------------------- the sleeping stage
+@dataclass(frozen=True)
+class StageCosts:
+    """Integer microseconds of one stage's actions, in simulate.Costs' notation: B is the input-gradient backward,
+    FB the overlapped pair without its weight gradient (a pair with a full backward also pays W)."""
+    F: int
+    B: int
+    W: int
+    FB: int
+
+    def __post_init__(self):
+        for k in ("F", "B", "W", "FB"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"StageCosts.{k}={v!r}: must be an integer number of microseconds >= 0")
+
+    @classmethod
+    def table(cls, unit_us: int) -> "StageCosts":
+        # F = 1, full B = 2, W = 1, F&B = 2.5: input-gradient B = 2 - 1, pair without W = 2.5 - 1
+        return cls(F=unit_us, B=unit_us, W=unit_us, FB=unit_us * 3 // 2)
+
+    def simulate_costs(self, p2p_us: int = 0):
+        from schedules import Costs
+        return Costs(F=self.F, B=self.B, W=self.W, FB=self.FB, p2p=p2p_us)
+
+
+class SleepLog:
+    """What this process slept: (kind, nominal us, start, end), times from time.time() (comparable across ranks)."""
+    entries: list = []
+    _pair = threading.local()
+
+    @classmethod
+    def sleep(cls, kind: str, us: int) -> None:
+        if getattr(cls._pair, "on", False) and kind in ("F", "B"):
+            return                                   # inside an F&B pair: the pair sleeps once for both halves
+        t = time.time()
+        time.sleep(us / 1e6)
+        cls.entries.append((kind, us, t, time.time()))
+
+    @classmethod
+    def take(cls) -> list:
+        out, cls.entries = cls.entries, []
+        return out
+
+
+class _Sleeping(torch.autograd.Function):
+    """y = x * w, taking the stage's F in forward, B for the input gradient and W for the weight gradient (deferred to
+    WeightGradStore when the executor runs a B, at once in a full backward)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, costs: StageCosts):
+        ctx.save_for_backward(x)
+        ctx.weight, ctx.costs = weight, costs      # by handle: a deferred gradient lands in the parameter's .grad
+        SleepLog.sleep("F", costs.F)
+        return x * weight
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from schedules.weight_grad import WeightGradStore
+
+        (x,) = ctx.saved_tensors
+        weight, costs = ctx.weight, ctx.costs
+        SleepLog.sleep("B", costs.B)
+        grad_x = grad_out * weight
+
+        def weight_grad() -> torch.Tensor:
+            SleepLog.sleep("W", costs.W)
+            return (grad_out * x).sum(0)
+
+        if WeightGradStore.enabled:
+            def deferred():
+                g = weight_grad()
+                weight.grad = g if weight.grad is None else weight.grad + g
+            deferred.params = (weight,)
+            WeightGradStore.put(deferred)
+            return grad_x, None, None
+        return grad_x, weight_grad(), None
+
+
+class SleepStage(nn.Module):
+    """One pipeline stage of the emulated cluster: a [WIDTH] weight, and the stage's costs in sleeps."""
+
+    def __init__(self, costs: StageCosts, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.weight = nn.Parameter(1.0 + 0.1 * torch.randn(WIDTH, generator=g, dtype=torch.float64).float())
+        self.costs = costs
+
+    def forward(self, x):
+        return _Sleeping.apply(x, self.weight, self.costs)
+
+    @classmethod
+    def overlapped_forward_backward(cls, module0, inputs0, criterion0, labels0, module1, loss1, outputs1,
+                                    output_grads1):
+        """deepseek-ai/DualPipe's F&B hook: both halves run with their own F and B sleeps off, then the pair sleeps
+        its F&B - W once. W is untouched: deferred (a B pair) or slept inside the backward (a full pair)."""
+        SleepLog._pair.on = True
+        try:
+            outputs0 = module0(*inputs0)
+            loss0 = criterion0(outputs0, *labels0) if criterion0 is not None else None
+            if loss1 is not None:
+                loss1.backward()
+            elif outputs1:
+                torch.autograd.backward(outputs1, output_grads1)
+        finally:
+            SleepLog._pair.on = False
+        SleepLog.sleep("FB", module0.costs.FB)
+        return outputs0, loss0
+
+
+def criterion(out, label):
+    return (out * label).sum()
+
+
+def micro_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(1, WIDTH, generator=g), torch.randn(1, WIDTH, generator=g)) for _ in range(n)]
+
+
+def stage_seed(layout, stage: int) -> int:
+    # both copies of a DualPipe part start equal, like the model they are cut from
+    return 1000 + layout.stage_to_part[stage]
+
+
+# ---------------------------------------------------------------- one process per rank
+class Job:
+    """One (cost set, schedule) on this rank: stages, executor, inputs."""
+
+    def __init__(self, cost_name: str, costs: StageCosts, schedule: str, pp: int, n: int):
+        import torch.distributed as dist
+
+        from schedules import build, get_layout
+        from schedules.executor import PipelineExecutor
+        from schedules.verify import microbatches_of
+
+        self.cost_name, self.costs, self.schedule, self.n = cost_name, costs, schedule, n
+        rank = dist.get_rank()
+        self.layout = get_layout(schedule, pp)
+        self.actions = build(schedule, pp, n)[rank]
+        self.stages = {s: SleepStage(costs, stage_seed(self.layout, s)) for s in self.layout.stages_of(rank)}
+        self.executor = PipelineExecutor(self.layout, self.stages, criterion=criterion, p2p_shapes=[[1, WIDTH]],
+                                         p2p_dtype=torch.float32)
+        data = micro_batches(n)
+        held = lambda pick: {mb for s in self.stages if pick(s) for mb in microbatches_of(self.layout, s, n)}
+        self.inputs = {mb: (data[mb][0],) for mb in held(self.layout.is_first)}
+        self.labels = {mb: (data[mb][1],) for mb in held(self.layout.is_last)}
+
+    def step(self) -> dict:
+        for m in self.stages.values():
+            m.weight.grad = None
+        SleepLog.take()
+        cpu = time.process_time()
+        res = self.executor.run(self.actions, self.n, self.inputs, self.labels, trace=True)
+        cpu = time.process_time() - cpu
+        t0 = res.start_time
+        return dict(spans=[(t0 + s, t0 + e, a) for s, e, a in res.compute_spans], cpu_s=cpu,
+                    waits=[(t0 + s, t0 + e, w) for s, e, w in res.comm_waits],
+                    sleeps=SleepLog.take(),
+                    grads={s: m.weight.grad.clone() for s, m in self.stages.items()},
+                    losses={mb: float(v) for mb, v in res.losses.items()})
+
+
+def p2p_latency_us(rounds: int = 60) -> float:
+    """One-way time of one activation between ranks 0 and 1 (half a ping-pong, median), the others waiting."""
+    import torch.distributed as dist
+
+    rank, buf, times = dist.get_rank(), torch.zeros(1, WIDTH), []
+    for _ in range(rounds + 5):
+        if rank > 1:
+            continue
+        t = time.perf_counter()
+        if rank == 0:
+            dist.send(buf, 1)
+            dist.recv(buf, 1)
+        else:
+            dist.recv(buf, 0)
+            dist.send(buf, 0)
+        times.append((time.perf_counter() - t) / 2)
+    dist.barrier()
+    lat = [statistics.median(times[5:]) * 1e6 if times else 0.0]
+    dist.broadcast_object_list(lat, src=0)
+    return lat[0]
+
+
+def _worker(rank: int, pp: int, port: int, plan: dict, out_path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(pp))
+    torch.set_num_threads(1)
+    if plan.get("nice"):
+        # before any thread starts (gloo's included): a thread inherits its creator's niceness
+        os.setpriority(os.PRIO_PROCESS, 0, plan["nice"])
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=pp, timeout=timedelta(seconds=plan["timeout"]))
+    p2p_us = p2p_latency_us()
+    n = plan["chunks_per_pp"] * pp
+    jobs = [Job(c, plan["costs"][c], s, pp, n) for c in plan["cost_sets"] for s in plan["schedules"]]
+    records: dict = {(j.cost_name, j.schedule): [] for j in jobs}
+    for i in range(plan["warmup"] + plan["steps"]):
+        for j in jobs:        # one step of every job per round: the machine's load drift falls on all alike
+            dist.barrier()
+            rec = j.step()
+            if i >= plan["warmup"]:
+                records[(j.cost_name, j.schedule)].append(rec)
+    gathered = [None] * pp if rank == 0 else None
+    dist.gather_object(records, gathered, dst=0)
+    if rank == 0:
+        with open(out_path, "wb") as f:
+            pickle.dump(dict(records=gathered, p2p_us=p2p_us), f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_cluster(pp: int, schedules, cost_sets: dict, steps: int, warmup: int = 1, chunks_per_pp: int = 2,
+                timeout: int = 300, nice: int = 0) -> dict:
+    """Spawn `pp` ranks, run every schedule with every cost set; return {records: [rank] -> {(costs, schedule):
+    [step records]}, p2p_us}."""
+    import torch.multiprocessing as mp
+
+    from parallel.mesh import free_port
+
+    plan = dict(schedules=list(schedules), cost_sets=list(cost_sets), costs=dict(cost_sets), steps=steps,
+                warmup=warmup, chunks_per_pp=chunks_per_pp, timeout=timeout, nice=nice)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "records.pkl")
+        mp.spawn(_worker, args=(pp, free_port(), plan, path), nprocs=pp, join=True)
+        with open(path, "rb") as f:
+            return pickle.load(f)
+
+
+# ---------------------------------------------------------------- measured costs of deepseek_v3_tiny
+def profile_tiny(repeats: int = 12) -> tuple[StageCosts, dict]:
+    """F, input-gradient B, W and a forward + full backward of a real deepseek_v3_tiny stage, in one process: median
+    us of the thread's CPU time, which is what the computation costs whatever else the machine runs (1 thread).
+
+    The stage is the one PP=4 gives rank 1 (one MoE layer), with the trainer's weight-gradient split. One process has
+    no expert all-to-all to hide, so the F&B pair is the forward followed by the full backward of another chunk."""
+    from bench.common import compose
+    from framework.models import build_model
+    from schedules.stage import split_model
+    from schedules.weight_grad import WeightGradStore, enable_weight_grad_split
+
+    cfg = compose("model=deepseek_v3_tiny")
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    part = split_model(model, cfg.model.num_hidden_layers)[1]
+    converted = enable_weight_grad_split(part)
+    part.train()
+    micro = cfg.train.global_batch_size // cfg.train.micro_batches
+    shape = (micro, cfg.train.seq_len, cfg.model.hidden_size)
+    g = torch.Generator().manual_seed(0)
+    x, dy = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+
+    def clock(fn) -> float:
+        t = time.thread_time()
+        fn()
+        return (time.thread_time() - t) * 1e6
+
+    times: dict[str, list[float]] = {k: [] for k in ("F", "B", "W", "BW", "F&B")}
+    for i in range(repeats + 2):
+        xs = x.clone().requires_grad_(True)
+        box = {}
+        tf = clock(lambda: box.update(y=part(xs)))
+        WeightGradStore.enabled = True
+        tb = clock(lambda: torch.autograd.backward(box["y"], dy))
+        WeightGradStore.enabled = False
+        funcs = WeightGradStore.take_cache()
+        tw = clock(lambda: [f() for f in funcs])
+        box["y"] = part(x.clone().requires_grad_(True))
+        tbw = clock(lambda: torch.autograd.backward(box["y"], dy))
+        other = part(x.clone().requires_grad_(True))
+        tfb = clock(lambda: (part(x.clone().requires_grad_(True)), torch.autograd.backward(other, dy)))
+        part.zero_grad(set_to_none=True)
+        if i >= 2:
+            for k, v in zip(times, (tf, tb, tw, tbw, tfb)):
+                times[k].append(v)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    costs = StageCosts(F=round(med["F"]), B=round(med["B"]), W=round(med["W"]), FB=max(0, round(med["F&B"] - med["W"])))
+    info = dict(medians_us=med, shape=shape, split_linears=converted,
+                params=sum(p.numel() for p in part.parameters()), threads=torch.get_num_threads())
+    return costs, info
+
+
+# ---------------------------------------------------------------- analysis
+def window(step: list[dict]) -> tuple[float, float]:
+    """First computation's start and last computation's end over all ranks (simulate's 0 and makespan)."""
+    spans = [sp for r in step for sp in r["spans"]]
+    return min(s for s, _, _ in spans), max(e for _, e, _ in spans)
+
+
+def step_bubbles(step: list[dict]) -> tuple[float, list[float]]:
+    """(makespan, per-rank bubble) in seconds: makespan minus the rank's computation time."""
+    lo, hi = window(step)
+    return hi - lo, [(hi - lo) - sum(e - s for s, e, _ in r["spans"]) for r in step]
+
+
+def _clip(spans, lo: float, hi: float) -> float:
+    return sum(max(0.0, min(e, hi) - max(s, lo)) for s, e, *_ in spans)
+
+
+def overhead_per_action(rank_rec: dict) -> dict[str, float]:
+    """Executor overhead of one rank in one step, us per computation: inside actions (span minus its sleep: autograd,
+    the executor's bookkeeping) and between actions (neither computing nor waiting for data: posting p2p...)."""
+    spans = rank_rec["spans"]
+    lo, hi = spans[0][0], spans[-1][1]
+    busy = sum(e - s for s, e, _ in spans)
+    slept = sum(e - s for _, _, s, e in rank_rec["sleeps"])
+    waits = _clip(rank_rec["waits"], lo, hi)
+    n = len(spans)
+    inside, between = (busy - slept) / n, ((hi - lo) - busy - waits) / n
+    return dict(inside=inside * 1e6, between=between * 1e6, total=(inside + between) * 1e6,
+                cpu=rank_rec.get("cpu_s", float("nan")) / n * 1e6)
+
+
+def nominal_of_spans(rank_rec: dict) -> list[int]:
+    """Per traced computation: the nominal us of the sleeps that ran inside it (what simulate() would charge)."""
+    out = []
+    sleeps = rank_rec["sleeps"]
+    for s, e, _ in rank_rec["spans"]:
+        out.append(sum(us for _, us, a, b in sleeps if s <= (a + b) / 2 <= e))
+    return out
+
+
+def measured_costs(steps: list[list[dict]], nominal: StageCosts, p2p_us: float):
+    """simulate.Costs (integer us) from the mean traced duration of each kind of action, over ranks and steps: a
+    step's makespan adds durations up along its critical path, so the mean is what predicts it."""
+    from schedules import Costs
+
+    by_op: dict[str, list[float]] = {}
+    for step in steps:
+        for r in step:
+            for s, e, a in r["spans"]:
+                by_op.setdefault(a.op if a.op != "FB" else ("FBfull" if a.full else "FB"), []).append(e - s)
+    med = {k: round(statistics.fmean(v) * 1e6) for k, v in by_op.items()}
+    W = med.get("W", nominal.W)
+    B = med.get("B", med["BW"] - W if "BW" in med else nominal.B)
+    FB = med["FBfull"] - W if "FBfull" in med else med.get("FB", nominal.FB)
+    return Costs(F=med["F"], B=B, W=W, FB=max(FB, 0), BW=med.get("BW"), p2p=round(p2p_us)), med
+
+
+def run_p2p_us(steps: list[list[dict]], actions: list[list]) -> tuple[Optional[float], int]:
+    """The p2p latency as simulate() means it, measured in the run: from the end of the computation a SEND follows
+    (simulate posts it then) to the end of the receiver's wait for that message, over the receives whose rank was
+    already waiting when the message was posted. Mean us and the number of such receives (None if none).
+
+    It holds what a message costs on the critical path: the sender's executor work before posting, gloo, and
+    waking the receiver."""
+    from schedules.actions import COMM_OPS
+
+    posted_after: dict = {}      # (kind, sending stage, mb) -> (rank, index of the computation before the SEND)
+    for r, acts in enumerate(actions):
+        k = -1
+        for a in acts:
+            if a.op in ("SEND_F", "SEND_B"):
+                posted_after[(a.op[-1], a.stage, a.mb)] = (r, k)
+            elif a.op not in COMM_OPS:
+                k += 1
+    samples = []
+    for step in steps:
+        for rec in step:
+            for s, e, what in rec["waits"]:
+                label = what.split(" ", 1)[1] if what.startswith("wait RECV_") else None
+                if label is None:
+                    continue
+                kind, rest = label[5], label[6:].split("@")[0]
+                stage, mb = (int(x) for x in rest.split("."))
+                src, k = posted_after[(kind, stage, mb)]
+                posted = step[src]["spans"][k][1]
+                if s <= posted:
+                    samples.append(e - posted)
+    return (statistics.fmean(samples) * 1e6 if samples else None), len(samples)
+
+
+def _plus(costs, us: int, full_pairs: bool):
+    """Every action `us` longer. A full F&B pair costs FB + W in simulate(): its W carries the extra time.
+
+    The measured p2p latency runs from the end of the computation, so it already holds the sender's work before
+    posting: a message sent after the longer action arrives `us` sooner than that latency says, as it did."""
+    from schedules import Costs
+    return Costs(F=costs.F + us, B=costs.B + us, W=costs.W + us, FB=costs.exact("FB") + (0 if full_pairs else us),
+                 BW=costs.exact("BW") + us, p2p=max(0, costs.p2p - us))
+
+
+def analyse(name: str, pp: int, n: int, steps: list[list[dict]], nominal: StageCosts, p2p_us: float) -> dict:
+    """Per rank: measured bubble (median over steps), simulate() with the measured costs and p2p, and the nominal
+    simulation / table formula; executor overhead; sleep overshoot."""
+    from schedules import bubble_table, build, get_layout, simulate
+
+    acts, layout = build(name, pp, n), get_layout(name, pp)
+    in_run, samples = run_p2p_us(steps, acts)
+    costs, med = measured_costs(steps, nominal, in_run if in_run is not None else p2p_us)
+    sim = simulate(acts, layout, costs)
+    ideal = simulate(acts, layout, nominal.simulate_costs())
+    per_step = [step_bubbles(st) for st in steps]
+    measured = [statistics.median(b[r] for _, b in per_step) * 1e6 for r in range(pp)]
+    makespan = statistics.median(m for m, _ in per_step) * 1e6
+    over = [[overhead_per_action(st[r]) for st in steps] for r in range(pp)]
+    overhead = {k: [statistics.median(o[k] for o in over[r]) for r in range(pp)] for k in ("inside", "between",
+                                                                                            "total", "cpu")}
+    # the executor's work between actions, charged to every action: its sends and its next action start that much
+    # later (the last action's share is not in the measured makespan, which ends with a computation)
+    between = statistics.fmean(overhead["between"])
+    full_pairs = all(a.full for rank_acts in acts for a in rank_acts if a.op == "FB")
+    charged = simulate(acts, layout, _plus(costs, round(between), full_pairs))
+    n_acts = [len(tl) for tl in charged.timelines]
+    with_overhead = [charged.makespan - between - (charged.busy[r] - n_acts[r] * round(between)) for r in range(pp)]
+    # cores the emulated cluster itself kept busy: all ranks' CPU time over the makespan (2 cores are all there is)
+    cores = statistics.median(sum(r["cpu_s"] for r in st) / m for st, (m, _) in zip(steps, per_step))
+    shoot = [(b - a) * 1e6 - us for st in steps for r in st for _, us, a, b in r["sleeps"]]
+    median_step = sorted(range(len(per_step)), key=lambda i: per_step[i][0])[len(per_step) // 2]
+    return dict(
+        schedule=name, pp=pp, n=n, costs=costs, op_us=med, measured=measured, makespan=makespan,
+        sim=list(sim.bubble), sim_makespan=sim.makespan, ideal=list(ideal.bubble), ideal_makespan=ideal.makespan,
+        table=bubble_table(name, pp, nominal.simulate_costs()),
+        ratio=[m / s if s else float("nan") for m, s in zip(measured, sim.bubble)],
+        with_overhead=with_overhead, between_us=between, p2p_us=costs.p2p, p2p_samples=samples,
+        ratio_overhead=[m / s if s else float("nan") for m, s in zip(measured, with_overhead)],
+        bubble_ratio=[m / makespan for m in measured], sim_bubble_ratio=list(sim.bubble_ratio),
+        overhead=overhead, cores=cores, overshoot_us=(statistics.median(shoot), sorted(shoot)[int(0.9 * (len(shoot) - 1))]),
+        median_step=median_step)
+
+
+def rows_for(data: dict, pp: int, cost_sets: dict, schedules, chunks_per_pp: int) -> list[dict]:
+    recs, out = data["records"], []
+    for c, nominal in cost_sets.items():
+        for name in schedules:
+            steps = [list(x) for x in zip(*(recs[r][(c, name)] for r in range(pp)))]
+            row = analyse(name, pp, chunks_per_pp * pp, steps, nominal, data["p2p_us"])
+            row.update(cost_set=c, steps=steps)
+            out.append(row)
+    return out
+
+
+# ---------------------------------------------------------------- report
+def _worst(row: dict) -> int:
+    return max(range(row["pp"]), key=lambda r: row["sim"][r])
+
+
+def _dev(ratios) -> float:
+    return max(abs(x - 1) for x in ratios)
+
+
+def summary_lines(rows: list[dict]) -> list[str]:
+    lines = ["| costs | schedule | PP | N | p2p us in the run | step ms | bubble ms, worst rank: measured | simulated | measured / "
+             "simulated | all ranks: max \\|measured / simulated - 1\\| | simulated + executor overhead | measured / "
+             "that, worst rank | all ranks: max \\|. - 1\\| | bubble / step: measured | simulated | nominal costs, "
+             "no latency: bubble ms | table formula ms | executor us / action: wall (inside + between) | CPU | "
+             "cores busy with the ranks |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        w = _worst(row)
+        ov = statistics.median(row["overhead"]["total"])
+        ins, btw = statistics.median(row["overhead"]["inside"]), statistics.median(row["overhead"]["between"])
+        lines.append(f"| {row['cost_set']} | {row['schedule']} | {row['pp']} | {row['n']} | {row['p2p_us']} "
+                     f"({row['p2p_samples']}) | {row['makespan'] / 1e3:.1f} "
+                     f"| {row['measured'][w] / 1e3:.2f} | {row['sim'][w] / 1e3:.2f} | {row['ratio'][w]:.3f} | "
+                     f"{_dev(row['ratio']):.3f} | {row['with_overhead'][w] / 1e3:.2f} | {row['ratio_overhead'][w]:.3f} "
+                     f"| {_dev(row['ratio_overhead']):.3f} | {row['bubble_ratio'][w]:.3f} | "
+                     f"{row['sim_bubble_ratio'][w]:.3f} | {row['ideal'][w] / 1e3:.2f} | {row['table'] / 1e3:.2f} | "
+                     f"{ov:.0f} ({ins:.0f} + {btw:.0f}) | {statistics.median(row['overhead']['cpu']):.0f} | "
+                     f"{row['cores']:.2f} |")
+    return lines
+
+
+def per_rank_lines(row: dict) -> list[str]:
+    lines = [f"\n{row['cost_set']} / {row['schedule']} / PP={row['pp']}:\n",
+             "| rank | measured bubble ms | simulated ms | measured / simulated | simulated + executor overhead ms | "
+             "measured / that | executor us / action |", "|---|---|---|---|---|---|---|"]
+    for r in range(row["pp"]):
+        lines.append(f"| {r} | {row['measured'][r] / 1e3:.2f} | {row['sim'][r] / 1e3:.2f} | {row['ratio'][r]:.3f} | "
+                     f"{row['with_overhead'][r] / 1e3:.2f} | {row['ratio_overhead'][r]:.3f} | "
+                     f"{row['overhead']['total'][r]:.0f} |")
+    return lines
+
+
+def goal_lines(rows: list[dict]) -> list[str]:
+    out = []
+    by = {(r["cost_set"], r["schedule"], r["pp"]): r for r in rows}
+    for c in dict.fromkeys(r["cost_set"] for r in rows):
+        for pp in sorted({r["pp"] for r in rows if r["pp"] >= 8}):
+            got = [(s, by[(c, s, pp)]) for s in SCHEDULES if (c, s, pp) in by]
+            for key, what in (("ratio", "simulated"), ("ratio_overhead", "simulated + executor overhead")):
+                ok = all(_dev(row[key]) <= 0.10 for _, row in got)
+                devs = ", ".join(f"{s} {_dev(row[key]):.1%} (worst rank {abs(row[key][_worst(row)] - 1):.1%})"
+                                 for s, row in got)
+                out.append(f"- {c}, PP={pp}: measured bubble within 10% of {what} on every rank: "
+                           f"{'MET' if ok else 'NOT MET'} (largest deviation over ranks: {devs}).")
+            if (c, "dualpipe", pp) in by:
+                dp = by[(c, "dualpipe", pp)]
+                dpr = dp["bubble_ratio"][_worst(dp)]
+                others = {s: by[(c, s, pp)]["bubble_ratio"][_worst(by[(c, s, pp)])] for s in ("zb1p", "1f1b")
+                          if (c, s, pp) in by}
+                ok = all(dpr < v for v in others.values())
+                out.append(f"- {c}, PP={pp}: DualPipe's measured bubble / step below ZB1P's and 1F1B's (worst ranks): "
+                           f"{'MET' if ok else 'NOT MET'}: {dpr:.3f} vs " +
+                           ", ".join(f"{s} {v:.3f}" for s, v in others.items()) + ".")
+    return out
+
+
+def save_gantt(row: dict, path) -> None:
+    from schedules.timeline import draw_gantt
+
+    step = row["steps"][row["median_step"]]
+    lo, _ = window(step)
+    ms_ = lambda spans: [((s - lo) * 1e3, (e - lo) * 1e3, a) for s, e, a in spans]
+    draw_gantt([ms_(r["spans"]) for r in step], str(path), comm=[ms_(r["waits"]) for r in step],
+               title=f"emulated cluster, measured {row['schedule']} PP={row['pp']}, {row['n']} chunks, "
+                     f"{row['cost_set']} costs (ms)")
+
+
+def report(a, rows: list[dict], p2p: dict, tiny_info: Optional[dict], cost_sets: dict, load: tuple,
+           argv: list[str], elapsed: float) -> str:
+    from bench.common import OUT, machine, write_report
+
+    pps = ", ".join(str(r) for r in dict.fromkeys(row["pp"] for row in rows))
+    lines = [f"## Emulated cluster: pipeline schedules at PP {pps} on 2 cores"
+             + (f", {a.unit_ms:g} ms units" if "table" in cost_sets else "") + " (bench/cluster.py)\n",
+             "One process per pipeline rank (gloo, 1 thread each), the real executor (schedules/executor.py) and real "
+             "gloo p2p; each stage is a custom autograd function that sleeps its F, B and W (W deferred through "
+             "WeightGradStore exactly as the trainer's split layers do) and an F&B hook that sleeps the pair's cost "
+             "once. Bubble, as in schedules/simulate.py: per rank, the makespan (first computation's start to the "
+             "last one's end over all ranks) minus the rank's computation time; bubble / step = that over the "
+             "makespan. Simulated = simulate() fed the mean measured duration of each kind of action (sleep "
+             "overshoot and the autograd work inside an action included) and the mean p2p latency measured in the "
+             "run (simulate() posts a SEND when the computation before it ends: from that end to the end of the "
+             "receiver's wait, over the receives whose rank was already waiting; in brackets how many); "
+             "nominal = simulate() with the nominal costs and no latency; table = the DualPipe README / V3 Table 2 "
+             "formula (DualPipeV: PP = 2 x devices). Simulated + executor overhead: the same simulate() with every "
+             "action made longer by the executor's measured work between actions (mean over ranks), so that the "
+             "next action starts that late (a message still arrives the measured p2p latency after the computation "
+             "before its SEND); its bubble is counted like the measured one (makespan minus the computations). Executor us / action, wall: per computation, the time inside it that is not "
+             "the sleep (autograd, bookkeeping) plus the time between computations that is not a wait for data "
+             "(posting p2p...), median over ranks; on a busy machine much of it is waiting for a core. CPU: the "
+             "rank process's CPU time during the step (all its threads, gloo's included) per computation; cores busy "
+             "with the ranks: all ranks' CPU time over the step, against the machine's cores (what is left for the "
+             "other jobs, and the ranks' own contention). Measured "
+             "bubbles and step times: median over "
+             f"{a.steps} steps after {a.warmup} warm-up, the schedules' steps interleaved.\n"]
+    desc = {"table": f"table: F = 1, B = 2, W = 1, F&B = 2.5 units of {a.unit_ms:g} ms "
+                     f"(simulate notation, us: {cost_sets['table']})" if "table" in cost_sets else "",
+            "tiny": ""}
+    if tiny_info is not None:
+        m = tiny_info["medians_us"]
+        desc["tiny"] = (f"tiny: measured on one deepseek_v3_tiny stage (layer 1, MoE, {tiny_info['params']} "
+                        f"parameters, micro-batch {list(tiny_info['shape'])}, {tiny_info['split_linears']} split "
+                        f"linears, {tiny_info['threads']} thread), median us of CPU time: F {m['F']:.0f}, B (input grad) "
+                        f"{m['B']:.0f}, W {m['W']:.0f}, full backward {m['BW']:.0f}, forward + full backward of "
+                        f"another chunk {m['F&B']:.0f} -> {cost_sets['tiny']}. Only the layers with a weight-gradient "
+                        "split defer to W; whatever does not defer stays in B.")
+    lines += [f"- {desc[c]}" for c in cost_sets if desc.get(c)]
+    lines.append("- for comparison, the bare gloo latency before the run (half a ping-pong of the [1, 16] fp32 "
+                 "activation between ranks 0 and 1, the others idle, median): " +
+                 ", ".join(f"PP={pp}: {v:.0f} us" for pp, v in p2p.items()))
+    shoots = {(r["cost_set"], r["pp"]): r["overshoot_us"] for r in rows}
+    lines.append("- sleep overshoot (actual - nominal, median / 90th percentile, us): " +
+                 ", ".join(f"{c} PP={pp}: {m:.0f} / {p:.0f}" for (c, pp), (m, p) in shoots.items()))
+    lines.append(f"- 1-minute load average ({os.cpu_count()} cores): {load[0]:.1f} at the start, {load[1]:.1f} at "
+                 "the end; the cores are shared with other jobs, which lengthens the executor's own work.\n")
+    lines += summary_lines(rows)
+    lines += ["\nGoal checks (reported, not asserted):\n"] + goal_lines(rows)
+    gantt = [r for r in rows if r["schedule"] == "dualpipe" and r["pp"] == 8]
+    if gantt:
+        OUT.mkdir(exist_ok=True)
+        png = OUT / f"{a.name}_dualpipe_pp8.png"
+        save_gantt(gantt[0], png)
+        lines.append(f"\nMeasured DualPipe at PP=8 ({gantt[0]['cost_set']} costs, the step of median length): "
+                     f"bench/out/{png.name}.")
+    lines.append("\n<details><summary>Per rank</summary>\n")
+    for row in rows:
+        lines += per_rank_lines(row)
+    lines.append("\n</details>\n")
+    lines.append(f"Command: `{' '.join(['python -m bench.cluster', *argv])}` ({elapsed:.0f} s); machine: {machine()} "
+                 "per process.")
+    text = "\n".join(lines)
+    write_report(a.name, text)
+    return text
+
+
+# ---------------------------------------------------------------- command line
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pp", type=int, nargs="+", default=[4, 8, 16], help="pipeline sizes (even, 2..32)")
+    p.add_argument("--schedules", nargs="+", default=list(SCHEDULES), help=f"any of {', '.join(SCHEDULES)}")
+    p.add_argument("--costs", nargs="+", default=list(COST_SETS), help=f"any of {', '.join(COST_SETS)}")
+    p.add_argument("--unit-ms", type=float, default=10.0, help="the table costs' unit")
+    p.add_argument("--chunks-per-pp", type=int, default=2, help="micro-batches per step = this x PP (>= 2)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per schedule")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--timeout", type=int, default=300, help="seconds before a stuck communication fails the run")
+    p.add_argument("--nice", type=int, default=0,
+                   help="niceness of the rank processes (-20..19; below 0 needs the right to raise priority): the "
+                        "ranks mostly sleep, a negative value lets them wake on time on a machine busy with other jobs")
+    p.add_argument("--name", default="cluster", help="report name: bench/out/NAME.md")
+    a = p.parse_args(argv)
+    for pp in a.pp:
+        if pp < 2 or pp > 32 or pp % 2:
+            raise ValueError(f"--pp={pp}: must be even, in 2..32 (DualPipe pairs mirror ranks)")
+    for s in a.schedules:
+        if s not in SCHEDULES:
+            raise ValueError(f"--schedules {s}: allowed {', '.join(SCHEDULES)}")
+    for c in a.costs:
+        if c not in COST_SETS:
+            raise ValueError(f"--costs {c}: allowed {', '.join(COST_SETS)}")
+    if not a.unit_ms > 0:
+        raise ValueError(f"--unit-ms={a.unit_ms}: must be > 0")
+    if a.chunks_per_pp < 2:
+        raise ValueError(f"--chunks-per-pp={a.chunks_per_pp}: must be >= 2 (DualPipe needs 2 x PP micro-batches)")
+    if a.steps < 1 or a.warmup < 0:
+        raise ValueError(f"--steps={a.steps} / --warmup={a.warmup}: need steps >= 1 and warmup >= 0")
+    if not -20 <= a.nice <= 19:
+        raise ValueError(f"--nice={a.nice}: must be in -20..19")
+    if not a.name.isidentifier():
+        raise ValueError(f"--name={a.name!r}: must be a plain identifier (letters, digits, _)")
+    return a
+
+
+def main(argv=None) -> str:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        a = parse(argv)
+    except ValueError as e:
+        print(f"bench.cluster: {e}", file=sys.stderr)
+        sys.exit(2)
+    if a.nice < os.getpriority(os.PRIO_PROCESS, 0):
+        probe = subprocess.run([sys.executable, "-c", f"import os; os.setpriority(os.PRIO_PROCESS, 0, {a.nice})"],
+                               capture_output=True)
+        if probe.returncode:
+            print(f"bench.cluster: --nice={a.nice}: this user may not raise a process's priority; use --nice 0",
+                  file=sys.stderr)
+            sys.exit(2)
+    t, load0 = time.time(), os.getloadavg()[0]
+    torch.set_num_threads(1)
+    cost_sets: dict[str, StageCosts] = {}
+    tiny_info = None
+    for c in a.costs:
+        if c == "table":
+            cost_sets[c] = StageCosts.table(round(a.unit_ms * 1000))
+        else:
+            cost_sets[c], tiny_info = profile_tiny()
+            print(f"bench.cluster: deepseek_v3_tiny stage costs {cost_sets[c]}", flush=True)
+    rows, p2p = [], {}
+    for pp in a.pp:
+        print(f"bench.cluster: PP={pp}", flush=True)
+        data = run_cluster(pp, a.schedules, cost_sets, a.steps, a.warmup, a.chunks_per_pp, a.timeout, a.nice)
+        p2p[pp] = data["p2p_us"]
+        rows += rows_for(data, pp, cost_sets, a.schedules, a.chunks_per_pp)
+    return report(a, rows, p2p, tiny_info, cost_sets, (load0, os.getloadavg()[0]), argv, time.time() - t)
+
+
+if __name__ == "__main__":
+    main()

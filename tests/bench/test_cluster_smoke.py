@@ -1,0 +1,136 @@
+"""bench/cluster.py: the emulated cluster runs the real executor, and what it runs is what simulate() models.
+
+One spawned group of 4 ranks runs the four schedules once with 1 ms units. Nothing here depends on timings: the
+traced actions are simulate()'s, in its order; the nominal sleeps inside each traced action are exactly the cost
+simulate() charges for it (so W is deferred where a B runs and the F&B pair costs F&B); the gradients and losses are
+those of a float64 single-process computation. The analysis is checked on hand-made traces with exact arithmetic.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bench.cluster import (SCHEDULES, WIDTH, SleepStage, StageCosts, main, micro_batches, nominal_of_spans,
+                           overhead_per_action, parse, run_cluster, run_p2p_us, stage_seed, step_bubbles)
+from schedules import build, get_layout, simulate
+from schedules.actions import Action
+from schedules.verify import microbatches_of
+
+PP, CHUNKS_PER_PP = 4, 2
+COSTS = StageCosts.table(1000)          # F = B = W = 1 ms, F&B pair without W = 1.5 ms
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    return run_cluster(PP, SCHEDULES, {"table": COSTS}, steps=1, warmup=0, chunks_per_pp=CHUNKS_PER_PP, timeout=120)
+
+
+def reference(name: str, n: int):
+    """float64, one process: every part's weight gradient summed over all micro-batches, and each loss."""
+    layout = get_layout(name, PP)
+    parts = layout.num_parts
+    w = [SleepStage(COSTS, 1000 + p).weight.detach().double().requires_grad_(True) for p in range(parts)]
+    losses = {}
+    for mb, (x, y) in enumerate(micro_batches(n)):
+        h = x.double()
+        for p in range(parts):
+            h = h * w[p]
+        loss = (h * y.double()).sum()
+        loss.backward()
+        losses[mb] = float(loss.detach())
+    return [t.grad for t in w], losses
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_runs_what_simulate_models(cluster, name):
+    n = CHUNKS_PER_PP * PP
+    layout = get_layout(name, PP)
+    sim = simulate(build(name, PP, n), layout, COSTS.simulate_costs())
+    step = [cluster["records"][r][("table", name)][0] for r in range(PP)]
+    for r in range(PP):
+        traced = [a for _, _, a in step[r]["spans"]]
+        assert [str(a) for a in traced] == [str(a) for _, _, a in sim.timelines[r]]
+        expected = [int(sim_costs) for sim_costs in (COSTS.simulate_costs().of(a) for a in traced)]
+        assert nominal_of_spans(step[r]) == expected, f"rank {r}"
+        # every sleep ran inside a traced action (none lost between actions)
+        assert sum(nominal_of_spans(step[r])) == sum(us for _, us, _, _ in step[r]["sleeps"])
+        assert sum(expected) == int(sim.busy[r])
+    # gradients: the copies of each part together hold the one-process gradient
+    grads, losses = reference(name, n)
+    got = [torch.zeros(WIDTH, dtype=torch.float64) for _ in grads]
+    for r in range(PP):
+        for s, g in step[r]["grads"].items():
+            got[layout.stage_to_part[s]] += g.double()
+    for p, (a, b) in enumerate(zip(got, grads)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"part {p}")
+    measured = {mb: v for r in range(PP) for mb, v in step[r]["losses"].items()}
+    assert sorted(measured) == list(range(n))
+    for mb in range(n):
+        assert measured[mb] == pytest.approx(losses[mb], rel=1e-5, abs=1e-6)
+    # the measured bubble is simulate()'s quantity: makespan - busy, so busy + bubble = makespan on every rank
+    makespan, bubbles = step_bubbles(step)
+    for r in range(PP):
+        busy = sum(e - s for s, e, _ in step[r]["spans"])
+        assert busy + bubbles[r] == pytest.approx(makespan, abs=1e-9)
+        assert bubbles[r] >= 0
+
+
+def test_p2p_latency_was_measured(cluster):
+    assert cluster["p2p_us"] > 0 and math.isfinite(cluster["p2p_us"])
+
+
+def test_stage_microbatches_cover_each_part_once():
+    # what the gradient check above relies on: every (part, micro-batch) is computed on exactly one stage
+    for name in SCHEDULES:
+        n, layout = CHUNKS_PER_PP * PP, get_layout(name, PP)
+        seen = sorted((layout.stage_to_part[s], mb) for s in range(layout.num_stages)
+                      for mb in microbatches_of(layout, s, n))
+        assert seen == sorted((p, mb) for p in range(layout.num_parts) for mb in range(n))
+        assert {stage_seed(layout, s) for s in range(layout.num_stages)} == {1000 + p for p in range(layout.num_parts)}
+
+
+def test_analysis_on_a_hand_made_step():
+    f, b = Action("F", 0, 0), Action("B", 0, 0)
+    # rank 0 computes [0, 2] (slept 1.5) and [3, 4] (slept 1), waits [2, 2.5]; rank 1 computes [1, 5] (slept 3)
+    step = [dict(spans=[(0.0, 2.0, f), (3.0, 4.0, b)], waits=[(2.0, 2.5, "wait")],
+                 sleeps=[("F", 1500000, 0.25, 1.75), ("B", 1000000, 3.0, 4.0)]),
+            dict(spans=[(1.0, 5.0, f)], waits=[(0.0, 1.0, "wait")], sleeps=[("F", 3000000, 1.5, 4.5)])]
+    makespan, bubbles = step_bubbles(step)
+    assert makespan == 5.0 and bubbles == [2.0, 1.0]
+    o = overhead_per_action(step[0])
+    # inside: (3 busy - 2.5 slept) / 2 = 0.25 s; between: (4 span - 3 busy - 0.5 waiting) / 2 = 0.25 s
+    assert o["inside"] == pytest.approx(0.25e6) and o["between"] == pytest.approx(0.25e6)
+    assert o["total"] == pytest.approx(0.5e6)
+    o1 = overhead_per_action(step[1])                 # the wait before its first action is outside its span
+    assert o1["inside"] == pytest.approx(1e6) and o1["between"] == pytest.approx(0.0)
+    assert nominal_of_spans(step[0]) == [1500000, 1000000]
+
+
+def test_p2p_latency_in_the_run_as_simulate_defines_it():
+    # rank 0: F0.0, then SEND_F0.0 and F0.1 then SEND_F0.1; rank 1 receives both
+    f00, f01, f10, f11 = Action("F", 0, 0), Action("F", 0, 1), Action("F", 1, 0), Action("F", 1, 1)
+    actions = [[f00, Action("SEND_F", 0, 0, peer=1), f01, Action("SEND_F", 0, 1, peer=1)],
+               [Action("RECV_F", 0, 0, peer=0), f10, Action("RECV_F", 0, 1, peer=0), f11]]
+    step = [dict(spans=[(0.0, 1.0, f00), (1.0, 2.0, f01)], waits=[]),
+            # waiting since 0.5 for data posted at 1.0 (the end of F0.0): arrived 1.25 -> 0.25 s; the second wait
+            # starts at 2.5, after its data was posted at 2.0: it says nothing about the latency
+            dict(spans=[(1.3, 2.3, f10), (2.6, 3.6, f11)],
+                 waits=[(0.5, 1.25, "wait RECV_F0.0@0"), (2.5, 2.55, "wait RECV_F0.1@0"), (3.7, 3.8, "wait sends")])]
+    us, count = run_p2p_us([step, step], actions)
+    assert count == 2 and us == pytest.approx(250000)
+    assert run_p2p_us([], actions) == (None, 0)
+
+
+@pytest.mark.parametrize("argv, key", [(["--pp", "6", "5"], "--pp"), (["--schedules", "gpipe2"], "--schedules"),
+                                       (["--costs", "big"], "--costs"), (["--chunks-per-pp", "1"], "--chunks-per-pp"),
+                                       (["--unit-ms", "0"], "--unit-ms"), (["--nice", "-21"], "--nice")])
+def test_bad_arguments_name_the_argument(argv, key, capsys):
+    with pytest.raises(ValueError, match=key):
+        parse(argv)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert key in err and len(err.strip().splitlines()) == 1
