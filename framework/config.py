@@ -66,6 +66,9 @@ class ModelConfig:
     mtp_loss_weight_late: float = 0.1      # lambda afterwards
     mtp_weight_switch_fraction: float = 0.7
     attn_impl: str = "naive"               # MLA path: naive | absorb
+    init_from: Optional[str] = None        # Hugging Face DeepSeek-V3 folder: its config.json sets the architecture
+                                           # (model.* overrides on the command line still win) and its weights start
+                                           # the run, whatever the parallel layout
 
 
 @dataclass
@@ -122,6 +125,11 @@ class DataConfig:
     val_fraction: float = 0.05             # documents held out for validation
     max_bytes: int = 8_000_000             # cap on corpus bytes read (sorted file order, deterministic)
     dtype: str = "auto"                    # token dtype in .bin: auto | uint16 | uint32
+    tokenizer: Optional[str] = None        # Hugging Face tokenizer (a folder with tokenizer.json, or that file):
+                                           # used as it is, BOS/EOS from its tokenizer_config.json; null = train a BPE
+    text_field: str = "text"               # JSONL / Parquet records: the field holding a document's text
+    mix: Optional[list[dict[str, Any]]] = None  # [{path, weight, text_field?}, ...]: sources mixed in these token
+                                           # proportions, deterministically (replaces data.path)
 
 
 @dataclass
@@ -315,10 +323,14 @@ def validate(cfg: Config | DictConfig, world_size: int = 1) -> None:
     _choice("optim.state.exp_avg", o.state.exp_avg, ("fp32", "bf16", "fp8"))
     _choice("optim.state.exp_avg_sq", o.state.exp_avg_sq, ("fp32", "bf16", "fp8"))
     # data
-    if d.vocab_size < 259 or d.vocab_size > 2**32:
-        _fail("data.vocab_size", d.vocab_size, "must be in [259, 2^32] (byte-level BPE needs 256 bytes + specials)")
-    if m.vocab_size < d.vocab_size:
-        _fail("model.vocab_size", m.vocab_size, f"must be >= data.vocab_size={d.vocab_size}")
+    from framework.data.sources import validate_sources
+
+    validate_sources(d, m)
+    if d.tokenizer is None:  # a given tokenizer's own vocabulary is checked against the model once it is read
+        if d.vocab_size < 259 or d.vocab_size > 2**32:
+            _fail("data.vocab_size", d.vocab_size, "must be in [259, 2^32] (byte-level BPE needs 256 bytes + specials)")
+        if m.vocab_size < d.vocab_size:
+            _fail("model.vocab_size", m.vocab_size, f"must be >= data.vocab_size={d.vocab_size}")
     _fraction("data.val_fraction", d.val_fraction, closed=False)
     _positive("data.max_bytes", d.max_bytes)
     _choice("data.dtype", d.dtype, ("auto", "uint16", "uint32"))

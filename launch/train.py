@@ -49,7 +49,18 @@ def check_overrides(overrides: list[str]) -> object:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         user = [o for o in overrides if not o.lstrip("+~").startswith("hydra.")]
         # outside a Hydra job ${hydra:...} does not resolve; the real run sets it
-        return compose(config_name="config", overrides=user + ["train.output_dir=outputs/check"])
+        cfg = compose(config_name="config", overrides=user + ["train.output_dir=outputs/check"])
+    from framework.models.init_from import apply_init_from
+
+    apply_init_from(cfg, user)  # model.init_from: the architecture from its config.json (command-line keys win)
+    return cfg
+
+
+def hydra_overrides() -> list[str]:
+    """The command-line overrides of the running Hydra job."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def setup_logging(run_dir: Path, rank: int) -> None:
@@ -173,6 +184,9 @@ def main() -> None:
     def _main(cfg) -> None:
         name_sweep_run(cfg)
         try:
+            from framework.models.init_from import apply_init_from
+
+            apply_init_from(cfg, hydra_overrides())
             run(cfg)
         except Exception as e:  # bad input and aborted training: one line, no traceback; anything else: traceback
             from framework.checkpoint import CheckpointError  # (imported here: a config error never loads torch)
