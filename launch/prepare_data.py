@@ -10,8 +10,11 @@ from launch.train import _one_line, check_overrides
 
 
 def main() -> None:
+    from framework.data.sources import validate_sources
+
     try:
         cfg = check_overrides(sys.argv[1:])
+        validate_sources(cfg.data)
     except Exception as e:
         print(f"config error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
