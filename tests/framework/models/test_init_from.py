@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -146,3 +147,30 @@ def test_torchrun_layouts_match_from_pretrained_and_export(hf, tmp_path, layout)
     with torch.no_grad():
         val_loss = sum(model.compute_loss(x, y)[0].item() for x, y in val) / len(val)
     assert_close(val_loss, step1["val/loss"], 1e-5)
+
+
+def test_bad_inputs_one_line_exit_2(hf, tmp_path, capsys):
+    from launch.export import main as export_main
+    from launch.train import precheck
+
+    (tmp_path / "no_config").mkdir()
+    for folder, pattern in ((tmp_path / "missing", "no such folder"), (tmp_path / "no_config", "no config.json")):
+        with pytest.raises(SystemExit) as e:
+            precheck(run_args(hf)[1:] + [f"model.init_from={folder}"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and "model.init_from=" in err[0] and pattern in err[0], err
+    # an override that changes a weight's shape: named when the weights are read, before any step
+    from framework.trainer import Trainer
+    from parallel.mesh import init_mesh
+    cfg = compose_cfg(*run_args(hf, "model.moe_intermediate_size=24"))
+    cfg.train.output_dir = str(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"model.init_from=.*has shape \(32, 16\), the model's is \(32, 24\)"):
+        Trainer(cfg, init_mesh(1, 1, 1, "cpu"))
+    for args, pattern in (([str(tmp_path / "nope"), str(tmp_path / "out")], "checkpoint=.*no such folder"),
+                          ([str(tmp_path / "no_config"), str(tmp_path / "out")], "no meta.json"),
+                          ([str(tmp_path)], "usage")):
+        with pytest.raises(SystemExit) as e:
+            export_main(args)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and re.search(pattern, err[0]), err
+    assert not (tmp_path / "out").exists()
