@@ -78,11 +78,12 @@ class HFTokenizer:
         return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                                           **special)
 
-    def encode_prompt(self, text: str) -> list[int]:
-        """A task prompt as the model's user turn, ready for the assistant's answer (special tokens in the rendered
-        template, such as BOS, are parsed as such)."""
+    def encode_prompt(self, text: str, messages: Optional[list[dict]] = None) -> list[int]:
+        """A prompt as the model's user turn (or the chat `messages` as they are), ready for the assistant's answer;
+        special tokens in the rendered template, such as BOS, are parsed as such. Without a template: [BOS] text."""
         if self.chat_template:
-            rendered = self.render_chat([{"role": "user", "content": text}], add_generation_prompt=True)
+            turns = messages if messages else [{"role": "user", "content": text}]
+            rendered = self.render_chat(list(turns), add_generation_prompt=True)
             return self.tok.encode(rendered, add_special_tokens=False).ids
         head = [self.bos_id] if self.bos_id is not None else []
         return head + self.encode(text)

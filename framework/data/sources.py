@@ -83,7 +83,7 @@ def source_files(path: str, key: str = "data.path") -> list[Path]:
         raise FileNotFoundError(f"{key}={path!r}: no such file or folder")
     if p.is_file():
         return [p]
-    suffixes = TEXT_SUFFIXES + RECORD_SUFFIXES
+    suffixes = tuple(dict.fromkeys(TEXT_SUFFIXES + RECORD_SUFFIXES))
     files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
     if not files:
         raise ValueError(f"{key}={path!r}: folder holds no documents (suffixes {', '.join(suffixes)})")
@@ -92,9 +92,11 @@ def source_files(path: str, key: str = "data.path") -> list[Path]:
 
 def has_records(path: Optional[str]) -> bool:
     """True when the source holds JSONL or Parquet files (which the BPE-only text path cannot read)."""
-    if path is None or not Path(path).exists():
+    p = Path(path) if path is not None else None
+    if p is None or not p.exists():
         return False
-    return any(f.suffix.lower() in RECORD_SUFFIXES for f in source_files(path))
+    files = [p] if p.is_file() else (f for f in p.rglob("*") if f.is_file())
+    return any(f.suffix.lower() in RECORD_SUFFIXES for f in files)
 
 
 def _jsonl_texts(f: Path, field: str) -> Iterator[str]:

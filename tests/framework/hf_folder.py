@@ -9,7 +9,7 @@ import torch
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 # a template in the usual shape: BOS, then "<|role|>\ncontent" turns, generation prompt for the assistant
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
-                 "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+                 "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
@@ -26,7 +26,8 @@ def make_tokenizer(folder: Path, texts: list[str], vocab_size: int = 384, add_bo
     tok.train_from_iterator(texts, trainer=trainer)
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": {"content": BOS, "special": True}, "eos_token": EOS, "pad_token": PAD,
+        "bos_token": {"__type": "AddedToken", "content": BOS, "lstrip": False, "normalized": False, "rstrip": False,
+                      "single_word": False, "special": True}, "eos_token": EOS, "pad_token": PAD,
         "add_bos_token": add_bos, "add_eos_token": False, "chat_template": CHAT_TEMPLATE,
         "tokenizer_class": "PreTrainedTokenizerFast"}))
     return folder
