@@ -278,10 +278,10 @@ def main() -> None:
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
     def _main(cfg) -> None:
         try:
-            from framework.models.init_from import apply_init_from
-            from launch.train import hydra_overrides
-
-            apply_init_from(cfg, hydra_overrides())
+            if cfg.model.init_from:
+                from framework.models.init_from import apply_init_from
+                from launch.train import hydra_overrides
+                apply_init_from(cfg, hydra_overrides())
             run(cfg)
         except (ValueError, FileNotFoundError) as e:  # bad data / checkpoint: one line, exit 2
             if os.environ.get("DUET_TRACEBACK"):

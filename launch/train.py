@@ -50,9 +50,9 @@ def check_overrides(overrides: list[str]) -> object:
         user = [o for o in overrides if not o.lstrip("+~").startswith("hydra.")]
         # outside a Hydra job ${hydra:...} does not resolve; the real run sets it
         cfg = compose(config_name="config", overrides=user + ["train.output_dir=outputs/check"])
-    from framework.models.init_from import apply_init_from
-
-    apply_init_from(cfg, user)  # model.init_from: the architecture from its config.json (command-line keys win)
+    if cfg.model.init_from:  # the architecture from its config.json (command-line keys win)
+        from framework.models.init_from import apply_init_from
+        apply_init_from(cfg, user)
     return cfg
 
 
@@ -184,9 +184,9 @@ def main() -> None:
     def _main(cfg) -> None:
         name_sweep_run(cfg)
         try:
-            from framework.models.init_from import apply_init_from
-
-            apply_init_from(cfg, hydra_overrides())
+            if cfg.model.init_from:
+                from framework.models.init_from import apply_init_from
+                apply_init_from(cfg, hydra_overrides())
             run(cfg)
         except Exception as e:  # bad input and aborted training: one line, no traceback; anything else: traceback
             from framework.checkpoint import CheckpointError  # (imported here: a config error never loads torch)
