@@ -266,6 +266,7 @@ def prepare_source(path: Optional[str], cache_dir: str, tokenizer: Optional[str]
                 if len(batch) == BATCH_DOCS:
                     flush()
             flush()
+            bar.update(task, completed=total)   # the estimate counts file bytes (JSON escapes, Parquet encoding)
         for f in out.values():
             f.close()
         if n_docs < 2 or out["train"].count == 0 or out["val"].count == 0:
