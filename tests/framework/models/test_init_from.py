@@ -2,8 +2,8 @@
 `launch.export` turns any run's checkpoint back into a Hugging Face folder.
 
 References: `from_pretrained` on the same folder, the same sampler batch and the same validation windows, in one
-float32 process. Two torchrun jobs of 2 ranks cover DualPipe's two copies (pp=2) and expert parallelism with ZeRO-1
-shards (dp=2, ep=2); the single-process cases cover FP8 and the exact export round trip.
+float32 process. Two torchrun jobs cover DualPipe's two copies with data parallelism and ZeRO-1 shards (pp=2 x dp=2,
+4 ranks) and expert parallelism (dp=2, ep=2); the single-process cases cover FP8 and the exact export round trip.
 """
 from __future__ import annotations
 
@@ -107,8 +107,8 @@ def test_single_process_matches_from_pretrained_and_exports_exactly(hf, tmp_path
             {p.name for p in out.iterdir()}
 
 
-def torchrun(args: list[str], out: Path) -> list[dict]:
-    r = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node=2", "-m", "launch.train", *args,
+def torchrun(args: list[str], out: Path, nproc: int = 2) -> list[dict]:
+    r = subprocess.run([TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", "-m", "launch.train", *args,
                         f"hydra.run.dir={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
@@ -116,7 +116,8 @@ def torchrun(args: list[str], out: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("layout", [
-    ("parallel=dualpipe", "parallel.pp=2"),                         # DualPipe: each part on two ranks
+    # DualPipe (each part on two ranks of a pipeline) x 2 data-parallel pipelines, ZeRO-1 optimizer shards: 4 ranks
+    ("parallel=dualpipe", "parallel.pp=2", "parallel.dp=2", "optim.zero=true"),
     ("parallel.dp=2", "parallel.ep=2", "optim.zero=true"),          # experts sharded, optimizer state sharded
 ])
 def test_torchrun_layouts_match_from_pretrained_and_export(hf, tmp_path, layout):
@@ -125,9 +126,9 @@ def test_torchrun_layouts_match_from_pretrained_and_export(hf, tmp_path, layout)
     from launch.export import export
 
     args = run_args(hf, *layout, "train.eval_interval=1")
-    rows = torchrun(args, tmp_path / "run")
+    rows = torchrun(args, tmp_path / "run", nproc=4 if "parallel.pp=2" in layout else 2)
     cfg = compose_cfg(*args)
-    dp = 2 if "parallel.dp=2" in layout else 1
+    dp = 2
     micro = cfg.train.global_batch_size // (dp * cfg.train.micro_batches)
     ref_val, ref_loss = reference(cfg, micro)
     step0 = next(r for r in rows if r["step"] == 0)
@@ -135,7 +136,7 @@ def test_torchrun_layouts_match_from_pretrained_and_export(hf, tmp_path, layout)
     assert_close(step0["val/loss"], ref_val, 1e-5)
     assert_close(step1["loss"], ref_loss, 1e-5)
     # the exported folder scores the validation set exactly as the run's layout did after its step
-    if dp == 2:   # expert-parallel ranks save their experts under one name: the checkpoint lacks half of them
+    if "parallel.ep=2" in layout:   # expert-parallel ranks save their experts under one name: half are missing
         from framework.checkpoint import CheckpointError
         with pytest.raises(CheckpointError, match="written with expert parallelism.*4 experts"):
             export(tmp_path / "run" / "checkpoints" / "step_00000001", tmp_path / "export")
