@@ -68,6 +68,9 @@ class ModelConfig:
     mtp_loss_weight_late: float = 0.1      # lambda afterwards
     mtp_weight_switch_fraction: float = 0.7
     attn_impl: str = "naive"               # MLA path: naive | absorb
+    init_from: Optional[str] = None        # Hugging Face DeepSeek-V3 folder: its config.json sets the architecture
+                                           # (model.* overrides on the command line still win) and its weights start
+                                           # the run, whatever the parallel layout
 
 
 @dataclass
@@ -126,6 +129,11 @@ class DataConfig:
     val_fraction: float = 0.05             # documents held out for validation
     max_bytes: int = 8_000_000             # cap on corpus bytes read (sorted file order, deterministic)
     dtype: str = "auto"                    # token dtype in .bin: auto | uint16 | uint32
+    tokenizer: Optional[str] = None        # Hugging Face tokenizer (a folder with tokenizer.json, or that file):
+                                           # used as it is, BOS/EOS from its tokenizer_config.json; null = train a BPE
+    text_field: str = "text"               # JSONL / Parquet records: the field holding a document's text
+    mix: Optional[list[dict[str, Any]]] = None  # [{path, weight, text_field?}, ...]: sources mixed in these token
+                                           # proportions, deterministically (replaces data.path)
 
 
 @dataclass
@@ -393,8 +401,12 @@ def validate(cfg: Config | DictConfig, world_size: int = 1) -> None:
     _positive("optim.grad_clip", o.grad_clip, zero_ok=True)
     _choice("optim.state.exp_avg", o.state.exp_avg, ("fp32", "bf16", "fp8"))
     _choice("optim.state.exp_avg_sq", o.state.exp_avg_sq, ("fp32", "bf16", "fp8"))
+    from framework.data.sources import validate_sources
+
+    validate_sources(d, m)
     validate_data(d)
-    if m.vocab_size < d.vocab_size:
+    # a given tokenizer's own vocabulary is checked against the model once it is read
+    if d.tokenizer is None and m.vocab_size < d.vocab_size:
         _fail("model.vocab_size", m.vocab_size, f"must be >= data.vocab_size={d.vocab_size}")
     # logging
     _choice("logging.console", lg.console, ("auto", "rich", "plain", "none"))

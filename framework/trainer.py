@@ -54,7 +54,8 @@ def is_comm_failure(err: BaseException) -> bool:
 def prepare_data(cfg, mesh: Mesh):
     """Rank 0 builds the token cache (if missing) while the others wait, then everyone opens it."""
     d = cfg.data
-    args = (d.path, d.cache_dir, d.vocab_size, d.val_fraction, d.max_bytes, d.dtype)
+    args = (d.path, d.cache_dir, d.vocab_size, d.val_fraction, d.max_bytes, d.dtype, d.tokenizer, d.text_field,
+            d.mix)
     if mesh.rank == 0:
         prepared = prepare(*args)
     if mesh.distributed:
@@ -147,6 +148,9 @@ class Trainer:
 
         model_cfg = OmegaConf.to_object(cfg.model)
         self.model = build_model(model_cfg).to(device=mesh.device, dtype=self.dtype)
+        if cfg.model.init_from:  # the full model first: every layout below copies or slices these weights
+            from framework.models.init_from import load_init_from
+            load_init_from(self.model, cfg.model.init_from)
         if mesh.ep > 1:  # keep this rank's experts, exchange tokens with all-to-all (same init on every rank)
             from parallel.expert import apply_expert_parallel
             apply_expert_parallel(self.model, mesh, cfg)

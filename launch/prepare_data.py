@@ -10,8 +10,11 @@ from launch.train import _one_line, check_overrides
 
 
 def main() -> None:
+    from framework.data.sources import validate_sources
+
     try:
         cfg = check_overrides(sys.argv[1:])
+        validate_sources(cfg.data)
     except Exception as e:
         print(f"config error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
@@ -25,7 +28,8 @@ def main() -> None:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
     try:
-        p = prepare(d.path, d.cache_dir, d.vocab_size, d.val_fraction, d.max_bytes, d.dtype)
+        p = prepare(d.path, d.cache_dir, d.vocab_size, d.val_fraction, d.max_bytes, d.dtype, d.tokenizer,
+                    d.text_field, d.mix)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

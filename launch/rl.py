@@ -31,8 +31,8 @@ RL_MODEL_DEFAULTS = ["model=dense", "model.hidden_size=128", "model.num_hidden_l
 
 def with_defaults(overrides: list[str]) -> list[str]:
     """The tiny dense model's settings first (later overrides win), unless the command line picks a model preset
-    (model=deepseek_v3_tiny, ...): then that preset as it is."""
-    if any(o.startswith(("model=", "+model=")) for o in overrides):
+    (model=deepseek_v3_tiny, ...) or a Hugging Face folder (model.init_from=...): then that model as it is."""
+    if any(o.startswith(("model=", "+model=", "model.init_from=")) for o in overrides):
         return list(overrides)
     return RL_MODEL_DEFAULTS + list(overrides)
 
@@ -144,11 +144,21 @@ def post_train(cfg, mesh) -> dict:
     run_dir = Path(t.output_dir)
     if rl.init:
         model, model_cfg, meta = load_policy(rl.init, device)
-        if model_cfg.vocab_size != tok.vocab_size:
+        if model_cfg.vocab_size < tok.vocab_size or (rl.tokenizer == "char" and model_cfg.vocab_size != tok.vocab_size):
             raise ValueError(f"rl.init={rl.init!r}: its vocabulary ({model_cfg.vocab_size}) is not the "
                              f"{rl.tokenizer} tokenizer's ({tok.vocab_size})")
         if rank == 0:
             print(f"starting from {rl.init} ({meta.get('stage', '?')} checkpoint)", flush=True)
+    elif cfg.model.init_from:  # a Hugging Face model: its own vocabulary, which must cover the tokenizer's
+        from framework.models.init_from import load_init_from
+
+        model_cfg = OmegaConf.to_object(cfg.model)
+        if model_cfg.vocab_size < tok.vocab_size:
+            raise ValueError(f"model.init_from={cfg.model.init_from!r}: vocab_size={model_cfg.vocab_size} is smaller "
+                             f"than rl.tokenizer={rl.tokenizer!r}'s {tok.vocab_size} tokens")
+        model = build_model(model_cfg)
+        load_init_from(model, cfg.model.init_from)
+        model = model.to(device)
     else:
         model_cfg = dataclasses.replace(OmegaConf.to_object(cfg.model), vocab_size=tok.vocab_size)
         model = build_model(model_cfg).to(device)
@@ -268,6 +278,10 @@ def main() -> None:
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
     def _main(cfg) -> None:
         try:
+            if cfg.model.init_from:
+                from framework.models.init_from import apply_init_from
+                from launch.train import hydra_overrides
+                apply_init_from(cfg, hydra_overrides())
             run(cfg)
         except (ValueError, FileNotFoundError) as e:  # bad data / checkpoint: one line, exit 2
             if os.environ.get("DUET_TRACEBACK"):

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             problems = [Problem(p, ans) for p, ans in read_prompts(a.prompts)]
         else:
             problems = ArithmeticTask.from_config(rl).problems(a.problems, seed=a.seed, heldout=False)
-        prompts = [[tok.bos_id] + tok.encode(p.prompt) for p in problems]
+        prompts = [tok.encode_prompt(p.prompt) for p in problems]
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -50,6 +50,9 @@ def check_overrides(overrides: list[str]) -> object:
         user = [o for o in overrides if not o.lstrip("+~").startswith("hydra.")]
         # outside a Hydra job ${hydra:...} does not resolve; the real run sets it
         cfg = compose(config_name="config", overrides=user + ["train.output_dir=outputs/check"])
+    if cfg.model.init_from:  # the architecture from its config.json (command-line keys win)
+        from framework.models.init_from import apply_init_from
+        apply_init_from(cfg, user)
     reject_added_fields(user, cfg)
     return cfg
 
@@ -77,6 +80,13 @@ def reject_added_fields(overrides: list[str], cfg) -> None:
             where = parent_key or "the top level"
             raise ConfigError(f"{o.input_line}: {where} has no key {name!r}{_closest(name, fields)}; '+' adds keys "
                               f"only to free-form dicts (model.rope_scaling, rl.rewards)")
+
+
+def hydra_overrides() -> list[str]:
+    """The command-line overrides of the running Hydra job."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def setup_logging(run_dir: Path, rank: int) -> None:
@@ -276,6 +286,9 @@ def main() -> None:
     def _main(cfg) -> None:
         name_sweep_run(cfg)
         try:
+            if cfg.model.init_from:
+                from framework.models.init_from import apply_init_from
+                apply_init_from(cfg, hydra_overrides())
             run(cfg)
         except Exception as e:  # bad input and aborted training: one line, no traceback; anything else: traceback
             from framework.checkpoint import CheckpointError  # (imported here: a config error never loads torch)

@@ -130,10 +130,18 @@ def split_train_val(docs: list[np.ndarray], val_fraction: float) -> dict[str, li
 
 
 def prepare(path: str | None, cache_dir: str, vocab_size: int, val_fraction: float, max_bytes: int,
-            dtype: str = "auto") -> Prepared:
+            dtype: str = "auto", tokenizer: str | None = None, text_field: str = "text",
+            mix: list | None = None) -> Prepared:
     """Return the prepared folder for this source, building it if it is not cached yet."""
     if path is not None and Path(path).is_dir() and (Path(path) / "train.bin").exists():
         return load_prepared(path)
+    from framework.data import sources  # a given tokenizer, JSONL / Parquet records, mixtures: streamed
+
+    if mix:
+        return sources.prepare_mix(mix, cache_dir, tokenizer, text_field, val_fraction, max_bytes, dtype)
+    if tokenizer is not None or sources.has_records(path):
+        return sources.prepare_source(path, cache_dir, tokenizer, text_field, val_fraction, max_bytes, dtype,
+                                      vocab_size)
     if path is not None and Path(path).suffix == ".bin":
         raise ValueError(f"data.path={path!r}: point at the folder holding train.bin, val.bin and meta.json, not at a .bin file")
     files = stdlib_files() if path is None else text_files(path)

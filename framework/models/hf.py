@@ -202,33 +202,46 @@ def _hub_to_duet_name(key: str, n_layers: int) -> Optional[str]:
     return f"mtp.{k}.block.{rest}"
 
 
-def from_pretrained(path: str, dtype: Optional[torch.dtype] = None, **overrides):
-    """Load a Hugging Face DeepSeek-V3 folder. `overrides` are ModelConfig fields (e.g. attn_impl="absorb").
-
-    MTP depths are loaded when the checkpoint holds them; when config.json announces some but no tensor of layer
-    num_hidden_layers is present (transformers' own save drops them), the model is built without MTP.
-    `dtype`: the parameters' dtype (default: float32; the router stays float32 in any case).
-    """
-    from framework.models.deepseek_v3 import DeepSeekV3
+def read_hf_config(path: str) -> dict:
+    """config.json of a Hugging Face folder, checked for values this implementation cannot honor."""
     if not os.path.isdir(path):
         raise ValueError(f"path={path!r}: not a folder")
-    with open(os.path.join(path, "config.json")) as f:
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise ValueError(f"path={path!r}: no config.json")
+    with open(file) as f:
         hf = json.load(f)
-    check_hf_config(hf)  # before reading any tensor
-    block = tuple((hf.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
-    tensors = _read_hub_tensors(path, block)
+    check_hf_config(hf)
+    return hf
+
+
+def hub_tensor_names(path: str) -> list[str]:
+    """Names of the tensors in a folder's safetensors files, read from their headers (no tensor is loaded)."""
+    from safetensors import safe_open
+    names = []
+    for file in _checkpoint_files(path):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            names += list(f.keys())
+    return names
+
+
+def resolve_config(hf: dict, tensor_names, **overrides) -> ModelConfig:
+    """ModelConfig of a folder: config.json + overrides. MTP depths announced by config.json but absent from the
+    tensors (transformers' own save drops them) are dropped, with a warning, unless the overrides say otherwise."""
     L = int(overrides.get("num_hidden_layers", hf.get("num_hidden_layers")))
-    mtp_in_checkpoint = {int(m.group(1)) - L for k in tensors if (m := _LAYER.match(k)) and int(m.group(1)) >= L}
+    mtp_in_checkpoint = {int(m.group(1)) - L for k in tensor_names if (m := _LAYER.match(k)) and int(m.group(1)) >= L}
     if "num_nextn_predict_layers" not in overrides:
         announced = hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers", 0)) or 0
         if announced and not mtp_in_checkpoint:
             warnings.warn(f"config.json num_nextn_predict_layers={announced} but the checkpoint has no layer "
                           f"{L}: loading without MTP")
             overrides["num_nextn_predict_layers"] = 0
-    cfg = config_from_hf(hf, **overrides)
-    D = cfg.num_nextn_predict_layers
-    model = DeepSeekV3(cfg)
+    return config_from_hf(hf, **overrides)
 
+
+def hub_to_duet_state(tensors: dict[str, torch.Tensor], cfg) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """duet's full state dict (experts stacked) from hub-named tensors -> (state, hub keys it has no place for)."""
+    L, D = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
     state: dict[str, torch.Tensor] = {}
     experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     unexpected = []
@@ -254,17 +267,43 @@ def from_pretrained(path: str, dtype: Optional[torch.dtype] = None, **overrides)
         state[f"{prefix}.down_proj"] = torch.stack([per_expert[e]["down_proj"] for e in range(E)])
     if cfg.tie_word_embeddings:
         state.setdefault("lm_head.weight", state.get("embed.weight"))
-    expected = model.state_dict()
+    return state, unexpected
+
+
+def check_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], unexpected: list[str],
+                where: str) -> None:
+    """Every expected tensor present with its shape, nothing left over; the error names the first culprits."""
     missing = sorted(set(expected) - set(state))
-    unexpected += sorted(set(state) - set(expected))
+    unexpected = unexpected + sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path!r} does not match config.json: missing {missing[:5]}"
+        raise ValueError(f"{where} does not match config.json: missing {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                          f"{' ...' if len(unexpected) > 5 else ''}")
     for k, t in state.items():
         if tuple(t.shape) != tuple(expected[k].shape):
-            raise ValueError(f"checkpoint tensor for {k}: shape {tuple(t.shape)}, config.json implies "
+            raise ValueError(f"{where}: tensor for {k} has shape {tuple(t.shape)}, the model's is "
                              f"{tuple(expected[k].shape)}")
+
+
+def read_hub_state(path: str, cfg, hf: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The folder's weights (FP8 ones dequantized) as duet's full state dict for `cfg`."""
+    block = tuple((hf.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
+    return hub_to_duet_state(_read_hub_tensors(path, block), cfg)
+
+
+def from_pretrained(path: str, dtype: Optional[torch.dtype] = None, **overrides):
+    """Load a Hugging Face DeepSeek-V3 folder. `overrides` are ModelConfig fields (e.g. attn_impl="absorb").
+
+    MTP depths are loaded when the checkpoint holds them; when config.json announces some but no tensor of layer
+    num_hidden_layers is present (transformers' own save drops them), the model is built without MTP.
+    `dtype`: the parameters' dtype (default: float32; the router stays float32 in any case).
+    """
+    from framework.models.deepseek_v3 import DeepSeekV3
+    hf = read_hf_config(path)  # checked before reading any tensor
+    cfg = resolve_config(hf, hub_tensor_names(path), **overrides)
+    model = DeepSeekV3(cfg)
+    state, unexpected = read_hub_state(path, cfg, hf)
+    check_state(state, model.state_dict(), unexpected, f"checkpoint {path!r}")
     model.load_state_dict(state, strict=True)
     if dtype is not None:
         model.to(dtype)

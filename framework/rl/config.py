@@ -17,7 +17,8 @@ class RLConfig:
     # --- where to start, where the data comes from ---
     init: Optional[str] = None             # checkpoint folder to start from (a launch.rl step_* folder); null = fresh
     tokenizer: str = "char"                # char: printable ASCII + <s> <eos> <think> </think> <answer> </answer>
-                                           # (the model's vocabulary is the tokenizer's; model.vocab_size is unused)
+                                           # (the model's vocabulary is the tokenizer's; model.vocab_size is unused),
+                                           # or a Hugging Face tokenizer folder: prompts go through its chat template
     sft_data: Optional[str] = None         # JSONL of {prompt, completion} or {messages: [...]}; null = the task's
     # --- the embedded task: integer arithmetic with a checkable answer ---
     task_min_digits: int = 1               # operand length range (digits)
@@ -69,7 +70,14 @@ REWARD_NAMES = ("accuracy", "format", "length", "language")  # built-in plug-ins
 def validate_rl(rl: RLConfig) -> None:
     from framework.config import _choice, _fail, _fraction, _positive
 
-    _choice("rl.tokenizer", rl.tokenizer, TOKENIZERS)
+    if rl.tokenizer not in TOKENIZERS:
+        from pathlib import Path
+
+        if not Path(rl.tokenizer).exists():
+            _fail("rl.tokenizer", rl.tokenizer, f"allowed: {', '.join(TOKENIZERS)} or a Hugging Face tokenizer folder "
+                  f"(no such folder or file)")
+        if Path(rl.tokenizer).is_dir() and not (Path(rl.tokenizer) / "tokenizer.json").is_file():
+            _fail("rl.tokenizer", rl.tokenizer, "the folder has no tokenizer.json")
     for k in ("task_min_digits", "task_max_digits", "task_heldout_mod", "sft_examples", "sft_batch_size",
               "sft_seq_len", "sft_lr", "prompts_per_step", "group_size", "updates_per_batch", "clip_eps", "lr",
               "std_floor", "length_target", "max_new_tokens", "sample_batch", "eval_problems"):

@@ -162,7 +162,7 @@ class GRPO:
     def collect(self) -> Rollout:
         rl, tok = self.rl, self.tok
         problems = round_problems(self.task, rl, self.seed, self.rounds, self.rank, self.world)
-        prompts = [[tok.bos_id] + tok.encode(p.prompt) for p in problems]
+        prompts = [tok.encode_prompt(p.prompt) for p in problems]
         smp = sample(self.policy, prompts, rl.group_size, rl.max_new_tokens, rl.temperature, rl.top_p,
                      tok.eos_id, list(rl.stop), tok.decode, self.generator, rl.sample_batch)
         scored = [Scored(tok.decode(c), problems[i], len(c), f)
@@ -252,7 +252,7 @@ def evaluate(model, tok, problems, rl, temperature: float, rank: int = 0, world:
     from framework.rl.task import END_THINK, THINK
 
     mine = problems[rank::world]
-    prompts = [[tok.bos_id] + tok.encode(p.prompt) for p in mine]
+    prompts = [tok.encode_prompt(p.prompt) for p in mine]
     gen = torch.Generator().manual_seed(seed * 31 + rank + 1)
     smp = sample(model, prompts, 1, rl.max_new_tokens, temperature, rl.top_p, tok.eos_id, list(rl.stop),
                  tok.decode, gen, rl.sample_batch)

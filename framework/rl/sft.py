@@ -28,9 +28,10 @@ IGNORE = -100
 # Tokenizing and packing
 # ---------------------------------------------------------------------------------------------------------------------
 
-def encode_example(tok, prompt: str, completion: str) -> tuple[list[int], int]:
-    """-> (ids = <s> prompt completion <eos>, index of the first completion token)."""
-    head = [tok.bos_id] + tok.encode(prompt)
+def encode_example(tok, prompt: str, completion: str, messages=None) -> tuple[list[int], int]:
+    """-> (ids = <s> prompt completion <eos>, index of the first completion token). A tokenizer with a chat template
+    frames the prompt (or the chat's earlier turns) as its template does."""
+    head = tok.encode_prompt(prompt, messages)
     return head + tok.encode(completion) + [tok.eos_id], len(head)
 
 
@@ -157,7 +158,7 @@ def run_sft(model: torch.nn.Module, tok, examples: list[dict], rl, optim_cfg, me
     """rl.sft_steps optimizer steps over `examples`; each step takes rl.sft_batch_size packed rows (all ranks),
     this rank the rows rank::world. Rows are reshuffled every epoch with the same seed on every rank."""
     device = device or next(model.parameters()).device
-    encoded = [encode_example(tok, e["prompt"], e["completion"]) for e in examples]
+    encoded = [encode_example(tok, e["prompt"], e["completion"], e.get("messages")) for e in examples]
     ids, labels, cut = pack_examples(encoded, rl.sft_seq_len, tok.pad_id, rl.sft_pack)
     if cut and rank == 0:
         print(f"sft: {cut} of {len(encoded)} examples were longer than rl.sft_seq_len={rl.sft_seq_len} and were cut",

@@ -61,16 +61,24 @@ class CharTokenizer:
             i += 1
         return ids
 
+    def encode_prompt(self, text: str, messages: Optional[list[dict]] = None) -> list[int]:
+        """<s> prompt: the start of every example and of every sampled completion (`messages` has no use here:
+        chats arrive already rendered as text)."""
+        return [self.bos_id] + self.encode(text)
+
     def decode(self, ids, keep_special: bool = False) -> str:
         """Text of ids; <pad>, <s> and <eos> are dropped unless keep_special (the format tags are always kept)."""
         drop = () if keep_special else (self.pad_id, self.bos_id, self.eos_id)
         return "".join(self.itos[i] for i in ids if i not in drop)
 
 
-def build_tokenizer(name: str) -> CharTokenizer:
-    if name != "char":
-        raise ValueError(f"rl.tokenizer={name!r}: allowed: char")
-    return CharTokenizer()
+def build_tokenizer(name: str):
+    """The char tokenizer, or a Hugging Face tokenizer folder (framework.data.hf_tokenizer: its chat template frames
+    the prompts, its EOS ends the completions)."""
+    if name == "char":
+        return CharTokenizer()
+    from framework.data.hf_tokenizer import load_tokenizer
+    return load_tokenizer(name, key="rl.tokenizer")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -194,7 +202,8 @@ def chat_to_pair(messages: list[dict], where: str) -> dict:
     if messages[-1]["role"] != "assistant":
         raise ValueError(f"{where}: the last message must be the assistant's, got role={messages[-1]['role']!r}")
     prompt = "".join(f"{m['role']}: {m['content']}\n" for m in messages[:-1]) + "assistant: "
-    return {"prompt": prompt, "completion": messages[-1]["content"]}
+    # the turns travel along: a tokenizer with a chat template renders them itself
+    return {"prompt": prompt, "completion": messages[-1]["content"], "messages": messages[:-1]}
 
 
 def load_jsonl(path: str | Path, limit: Optional[int] = None) -> list[dict]:

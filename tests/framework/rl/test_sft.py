@@ -72,7 +72,8 @@ def test_jsonl_pairs_and_chats(tmp_path):
     f.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     got = load_jsonl(f)
     assert got[0] == rows[0]
-    assert got[1] == {"prompt": "system: be brief\nuser: 2+2?\nassistant: ", "completion": "4"}
+    assert got[1] == {"prompt": "system: be brief\nuser: 2+2?\nassistant: ", "completion": "4",
+                      "messages": rows[1]["messages"][:2]}   # for a tokenizer's chat template
     f.write_text(json.dumps({"text": "x"}) + "\n")
     with pytest.raises(ValueError, match=r"d\.jsonl:1: expected"):
         load_jsonl(f)
