@@ -247,19 +247,20 @@ def _worker(rank: int, port: int, a, outdir: str) -> None:
 
     logging.getLogger("parallel.comm").setLevel(logging.ERROR)
     mesh = init_mesh(2, 2, 2, device="cpu", backend="gloo")
-    from bench.validity import median_time, sleep_overshoot_us
+    from bench.validity import median_time, set_timer_slack_ns, sleep_overshoot_us
 
+    slack = set_timer_slack_ns(1000)   # the link's delays are sleeps: wake within 1 us of the deadline, not 50 us
     # readings for the report's validity checks: this rank's block time alone (one rank at a time, so it measures
     # the core, not the sharing), then the link's sleep overshoot with every rank sleeping at once
     workload, block_alone = block_workload(a), float("nan")
     for turn in range(4):
         if turn == rank:
-            block_alone = median_time(workload)
+            block_alone = median_time(workload, n=30)
         dist.barrier()
     overshoot = sleep_overshoot_us(a.latency_us * 1e-6) if a.latency_us > 0 else (0.0, 0.0)
     dist.barrier()
     readings = {"intended": intended, "in_force": in_force, "block_alone_s": block_alone,
-                "overshoot_us": overshoot}
+                "overshoot_us": overshoot, "timer_slack_ns": slack}
     link = comm.EmulatedLink(a.latency_us, a.gbps)
     variants = [v for v in VARIANTS if (v[1] != "torch" or not a.no_torch) and (not a.only or v[0] in a.only)]
     recorders = [comm.CommRecorder() for _ in variants]
@@ -325,7 +326,7 @@ def measure(a) -> list[dict]:
     from bench import validity as V
 
     torch.set_num_threads(1)
-    alone = V.median_time(block_workload(a))          # the main process, alone on the machine
+    alone = V.median_time(block_workload(a), n=30)    # the main process, alone on the machine
     quiet = V.quiet_before()
     before, others = V.cpu_times(), V.Others()
     with tempfile.TemporaryDirectory() as outdir:
@@ -348,7 +349,8 @@ def run_checks(a, host: list, alone: float, readings: list[dict]) -> list:
               Check("one MoE block fwd+bwd alone: slowest rank / main process", f"{slowest / alone:.2f} "
                     f"({1e3 * slowest:.2f} / {1e3 * alone:.2f} ms)", "< 1.25", slowest / alone < 1.25),
               Check(f"sleep overshoot of the emulated link ({a.latency_us:g} us), median, worst rank",
-                    f"{over:.0f} us", f"< {limit_us:.0f} us", over < limit_us)]
+                    f"{over:.0f} us (timer slack {readings[0]['timer_slack_ns']} ns)", f"< {limit_us:.0f} us",
+                    over < limit_us)]
     if a.pin:
         pinned = [r["in_force"] == r["intended"] for r in readings]
         checks.append(Check("pinning in force (cores of ranks 0-3)", " ".join(str(r["in_force"]) for r in readings),

@@ -52,6 +52,19 @@ def sleep_overshoot_us(seconds: float, n: int = 50) -> tuple[float, float]:
     return statistics.median(over), over[min(len(over) - 1, int(0.9 * len(over)))]
 
 
+def set_timer_slack_ns(ns: int = 1000) -> Optional[int]:
+    """Ask Linux to wake this process's sleeps within `ns` of their deadline (default slack: 50 us, which an emulated
+    link of a few hundred us cannot afford); returns the slack in force, read back, or None where prctl is missing."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(29, int(ns), 0, 0, 0)          # PR_SET_TIMERSLACK
+        return int(libc.prctl(30, 0, 0, 0, 0))    # PR_GET_TIMERSLACK
+    except (OSError, AttributeError):
+        return None
+
+
 def median_time(fn: Callable[[], None], n: int = 15, warmup: int = 3) -> float:
     """Median seconds of fn() over n calls after warmup calls."""
     for _ in range(warmup):
