@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 
@@ -489,7 +490,8 @@ def main(argv=None) -> str:
              "would have cost in waits (PLATFORM.md). Timelines of the median step: "
              f"`bench/out/{png.name}` (overlap) and `bench/out/{png_off.name}`, rows = global ranks 0-3 "
              "(pipeline rank = rank // 2), grey bars = exchanges.")
-    command = "python -m bench.overlap" + ("" if argv is None else " " + " ".join(argv))
+    args = sys.argv[1:] if argv is None else argv
+    command = "python -m bench.overlap" + ("" if not args else " " + " ".join(f"'{x}'" if " " in x else x for x in args))
     validity = ("Validity of the run above (bench/validity.py; a failed check withholds its hidden fractions):\n\n"
                 + checks_table(per_rank[0]["checks"])
                 + ("\n\n" if valid else f"\n\n**Run not valid, hidden fractions withheld**: {why}.\n\n"))
