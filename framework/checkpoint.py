@@ -25,6 +25,7 @@ import json
 import os
 import pathlib
 import pickle  # only through _MetadataUnpickler, which refuses every class but DCP's metadata
+import re
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -41,6 +42,16 @@ from framework import faults
 
 FORMAT_VERSION = 2              # 2: a sha256 of every file
 _CHUNK = 1 << 20
+
+
+EXPERT_SLICE = re.compile(r"^(?P<name>.+)@experts(?P<start>\d+)-(?P<stop>\d+)$")
+
+
+def expert_slice_key(name: str, experts: range) -> str:
+    """The checkpoint name of an expert-parallel rank's slice [E/ep, ...] of a stacked expert tensor: every ep rank
+    holds other experts under the same model name, and DCP writes one tensor per name, so the name carries the range
+    (`layers.1.mlp.experts.w@experts4-8`). A resume with the same ep finds its own slice; export stacks them."""
+    return f"{name}@experts{experts.start}-{experts.stop}"
 
 
 class CheckpointError(RuntimeError):

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from framework import faults
-from framework.checkpoint import CheckpointError, Checkpointer
+from framework.checkpoint import CheckpointError, Checkpointer, expert_slice_key
 from framework.config import to_container
 from framework.dashboards import Dashboards, optimizer_bytes
 from framework.data.dataset import Sampler, TokenWindows, validation_batches
@@ -108,6 +108,13 @@ def build_optimizer(cfg, named_params, mesh=None):
                                  expert_dp_group=mesh.edp_group if zero else None, average_grads=False)
 
 
+def expert_checkpoint_names(model: torch.nn.Module, named) -> dict[str, str]:
+    """{parameter name: checkpoint name} for the parameters of modules holding a slice of the experts (`expert_ids`)."""
+    ranges = {id(p): m.expert_ids for m in model.modules() if isinstance(getattr(m, "expert_ids", None), range)
+              for p in m.parameters(recurse=False)}
+    return {n: expert_slice_key(n, ranges[id(p)]) for n, p in named if id(p) in ranges}
+
+
 def optimizer_tensors(opt, names: dict, like=None, convert: bool = False) -> dict[str, torch.Tensor]:
     """The optimizer's state keyed by parameter name, as stored (a format change on load needs convert=True)."""
     return opt.sharded_state_dict(like=like, convert=convert)
@@ -167,7 +174,9 @@ class Trainer:
         named = self.step_fn.named_parameters()
         self.param_names = {p: n for n, p in named}
         self.params = [p for _, p in named]
-        self.optimizer = build_optimizer(cfg, named, mesh)
+        # checkpoint names: an ep rank's stacked experts carry their expert range (checkpoint.expert_slice_key)
+        self.ckpt_names = expert_checkpoint_names(self.model, named) if mesh.ep > 1 else {}
+        self.optimizer = build_optimizer(cfg, [(self.ckpt_names.get(n, n), p) for n, p in named], mesh)
         self.scheduler = make_scheduler(self.optimizer, t.steps, cfg.optim.schedule, cfg.optim.warmup_steps,
                                         cfg.optim.min_lr_ratio, cfg.optim.decay_fraction)
         self.sampler = Sampler(self.train_windows, t.seed, t.global_batch_size, mesh.dp_rank, mesh.dp, t.micro_batches)
@@ -190,7 +199,7 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def _checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {f"model/{k}": v for k, v in self.step_fn.state_tensors().items()}
+        tensors = {f"model/{self.ckpt_names.get(k, k)}": v for k, v in self.step_fn.state_tensors().items()}
         tensors.update(optimizer_tensors(self.optimizer, self.param_names))
         return tensors
 
@@ -199,12 +208,8 @@ class Trainer:
         folder, meta = self.resume_from.folder, self.resume_from.meta
         if folder is None:
             return 0
-        if self.mesh.ep > 1:  # see save_checkpoint: the experts of the other ep ranks are not in the checkpoint
-            raise CheckpointError(f"checkpoint {folder}: resuming an expert-parallel run (parallel.ep={self.mesh.ep}) "
-                                  f"is not supported yet: its checkpoints hold one ep rank's experts under each name; "
-                                  f"start afresh with train.resume=none")
         check_data(meta, self.data_identity, self.cfg.train.resume_allow_data_change, folder)
-        tensors = {f"model/{k}": v for k, v in self.step_fn.state_tensors().items()}
+        tensors = {f"model/{self.ckpt_names.get(k, k)}": v for k, v in self.step_fn.state_tensors().items()}
         convert = self.cfg.optim.convert_state
         optim_sd = optimizer_tensors(self.optimizer, self.param_names, like=folder, convert=convert)
         meta = Checkpointer.load(folder, {**tensors, **optim_sd}, verified=meta)
@@ -221,11 +226,6 @@ class Trainer:
         return int(meta["step"])
 
     def save_checkpoint(self) -> Path:
-        if self.mesh.ep > 1 and self.mesh.rank == 0 and not getattr(self, "_said_ep_checkpoint", False):
-            # every ep rank holds its own experts under the same names, and DCP writes one copy of a name
-            log.warning(f"parallel.ep={self.mesh.ep}: checkpoints hold one ep rank's experts (not yet sharded by "
-                        f"expert); they are not resumable or exportable")
-            self._said_ep_checkpoint = True
         tensors = self._checkpoint_tensors()
         self._check_finite(tensors)
         meta = {"sampler": self.sampler.state_dict(), "scheduler": self.scheduler.state_dict(),

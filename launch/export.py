@@ -9,7 +9,7 @@ cache with its data settings, plus a tokenizer_config.json naming <|endoftext|> 
 Training layouts export as they are: checkpoint tensors are keyed by the model's fully-qualified names (pipeline
 parts, DualPipe's two copies and data-parallel replicas write each name once; ZeRO shards hold optimizer state, which
 is not exported), read through framework.checkpoint, which checks the folder before anything is read. Expert-parallel
-checkpoints are refused: their ranks store different experts under one name, so only some experts are in the folder.
+runs store each rank's slice of the stacked experts under its own key (`...@experts4-8`); they are stacked back here.
 The folder is written under a temporary name and renamed when complete. Exit status 2 on bad input, in one line.
 """
 from __future__ import annotations
@@ -65,10 +65,34 @@ def bpe_tokenizer_config() -> dict:
             "add_bos_token": False, "add_eos_token": False}
 
 
+def model_tensors(model, stored) -> dict:
+    """{checkpoint key: tensor of the full model to load it into}. An expert-parallel run stored each rank's slice of
+    a stacked expert tensor under its own key (framework.checkpoint.expert_slice_key): those load into views."""
+    from framework.checkpoint import EXPERT_SLICE, CheckpointError
+
+    slices: dict[str, list[tuple[int, int, str]]] = {}
+    for key in stored:
+        m = EXPERT_SLICE.match(key)
+        if m:
+            slices.setdefault(m["name"], []).append((int(m["start"]), int(m["stop"]), key))
+    out = {}
+    for name, t in model.state_dict().items():
+        key = f"model/{name}"
+        if key in stored or key not in slices:
+            out[key] = t
+            continue
+        covered = sorted(slices[key])
+        if [a for a, _, _ in covered] != [0] + [b for _, b, _ in covered[:-1]] or covered[-1][1] != t.shape[0]:
+            raise CheckpointError(f"checkpoint: {name}: expert slices {[(a, b) for a, b, _ in covered]} do not cover "
+                                  f"its {t.shape[0]} experts")
+        out.update({k: t[a:b] for a, b, k in covered})
+    return out
+
+
 def export(checkpoint: str | Path, out: str | Path) -> Path:
     import torch
 
-    from framework.checkpoint import CheckpointError, Checkpointer
+    from framework.checkpoint import Checkpointer, read_metadata
     from framework.models import build_model, save_pretrained
 
     checkpoint, out = Path(checkpoint), Path(out)
@@ -81,14 +105,7 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     dtype = {"bfloat16": torch.bfloat16}.get(((meta.get("config") or {}).get("train") or {}).get("dtype"),
                                              torch.float32)
     model = build_model(cfg).to(dtype)
-    try:
-        Checkpointer.load(checkpoint, {f"model/{k}": v for k, v in model.state_dict().items()})
-    except CheckpointError as e:
-        if "experts" in str(e) and "another model shape" in str(e):   # stacked experts with a leading E/ep
-            raise CheckpointError(f"checkpoint {checkpoint}: written with expert parallelism, whose ranks store their "
-                                  f"experts under one name, so it holds only some of the {cfg.n_routed_experts} "
-                                  f"experts; export a checkpoint of a run with parallel.ep=1") from None
-        raise
+    Checkpointer.load(checkpoint, model_tensors(model, read_metadata(checkpoint).state_dict_metadata))
     files = tokenizer_files(meta)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
