@@ -24,23 +24,19 @@ def read_prompts(path: str) -> list[tuple[str, str]]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"--prompts={path!r}: no such file")
+    from framework.data.sources import jsonl_rows
+
     out = []
-    with open(p) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{n}: not JSON ({e.msg})") from None
-            answer = str(row.get("answer", ""))
-            if isinstance(row.get("prompt"), str):
-                out.append((row["prompt"], answer))
-            elif isinstance(row.get("messages"), list):
-                msgs = row["messages"]
-                out.append(("".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant: ", answer))
-            else:
-                raise ValueError(f"{p}:{n}: expected a 'prompt' string or a 'messages' list, got keys {sorted(row)}")
+    for n, row in jsonl_rows(p):
+        row = row if isinstance(row, dict) else {}
+        answer = str(row.get("answer", ""))
+        if isinstance(row.get("prompt"), str):
+            out.append((row["prompt"], answer))
+        elif isinstance(row.get("messages"), list):
+            msgs = row["messages"]
+            out.append(("".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant: ", answer))
+        else:
+            raise ValueError(f"{p}:{n}: expected a 'prompt' string or a 'messages' list, got keys {sorted(row)}")
     return out
 
 

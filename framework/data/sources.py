@@ -99,7 +99,8 @@ def has_records(path: Optional[str]) -> bool:
     return any(f.suffix.lower() in RECORD_SUFFIXES for f in files)
 
 
-def _jsonl_texts(f: Path, field: str) -> Iterator[str]:
+def jsonl_rows(f: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed row) of each non-blank line of a JSONL file; a line that is not JSON is named."""
     with open(f, encoding="utf-8", errors="replace") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
@@ -108,13 +109,18 @@ def _jsonl_texts(f: Path, field: str) -> Iterator[str]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{f}:{n}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict) or field not in row:
-                keys = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
-                raise ValueError(f"data.text_field={field!r}: {f}:{n} has no such field (it has: {keys})")
-            text = row[field]
-            if not isinstance(text, str):
-                raise ValueError(f"data.text_field={field!r}: {f}:{n} holds a {type(text).__name__}, not text")
-            yield text
+            yield n, row
+
+
+def _jsonl_texts(f: Path, field: str) -> Iterator[str]:
+    for n, row in jsonl_rows(f):
+        if not isinstance(row, dict) or field not in row:
+            keys = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
+            raise ValueError(f"data.text_field={field!r}: {f}:{n} has no such field (it has: {keys})")
+        text = row[field]
+        if not isinstance(text, str):
+            raise ValueError(f"data.text_field={field!r}: {f}:{n} holds a {type(text).__name__}, not text")
+        yield text
 
 
 def _parquet_texts(f: Path, field: str) -> Iterator[str]:
