@@ -38,6 +38,15 @@ def _sequential(blocks: list[nn.Module], start: int, stop: int) -> nn.Sequential
     return nn.Sequential(*(copy.deepcopy(b) for b in blocks[start:stop]))
 
 
+def make_optimizer(kind: str, params, lr: float) -> torch.optim.Optimizer:
+    """The optimizer every contender of a run uses: "adamw" (bench.pipeline) or "sgd" (bench.dropin)."""
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    raise ValueError(f"optimizer={kind!r}: allowed ['adamw', 'sgd']")
+
+
 def _timed_optimizer_step(opt: torch.optim.Optimizer, timed: Timed) -> None:
     t = time.time()
     opt.step()
@@ -49,7 +58,8 @@ def _timed_optimizer_step(opt: torch.optim.Optimizer, timed: Timed) -> None:
 class TorchPipelining(Timed):
     """Schedule1F1B (1 stage per rank) or ScheduleDualPipeV (2 stages per rank, V layout) on the default group."""
 
-    def __init__(self, schedule: str, blocks: list[nn.Module], micro_batches: list, lr: float):
+    def __init__(self, schedule: str, blocks: list[nn.Module], micro_batches: list, lr: float,
+                 optimizer: str = "adamw"):
         super().__init__()
         import torch.distributed as dist
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleDualPipeV
@@ -86,7 +96,7 @@ class TorchPipelining(Timed):
         else:
             self.schedule = ScheduleDualPipeV(self.stages, n_microbatches=n, loss_fn=F.mse_loss)
         # scale_grads=True (default) divides gradients by n: the gradient of the mean micro-batch loss, as ours
-        self.opt = torch.optim.AdamW([p for m in parts.values() for p in m.parameters()], lr=lr)
+        self.opt = make_optimizer(optimizer, [p for m in parts.values() for p in m.parameters()], lr)
 
     def _trace(self, stage, stage_id: int) -> None:
         spans = self  # read self.spans at call time: clear() replaces the list
@@ -116,8 +126,8 @@ class TorchPipelining(Timed):
 
 
 # ---------------------------------------------------------------- DeepSpeed
-def _deepspeed_config(n: int, micro_batch: int, lr: float) -> dict:
-    return {
+def _deepspeed_config(n: int, micro_batch: int, lr: float, optimizer: str) -> dict:
+    config = {
         "train_batch_size": n * micro_batch,
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": n,
@@ -127,12 +137,16 @@ def _deepspeed_config(n: int, micro_batch: int, lr: float) -> dict:
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,      # True crashes the pipe engine (PLATFORM.md)
     }
+    if optimizer != "adamw":   # another optimizer is handed to deepspeed.initialize as a client optimizer
+        del config["optimizer"]
+    return config
 
 
 class DeepSpeedPipe(Timed):
     """deepspeed.pipe.PipelineModule (1F1B TrainSchedule) or DualPipeVModule over the same blocks."""
 
-    def __init__(self, schedule: str, blocks: list[nn.Module], micro_batches: list, lr: float):
+    def __init__(self, schedule: str, blocks: list[nn.Module], micro_batches: list, lr: float,
+                 optimizer: str = "adamw"):
         super().__init__()
         import deepspeed
         import torch.distributed as dist
@@ -158,8 +172,10 @@ class DeepSpeedPipe(Timed):
         with contextlib.redirect_stdout(io.StringIO()):                 # its partition printout
             # "uniform": equal layer counts, L/2 per stage (DualPipeVModule: 2*pp stages of L/4)
             module = cls(layers=layers, num_stages=pp, loss_fn=F.mse_loss, partition_method="uniform")
+            client = None if optimizer == "adamw" else make_optimizer(optimizer, module.parameters(), lr)
             self.engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=module.parameters(),
-                                                        config=_deepspeed_config(n, micro_batch, lr))
+                                                        optimizer=client,
+                                                        config=_deepspeed_config(n, micro_batch, lr, optimizer))
         torch.set_num_threads(1)   # in case the engine's accelerator set its own thread count
         self.micro_batches = micro_batches
         self.rank = dist.get_rank()
@@ -203,6 +219,7 @@ PEER_NAMES = {("torch", "1f1b"): "torch Schedule1F1B", ("torch", "dualpipev"): "
               ("deepspeed", "dualpipev"): "DeepSpeed DualPipeVModule"}
 
 
-def build_peer(framework: str, schedule: str, blocks: list[nn.Module], micro_batches: list, lr: float):
+def build_peer(framework: str, schedule: str, blocks: list[nn.Module], micro_batches: list, lr: float,
+               optimizer: str = "adamw"):
     cls = {"torch": TorchPipelining, "deepspeed": DeepSpeedPipe}[framework]
-    return cls(schedule, blocks, micro_batches, lr)
+    return cls(schedule, blocks, micro_batches, lr, optimizer)

@@ -17,7 +17,7 @@ from bench.common import OUT
 
 ROOT = Path(__file__).resolve().parent.parent
 # order = order in docs/BENCHMARKS.md
-BENCHMARKS = ["pipeline", "cluster", "overlap", "moe_ep", "balance", "mtp_decode", "fp8_loss", "optim_state", "optim_loss", "grpo"]
+BENCHMARKS = ["pipeline", "dropin", "cluster", "overlap", "moe_ep", "balance", "mtp_decode", "fp8_loss", "optim_state", "optim_loss", "grpo"]
 HEADER = """# Benchmarks
 
 Measured on this project's reference machine (a 2-core x86 CPU VM, torch CPU build) unless a section says otherwise.

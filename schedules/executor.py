@@ -46,12 +46,14 @@ class StepResult:
              string "wait <RECV action>" / "wait sends" for time spent blocked on communication
     freed_bytes  activation storage released after its send (what the backward no longer needs to hold)
     start_time   time.time() at the step start, to line up the traces of several processes
+    post_s       seconds spent handing sends and receives to the backend (batch_isend_irecv), traced steps only
     """
     losses: dict[int, torch.Tensor] = field(default_factory=dict)
     outputs: dict[int, tuple] = field(default_factory=dict)
     trace: list[Span] = field(default_factory=list)
     freed_bytes: int = 0
     start_time: float = 0.0
+    post_s: float = 0.0
 
     @property
     def compute_spans(self) -> list[Span]:
@@ -531,7 +533,10 @@ class PipelineExecutor:
             self._finish_sends(wait=False)
             return
         ops, self._ops = self._ops, []
+        t = self._now() if self._trace else 0.0
         works = dist.batch_isend_irecv([op for op, _ in ops])
+        if self._trace:
+            self._result.post_s += self._now() - t
         if len(works) == len(ops):
             for w, (_, owner) in zip(works, ops):
                 owner.works.append(w)

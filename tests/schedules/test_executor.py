@@ -191,6 +191,9 @@ def check_schedule(name, pp, rank, tri=False, loss_in_stage=False):
     computed = [a for a in actions if a.op not in ("SEND_F", "RECV_F", "SEND_B", "RECV_B")]
     assert [sp[2] for sp in res.compute_spans] == computed, f"{what}: trace"
     assert all(0 <= sp[0] <= sp[1] for sp in res.trace)
+    # the time spent posting communication is accounted whenever this rank posts any, and is part of the step
+    posts = any(a.op in ("SEND_F", "RECV_F", "SEND_B", "RECV_B") for a in actions)
+    assert (res.post_s > 0) == posts and res.post_s < res.trace[-1][1] + 1.0, f"{what}: post_s {res.post_s}"
 
     # forward only: same losses and last-stage outputs; no gradient is touched
     for m in stages.values():

@@ -1,0 +1,60 @@
+"""bench/dropin.py's arithmetic on synthetic timings: step time, efficiency round by round, the goals' verdicts.
+
+No processes are spawned: the timings are built by hand, so every expected number is exact arithmetic.
+"""
+from __future__ import annotations
+
+import pytest
+
+from bench.dropin import parse, profile_rows, report, round_seconds
+from bench.validity import Check
+
+
+def gathered():
+    """3 rounds on 2 ranks. Limit (both ranks at once): 0.6 and 0.8 s -> 0.7 s mean, /2 = 0.35 s per round.
+    DualPipe: first start to last end 0.40, 0.35, 0.50 s. DualPipeV: 0.50 s every round. torch DualPipeV: 0.45 s."""
+    r0 = {"limit": [(0, 0.6)] * 3, "duet-dualpipe": [(10, 10.3), (20, 20.35), (30, 30.5)],
+          "duet-dualpipev": [(40, 40.5)] * 3, "torch-dualpipev": [(50, 50.45)] * 3, "limit-alone": [(0, 0.5)] * 3}
+    r1 = {"limit": [(0, 0.8)] * 3, "duet-dualpipe": [(10.1, 10.4), (20, 20.2), (30.2, 30.4)],
+          "duet-dualpipev": [(40, 40.4)] * 3, "torch-dualpipev": [(50, 50.45)] * 3, "limit-alone": [(0, 0.0)] * 3}
+    return [r0, r1]
+
+
+def test_round_seconds():
+    g = gathered()
+    assert round_seconds(g, "limit") == pytest.approx([0.7] * 3)
+    assert round_seconds(g, "limit-alone") == pytest.approx([0.5] * 3)        # rank 0 only: rank 1 idled
+    assert round_seconds(g, "duet-dualpipe") == pytest.approx([0.4, 0.35, 0.5])
+
+
+def test_report_efficiency_and_goals():
+    a = parse(["--rounds", "3"])
+    text = report(a, gathered(), [Check("x", "0%", "< 5%", True)], (0.1, 0.2))
+    # DualPipe: 0.35 / [0.4, 0.35, 0.5] = [0.875, 1.0, 0.7]: median 0.875 (0.35 / 0.4 rounds below it in floating point); p25-p75 of those three: 0.70 - 1.00
+    assert "| duet DualPipe | 400.0 | 350.0 - 500.0 | 350.0 - 500.0 | 0.87 (0.70 - 1.00) | 0.62 |" in text
+    assert "duet DualPipe: efficiency 0.87 (goal >= 0.85): met" in text
+    # DualPipeV 0.35 / 0.5 = 0.70 < 0.80; slower than torch's (0.50 / 0.45 > 1)
+    assert "duet DualPipeV: efficiency 0.70 (goal >= 0.80): NOT met" in text
+    assert "no, slower than torch ScheduleDualPipeV" in text
+    assert "not valid" not in text
+    bad = report(a, gathered(), [Check("x", "9%", "< 5%", False)], (0.1, 0.2))
+    assert "**The run is not valid**: x = 9% (allowed < 5%)" in bad
+
+
+def test_profile_rows():
+    g = [{"profile:duet-dualpipe": [dict(wall=0.5, optimizer=0.02, compute={"F": 0.1, "FB": 0.2}, waits=0.05,
+                                         post=0.01, main_cpu=0.4, other_threads_cpu=0.03)]}] * 2
+    rows = profile_rows(g, [0.6, 0.6])
+    # compute 0.3 s vs the same work in one process 0.6 / 2: 1.00; rest = 0.5 - 0.3 - 0.05 - 0.01 - 0.02 = 0.12
+    assert "| duet DualPipe | 0 | 500.0 | 300.0 (100 / 0 / 0 / 200 / 0) | 1.00 | 50.0 | 10.0 | 20.0 | 120.0 | " \
+           "400.0 | 30.0 |" in rows
+
+
+def test_bad_arguments():
+    with pytest.raises(SystemExit):
+        parse(["--nice", "40"])
+    with pytest.raises(SystemExit):
+        parse(["--only", "megatron-1f1b"])
+    with pytest.raises(ValueError, match="optimizer='lion'"):
+        from bench._pipeline_peers import make_optimizer
+        make_optimizer("lion", [], 0.1)
