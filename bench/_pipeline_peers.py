@@ -131,11 +131,11 @@ def _deepspeed_config(n: int, micro_batch: int, lr: float, optimizer: str) -> di
         "train_batch_size": n * micro_batch,
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": n,
-        # torch's AdamW: FusedAdam would JIT-build an extension for minutes (PLATFORM.md)
+        # torch's AdamW: DeepSpeed's FusedAdam would JIT-build a C++ extension, minutes on 2 cores
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "torch_adam": True}},
         "zero_optimization": {"stage": 0},
         "steps_per_print": 10 ** 9,
-        "wall_clock_breakdown": False,      # True crashes the pipe engine (PLATFORM.md)
+        "wall_clock_breakdown": False,      # True crashes DeepSpeed 0.19's pipe engine on CPU
     }
     if optimizer != "adamw":   # another optimizer is handed to deepspeed.initialize as a client optimizer
         del config["optimizer"]

@@ -6,7 +6,7 @@ Two single-process runs with the same data, seed and initial weights:
   fp8    fp8=blockwise: every linear and the routed experts' GEMMs in E4M3 (1x128 activation tiles, 128x128
          weight blocks, fp32 accumulation; embedding, head, router, norms and attention core stay fp32)
   bf16   train.dtype=bf16_emulated: the same GEMMs with bf16-rounded operands and fp32 accumulation
-The target is V3's: loss error of FP8 relative to BF16 below 0.25% (V3 §3.3, RECIPE.md). Reported: the relative
+The target is V3's: loss error of FP8 relative to BF16 below 0.25% (V3 §3.3). Reported: the relative
 gap of the final validation loss and of the mean training loss over the last 10% of the steps, both curves
 (bench/out/fp8_loss.png), the FP8 statistics accumulated over the whole FP8 run, and the bytes the linears save for
 backward on one micro-batch (framework.fp8.memory, torch.autograd.graph.saved_tensors_hooks). --fp32 adds a third

@@ -10,7 +10,7 @@ agree forward and backward. Timings (median of triton.testing.do_bench): quantiz
 copy; GEMM TFLOP/s of the triton kernel (a small sweep of tile configs, best one shown) against
 torch._scaled_mm with row-wise scales, cuBLAS 1x128/128x128 block scales through torch._scaled_mm where this
 torch offers them, and bf16 torch.matmul, at 4096^3 and the MoE expert shapes of V3 (hidden 7168, expert
-intermediate 2048; RECIPE.md); the relative error of each against float64 products of the bf16 inputs.
+intermediate 2048; V3 Table 1's configuration); the relative error of each against float64 products of the bf16 inputs.
 """
 import sys
 import time

@@ -487,7 +487,7 @@ def main(argv=None) -> str:
              "rows, then combine), each needing the one before and the compute between them, so a block-pair lasts "
              "at least that chain, while the thread has only both chunks' compute to fill it with. On 2 cores "
              "shared by 4 processes compute cannot speed up, so the step time gains only what the emulated link "
-             "would have cost in waits (PLATFORM.md). Timelines of the median step: "
+             "would have cost in waits. Timelines of the median step: "
              f"`bench/out/{png.name}` (overlap) and `bench/out/{png_off.name}`, rows = global ranks 0-3 "
              "(pipeline rank = rank // 2), grey bars = exchanges.")
     args = sys.argv[1:] if argv is None else argv

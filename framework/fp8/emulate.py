@@ -1,6 +1,6 @@
 """BF16 GEMMs emulated in fp32: the baseline FP8 training is compared against on CPU.
 
-A bf16 matmul runs ~100x slower than fp32 on these CPUs (PLATFORM.md), so the baseline rounds both operands of each
+A bf16 matmul runs about 100x slower than fp32 on x86 CPUs without AMX (torch has no fast bf16 kernel there), so the baseline rounds both operands of each
 linear's three GEMMs to bf16 and multiplies in fp32: the numerics of a bf16 tensor-core GEMM with fp32 accumulation,
 at fp32 speed. Gradients w.r.t. the outputs are rounded to bf16 too, as they would be stored in bf16 training.
 

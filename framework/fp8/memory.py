@@ -49,12 +49,6 @@ def _is_weight_copy(t, shapes):
     return any(tuple(t.shape) == shape and (dtype is None or t.dtype == dtype) for shape, dtype in shapes)
 
 
-def gemm_sites(model: nn.Module):
-    """Names of the modules whose GEMMs are counted: Fp8Linear, Bf16EmulatedLinear, experts with a linear_fn."""
-    return [name for name, m in model.named_modules()
-            if isinstance(m, (Fp8Linear, Bf16EmulatedLinear)) or getattr(m, "linear_fn", None) is not None]
-
-
 def ambiguous_token_counts(model: nn.Module) -> set[int]:
     """Row counts a plain linear's input must avoid for the activation / weight-copy split to be exact: the weights'
     out-features and their block counts (expert weights are 3-D, so expert inputs never collide)."""

@@ -13,12 +13,12 @@ Bytes per parameter (memory_report(), measured from the allocated tensors; momen
     moments fp32 8, bf16 4, fp8 2 + 8/block = 2.0625 at block 128; master 4 when params are bf16;
     ZeRO-1 divides master and moments by the data-parallel size. Tensors under `small_tensor_threshold` elements
     (norms, biases) and those matched by `keep_fp32` keep fp32 moments whatever the format.
-    Compare RECIPE "Optimizer state": V3 = 4 master + 4 grads + 2 + 2 (bf16 moments), torchao fp8 ~2.03, COAT ~2.09.
+    Compare V3 §3.3.3 (4 master + 4 gradient + 2 + 2 bytes with bf16 moments), torchao's fp8 AdamW (about 2.03 B
+    per moment value) and COAT (about 2.09).
 
-Against fp32 states (bench/optim_state.py, 200 AdamW steps of a noisy quadratic whose curvatures span 3 decades):
-per-step update error ||u - u_fp32|| / ||u_fp32|| 0.42% for bf16 and 12% for fp8, final loss +0.0% and +12%.
-state_format.py explains the fp8 second-moment choice with its measurements. Step time on one CPU thread, 4.2M
-params: fp32 1.0x (as fast as torch.optim.AdamW), bf16 1.5x, fp8 3.1x (unfused decode/encode passes).
+How far bf16 and fp8 moments move the update and the loss from fp32 states, and what each costs in step time, is
+measured by bench/optim_state.py and bench/optim_loss.py (docs/BENCHMARKS.md); state_format.py says how the fp8
+second moment is stored and docs/OPTIMIZER_STATE.md why.
 
 Behaviours to know:
 - A parameter whose .grad is None steps with a zero gradient (its moments decay, weight decay applies): the right

@@ -9,38 +9,9 @@ rank's shard of it under ZeRO-1. The optimizer loads it into fp32, updates it th
         each value is kept as E4M3(value / scale) (V3 §3.3 uses E4M3 for everything): 1 + 4/block bytes per value.
         The second moment is stored as sqrt(v), and nothing of it rounds to zero (see below).
 
-Why sqrt(v) for fp8 (measured with `python bench/optim_state.py --study`; 262,144 values, 300 steps of gradients
-g = s * (mu + noise) whose per-element scale s is log-normal with the given spread in decades, 5% of the elements
-stop receiving gradient at a random step ("dying", like an expert or a feature that goes unused), beta=(0.9, 0.95),
-block 128; the error is ||u_q - u|| / ||u|| of the update u = m_hat / (sqrt(v_hat) + eps) against fp32 states fed
-the same gradients, mean over the steps; "worst" is max |u_q - u| / max |u|, over all steps):
-
-  | m / v storage                            | spread 0.5 | 0.5 + dying | 1.0 + dying | worst (1.0 + dying) |
-  |------------------------------------------|------------|-------------|-------------|---------------------|
-  | bf16 / bf16                              | 0.0041     | 0.0041      | 0.0041      | 0.018               |
-  | fp8 / fp8, v as is                       | 35         | 1.5e4       | 1.2e6       | 5.4e8               |
-  | fp8 / fp8, v as is, nonzero kept         | 0.074      | 0.074       | 0.51        | 1.03                |
-  | fp8 / fp8, sqrt(v), never 0 (this)        | 0.086      | 0.086       | 0.121       | 1.57                |
-  | COAT, k per block in [0.1, 8] (both)     | 0.064      | 0.103       | 0.140       | 1.35                |
-  | COAT, k per block in [0.5, 8] (both)     | 0.064      | 0.092       | 0.127       | 1.36                |
-
-  v stored as is loses its small entries: v spans the square of the gradient's range, entries below amax * 2^-19
-  flush to zero and m / (0 + eps) explodes. Keeping positive entries nonzero (they become the smallest subnormal)
-  removes the explosion, but the subnormal grid is so coarse that the error reaches 51% at a one-decade spread.
-  sqrt(v) halves the range to that of the gradient, and its error grows gently with the spread. COAT's per-block
-  expansion f(x) = sign(x)|x|^k (k stored per block: 2.09 B/param) is 25% better on clean data but 5-20% worse
-  once entries decay (one decayed entry widens its block's range, lowers k and coarsens the whole block), and its
-  two pow() per value made encode + decode 2.2x slower than sqrt's. So: sqrt(v), never below the smallest
-  subnormal, 2 + 8/128 = 2.0625 B/param at block 128 (`--study --block 256`: 0.086 at spread 0.5 but 0.139 at
-  1.0 + dying: a wider block spans a wider range, so 128 is the default).
-  Rounding is to nearest. A sqrt(v) rounded down in the subnormal range can enlarge a step by up to 1.5x (the
-  "worst" column); rounding up there instead measured worst 0.99 but mean 0.149 instead of 0.121. And a value
-  whose decay is smaller than half a grid step stops decaying while its block's scale stands still (for sqrt(v),
-  every E4M3 value: sqrt(0.95) takes 2.5% off, half a step is at least 3.3%), which errs on the side of a larger v,
-  i.e. smaller steps.
-  bf16 stochastic rounding was measured and is not offered: 0.0059 vs 0.0041 (nearest) at beta2=0.95, and 0.0108
-  vs 0.0088 at beta2=0.999 over 600 steps. (The timing, rounding-up and stochastic-rounding figures come from
-  one-off runs of the same study; they are not in the bench.)
+Why sqrt(v), and why block 128: storing v as is flushes its small entries to zero (v spans the square of the
+gradient's range) and m / (0 + eps) explodes; sqrt(v) halves the range to the gradient's. Rounding is to
+nearest. The study behind these choices, with its command and figures, is docs/OPTIMIZER_STATE.md.
 """
 from __future__ import annotations
 
