@@ -159,7 +159,7 @@ class Trainer:
             from framework.models.init_from import load_init_from
             load_init_from(self.model, cfg.model.init_from)
         if mesh.ep > 1:  # keep this rank's experts, exchange tokens with all-to-all (same init on every rank)
-            from parallel.expert import apply_expert_parallel
+            from framework.models.expert_parallel import apply_expert_parallel
             apply_expert_parallel(self.model, mesh, cfg)
         if cfg.fp8.enabled:
             from framework.fp8 import convert_to_fp8

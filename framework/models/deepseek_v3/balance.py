@@ -67,7 +67,7 @@ def collect_aux_loss(module: nn.Module) -> Optional[torch.Tensor]:
     """
     total = None
     for m in module.modules():
-        if isinstance(m, MoE) and m.aux_loss is not None:
-            total = m.aux_loss if total is None else total + m.aux_loss
-            m.aux_loss = None
+        loss = m.take_balance_loss() if isinstance(m, MoE) else None
+        if loss is not None:
+            total = loss if total is None else total + loss
     return total
