@@ -46,7 +46,9 @@ class Router(nn.Module):
 
     b = e_score_correction_bias is a buffer moved by the balancing rule in balance.py, never by the optimizer. The
     gate weight and the bias stay fp32 even when the model is cast to bf16 (V3 §3.3 keeps gating in high precision).
-    `load` counts the tokens routed to each expert since the last reset (read by balance.expert_loads).
+    `load` counts the tokens routed to each expert since the last reset (read by balance.expert_loads), in training
+    forwards only (training mode, gradients enabled): evaluation, sampling and no-grad replays leave it alone, and
+    `tally`, when set (balance.tally_loads), counts every forward apart from it.
     """
     defers_weight_grad = True
 
@@ -67,6 +69,7 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
         # integer counts: exact at any scale, untouched by model.to(dtype), summable with all_reduce
         self.register_buffer("load", torch.zeros(self.n_experts, dtype=torch.int64), persistent=False)
+        self.tally: Optional[torch.Tensor] = None
 
     def _apply(self, fn, recurse=True):
         # model.to(bfloat16) must not lower the gate: cast back whatever floating dtype `fn` produced
@@ -94,8 +97,14 @@ class Router(nn.Module):
         if self.norm_topk_prob:
             topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
         topk_weight = topk_weight * self.routed_scaling_factor
-        with torch.no_grad():
-            self.load += torch.bincount(topk_idx.flatten(), minlength=self.n_experts)
+        counting = self.training and torch.is_grad_enabled()
+        if counting or self.tally is not None:
+            with torch.no_grad():
+                counts = torch.bincount(topk_idx.flatten(), minlength=self.n_experts)
+                if counting:
+                    self.load += counts
+                if self.tally is not None:
+                    self.tally += counts.to(self.tally.device)
         return topk_idx, topk_weight, s
 
     def forward(self, x: torch.Tensor):
