@@ -33,7 +33,7 @@ def rel(a, b) -> float:
 def ep2_check(mesh) -> float:
     from framework.config import ModelConfig
     from framework.models.deepseek_v3.moe import MoE
-    from parallel.expert import apply_expert_parallel
+    from framework.models.expert_parallel import apply_expert_parallel
 
     dev = mesh.device
     cfg = ModelConfig(name="deepseek_v3", vocab_size=64, hidden_size=64, moe_intermediate_size=32,

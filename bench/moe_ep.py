@@ -64,7 +64,7 @@ def _worker(rank: int, port: int, a, outdir: str) -> None:
     import torch.distributed as dist
 
     from parallel import comm
-    from parallel.expert import apply_expert_parallel
+    from framework.models.expert_parallel import apply_expert_parallel
     from parallel.mesh import init_mesh
 
     logging.getLogger("parallel.comm").setLevel(logging.ERROR)

@@ -168,7 +168,7 @@ class TorchStep:
 
 def build_variant(name, schedule, overlap, layout, mesh, a, link, recorder):
     from framework.models import build_model
-    from parallel.expert import apply_expert_parallel
+    from framework.models.expert_parallel import apply_expert_parallel
 
     cfg = config(a, schedule)
     torch.manual_seed(0)

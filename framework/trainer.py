@@ -159,7 +159,7 @@ class Trainer:
             from framework.models.init_from import load_init_from
             load_init_from(self.model, cfg.model.init_from)
         if mesh.ep > 1:  # keep this rank's experts, exchange tokens with all-to-all (same init on every rank)
-            from parallel.expert import apply_expert_parallel
+            from framework.models.expert_parallel import apply_expert_parallel
             apply_expert_parallel(self.model, mesh, cfg)
         if cfg.fp8.enabled:
             from framework.fp8 import convert_to_fp8
@@ -274,28 +274,22 @@ class Trainer:
         (V3 §2.1.2), kept apart from the training step's loads that drive the bias update."""
         models = self.step_fn.models()
         moe = self.cfg.model.name == "deepseek_v3"
-        if moe:
-            from framework.models.deepseek_v3 import balance
-            train_loads = [balance.expert_loads(m).clone() for m in models]
-            for m in models:
-                balance.reset_loads(m)
+        from framework.models.deepseek_v3 import balance
         for m in models:
             m.eval()
-        s, n = self.step_fn.evaluate(self.val_batches)
+        with balance.tally_loads(models if moe else []) as tallies:   # the training loads stay as they are
+            s, n = self.step_fn.evaluate(self.val_batches)
         for m in models:
             m.train()
         s, n = self._sum([s, n])
         out = {"val/loss": s / n}
         if moe:
-            loads = sum(balance.expert_loads(m) for m in models)
+            loads = sum(tallies)
             if self.mesh.distributed:
                 dist.all_reduce(loads)
             seen = loads.sum(-1) > 0
             if seen.any():
                 out["val/maxvio_global"] = balance.max_vio(loads[seen]).mean().item()
-            for m, saved in zip(models, train_loads):
-                for r, row in zip(balance.routers(m), saved):
-                    r.load.copy_(row)
         return out
 
     def _post_step_hooks(self) -> dict:
@@ -413,10 +407,6 @@ class Trainer:
             if not found and any(bad):
                 found.append(name)   # hooks run as modules finish: the innermost, earliest culprit comes first
 
-        moe = self.cfg.model.name == "deepseek_v3"
-        if moe:  # the replay must not count towards the expert loads that drive the bias update
-            from framework.models.deepseek_v3 import balance
-            saved = balance.expert_loads(model).clone()
         handles = [m.register_forward_hook(functools.partial(check, name)) for name, m in model.named_modules() if name]
         try:
             for x, y in micro_batches:   # all of them on every rank: expert-parallel layers exchange tokens
@@ -424,9 +414,6 @@ class Trainer:
         finally:
             for h in handles:
                 h.remove()
-            if moe:
-                for r, row in zip(balance.routers(model), saved):
-                    r.load.copy_(row)
         return found[0] if found else None
 
     def _mark(self, op: str, step: int | None = None) -> None:

@@ -32,25 +32,27 @@ Two layouts of the dispatch message (`layout`, parallel.comm.dispatch):
   dropped, and the combine and both backward exchanges move exactly the routed rows (both sides know the splits once
   the dispatch has arrived), so the two layouts give bit-identical results.
 
-Backward: the gradient of a dispatch is a combine-direction exchange of the row gradients and vice versa; `_Exchange`
-does that reverse all_to_all in its backward (blocking, recorded as "<name>.backward"). An FP8 dispatch sends its
-gradients back in the gradient's own precision (straight-through: the quantization is treated as the identity).
-A backward exchange exists only when its input needs a gradient, so every rank of the group must agree on that (the
-same model on every rank does: the layer's input requires grad everywhere or nowhere).
+Backward: the gradient of a dispatch is a combine-direction exchange of the row gradients and vice versa
+(`start_dispatch_backward`, `start_combine_backward`, recorded as "<name>.backward"). Autograd runs them blocking
+(`_Arrived`); a MoE block cut into steps starts them itself (framework/models/deepseek_v3/moe.py). An FP8 dispatch
+sends its gradients back in the gradient's own precision (straight-through: the quantization is treated as the
+identity). A backward exchange exists only when its input needs a gradient, so every rank of the group must agree on
+that (the same model on every rank does: the layer's input requires grad everywhere or nowhere).
+
+Placing the experts (which module keeps which slice) is the model's business: framework/models/expert_parallel.py
+asks every MoE layer to keep `local_expert_range` and hands it an ExpertParallelDispatcher.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from types import SimpleNamespace
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
-from framework.models.deepseek_v3.moe import Dispatcher, Experts, MoE
 from parallel import comm
+from parallel.dispatch import Dispatcher, weighted_sum
 
 try:  # FP8 payloads need the quantizer of framework/fp8
     from framework.fp8.quantize import dequantize_act, quantize_act
@@ -73,10 +75,6 @@ class _Route:
     recorder: Optional[comm.CommRecorder]
     fp8: bool = False
     pow2: bool = True
-
-    def reverse(self) -> "_Route":
-        return _Route(self.in_splits, self.out_splits, self.group, self.name + ".backward", self.link,
-                      self.recorder)
 
 
 def _fp8_rows(x: torch.Tensor, pow2: bool) -> torch.Tensor:
@@ -113,52 +111,27 @@ def _start(x: torch.Tensor, route: _Route, out: torch.Tensor) -> comm.Exchange:
                            route.link, route.recorder, finish=unpack)
 
 
-class _Exchange(torch.autograd.Function):
-    """out = all_to_all(x) along a route. forward only STARTS the exchange: it returns the (not yet filled) output and
-    leaves the Exchange in `holder`; the caller must wait() on it before reading the output. backward sends the
-    gradient back along the reverse route, in the gradient's precision."""
+class _Arrived(torch.autograd.Function):
+    """Rows that arrived by an exchange (computed without autograd, handed in through `holder`) as a function of
+    the rows `x` that left: the backward hands the gradient to `back`, which sends it home (a blocking exchange in
+    the reverse direction, in the gradient's own precision). The stepped forward of a MoE block starts the same
+    backward exchanges itself (start_dispatch_backward, start_combine_backward), so both paths share them."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, route: _Route, holder: list):
-        ctx.route = route
-        out = x.new_empty((sum(route.out_splits), *x.shape[1:]))
-        holder.append(_start(x, route, out))
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        back = ctx.route.reverse()
-        g = grad.new_empty((sum(back.out_splits), *grad.shape[1:]))
-        _start(grad, back, g).wait()
-        return g, None, None
-
-
-def _exchange(x: torch.Tensor, route: _Route) -> tuple[torch.Tensor, comm.Exchange]:
-    holder: list = []
-    out = _Exchange.apply(x, route, holder)
-    return out, holder[0]
-
-
-LAYOUTS = ("counts", "padded")
-
-
-class _PaddedRows(torch.autograd.Function):
-    """x_sorted (already received, in `holder`) as a function of this rank's tokens x [N, C]: the backward sends the
-    expert-input gradients home row by row along the combine's route, exactly as the "counts" layout does."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, holder: list, dctx: "DispatchContext", dispatcher):
-        ctx.dctx, ctx.dispatcher = dctx, dispatcher
+    def forward(ctx, x: torch.Tensor, holder: list, back):
+        ctx.back = back
         return holder.pop()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        d, dctx = ctx.dispatcher, ctx.dctx
-        g_recv = grad.index_select(0, dctx.unsort)                             # [M_recv, C], [source][expert]
-        g_send = grad.new_empty(sum(dctx.send_splits), grad.shape[1])          # [M_send, C]
-        comm.all_to_all(g_send, g_recv, dctx.send_splits, dctx.recv_splits, d.group, f"{d.name}.dispatch.backward",
-                        d.link, d.recorder).wait()
-        return g_send.new_zeros(dctx.n_tokens, grad.shape[1]).index_add_(0, dctx.token, g_send), None, None, None
+        return ctx.back(grad), None, None
+
+
+def _arrived(x: torch.Tensor, rows: torch.Tensor, back) -> torch.Tensor:
+    return _Arrived.apply(x, [rows], back)
+
+
+LAYOUTS = ("counts", "padded")
 
 
 class CountsInFlight:
@@ -206,7 +179,7 @@ class DispatchContext:
 
 
 class ExpertParallelDispatcher(Dispatcher):
-    """The Dispatcher of moe.py across the ranks of `ep_group`; this rank's experts are
+    """A Dispatcher (parallel/dispatch.py) across the ranks of `ep_group`; this rank's experts are
     [r*E/ep, (r+1)*E/ep) for its rank r in the group.
 
     fp8: send the dispatch payload as E4M3 1x128 tiles (+ fp32 scales, power-of-two when pow2), dequantized on
@@ -280,21 +253,23 @@ class ExpertParallelDispatcher(Dispatcher):
         N = x.shape[0]
         ep, E_local = self.ep, self.n_local
         token, weight, send_counts = self._permute(x, topk_idx, topk_weight)
-        x_send = x.index_select(0, token)                                      # [M_send, C]
+        x_send = x.detach().index_select(0, token)                             # [M_send, C]
         # counts: recv_counts[j, e] = rows rank j sends to my local expert e; .tolist() is the host sync
         recv_counts = torch.empty_like(send_counts)
         counts_route = self._route("counts", [E_local] * ep, [E_local] * ep)
         exchange = comm.all_to_all(recv_counts, send_counts, counts_route.out_splits, counts_route.in_splits,
                                    self.group, counts_route.name, self.link, self.recorder)
-        return CountsInFlight(lambda: self._start_rows(x_send, exchange, recv_counts, send_counts, token, weight, N))
+        return CountsInFlight(lambda: self._start_rows(x, x_send, exchange, recv_counts, send_counts, token, weight,
+                                                       N))
 
-    def _start_rows(self, x_send, counts_exchange, recv_counts, send_counts, token, weight, N) -> Pending:
+    def _start_rows(self, x, x_send, counts_exchange, recv_counts, send_counts, token, weight, N) -> Pending:
         ep, E_local = self.ep, self.n_local
         counts_exchange.wait()
         recv_counts = recv_counts.view(ep, E_local)
         send_splits = send_counts.view(ep, E_local).sum(dim=1).tolist()
         recv_splits = recv_counts.sum(dim=1).tolist()
-        x_recv, exchange = _exchange(x_send, self._route("dispatch", recv_splits, send_splits, fp8=self.fp8))
+        x_recv = x_send.new_empty(sum(recv_splits), x_send.shape[1])          # [M_recv, C]
+        exchange = _start(x_send, self._route("dispatch", recv_splits, send_splits, fp8=self.fp8), x_recv)
 
         def regroup():
             # [source][local expert] -> [local expert][source]: a stable sort on the local expert id of each row
@@ -305,7 +280,8 @@ class ExpertParallelDispatcher(Dispatcher):
             unsort[by_expert] = torch.arange(by_expert.numel(), device=x_send.device)
             x_sorted = x_recv.index_select(0, by_expert)                       # [M_recv, C]
             tokens_per_expert = recv_counts.sum(dim=0)                         # [E_local]
-            return x_sorted, tokens_per_expert, DispatchContext(token, weight, N, send_splits, recv_splits, unsort)
+            ctx = DispatchContext(token, weight, N, send_splits, recv_splits, unsort)
+            return self._sent_from(x, x_sorted, ctx), tokens_per_expert, ctx
 
         return Pending(exchange, regroup)
 
@@ -347,23 +323,54 @@ class ExpertParallelDispatcher(Dispatcher):
             recv_splits = mine.view(ep, cap * K).sum(dim=1).tolist()
             tokens_per_expert = torch.bincount(expert, minlength=E_local)      # [E_local]
             ctx = DispatchContext(token, weight, N, send_splits, recv_splits, unsort)
-            return _PaddedRows.apply(x, [values], ctx, self), tokens_per_expert, ctx   # [M_recv, C]
+            return self._sent_from(x, values, ctx), tokens_per_expert, ctx   # [M_recv, C]
 
         return Pending(exchange, select)
 
+    def _sent_from(self, x: torch.Tensor, x_sorted: torch.Tensor, ctx: DispatchContext) -> torch.Tensor:
+        """x_sorted as a function of x, for autograd: its gradient goes home by start_dispatch_backward."""
+        return _arrived(x, x_sorted, lambda grad: self.start_dispatch_backward(grad, ctx).wait())
+
     def start_combine(self, y_sorted: torch.Tensor, ctx: DispatchContext) -> Pending:
         """Start sending expert outputs home; wait() gives y [N, C] = sum_k w_k * expert_k(x) per token."""
-        y_recv = y_sorted.index_select(0, ctx.unsort)                          # [M_recv, C] in [source][expert]
-        y_back, exchange = _exchange(y_recv, self._route("combine", ctx.send_splits, ctx.recv_splits))
+        rows = self.start_combine_rows(y_sorted, ctx)
 
-        def weighted_sum():
-            # accumulate in fp32 at least (V3 §3.3 keeps the combine in higher precision), as LocalDispatcher does
-            acc = torch.promote_types(y_back.dtype, torch.float32)
-            y = y_back.new_zeros(ctx.n_tokens, y_back.shape[1], dtype=acc)
-            y = y.index_add(0, ctx.token, y_back.to(acc) * ctx.weight.to(acc)[:, None])
-            return y.to(y_sorted.dtype)
+        def finish():
+            y_back = _arrived(y_sorted, rows.wait(), lambda grad: self.start_combine_backward(grad, ctx).wait())
+            return self.weighted_sum(y_back, ctx, y_sorted.dtype)
 
-        return Pending(exchange, weighted_sum)
+        return Pending(rows, finish)
+
+    def start_combine_rows(self, y_sorted: torch.Tensor, ctx: DispatchContext) -> Pending:
+        """The combine's exchange alone, outside autograd: wait() gives the expert outputs back on their tokens'
+        rank, y_back [M_send, C] in the order the rows were sent (finish with weighted_sum)."""
+        y_recv = y_sorted.detach().index_select(0, ctx.unsort)                 # [M_recv, C] in [source][expert]
+        y_back = y_recv.new_empty(sum(ctx.send_splits), y_recv.shape[1])      # [M_send, C]
+        exchange = comm.all_to_all(y_back, y_recv, ctx.send_splits, ctx.recv_splits, self.group,
+                                   f"{self.name}.combine", self.link, self.recorder)
+        return Pending(exchange, lambda: y_back)
+
+    def weighted_sum(self, y_back: torch.Tensor, ctx: DispatchContext, dtype: torch.dtype) -> torch.Tensor:
+        """y [N, C] = sum_k w_k * expert_k(x) per token, from the rows back home [M_send, C]."""
+        return weighted_sum(y_back, ctx.token, ctx.weight, ctx.n_tokens, dtype)
+
+    def start_dispatch_backward(self, g_sorted: torch.Tensor, ctx: DispatchContext) -> Pending:
+        """Send the expert-input gradients g_sorted [M_recv, C] home (a combine-direction exchange); wait() gives
+        each token's gradient [N, C], the sum over the rows it was copied into."""
+        g_recv = g_sorted.index_select(0, ctx.unsort)                          # [M_recv, C], [source][expert]
+        g_send = g_recv.new_empty(sum(ctx.send_splits), g_recv.shape[1])       # [M_send, C]
+        exchange = comm.all_to_all(g_send, g_recv, ctx.send_splits, ctx.recv_splits, self.group,
+                                   f"{self.name}.dispatch.backward", self.link, self.recorder)
+        return Pending(exchange, lambda: g_send.new_zeros(ctx.n_tokens, g_send.shape[1]).index_add_(0, ctx.token,
+                                                                                                   g_send))
+
+    def start_combine_backward(self, g_back: torch.Tensor, ctx: DispatchContext) -> Pending:
+        """Send the gradients of the rows back home, g_back [M_send, C], to the ranks that ran their experts (a
+        dispatch-direction exchange); wait() gives the expert-output gradients [M_recv, C] in expert order."""
+        g_recv = g_back.new_empty(sum(ctx.recv_splits), g_back.shape[1])       # [M_recv, C], [source][expert]
+        exchange = comm.all_to_all(g_recv, g_back.contiguous(), ctx.recv_splits, ctx.send_splits, self.group,
+                                   f"{self.name}.combine.backward", self.link, self.recorder)
+        return Pending(exchange, lambda: torch.empty_like(g_recv).index_copy_(0, ctx.unsort, g_recv))
 
     # the names the overlap code uses
     dispatch_async = start_dispatch
@@ -407,67 +414,6 @@ def group_ranks(n_group: int, ep: int) -> list[range]:
         return [range(g // per, g // per + 1) for g in range(n_group)]
     span = ep // n_group
     return [range(g * span, (g + 1) * span) for g in range(n_group)]
-
-
-def _experts_like(old: Experts, n_experts: int, local: range) -> Experts:
-    spec = SimpleNamespace(n_routed_experts=n_experts, hidden_size=old.hidden, moe_intermediate_size=old.inter,
-                           expert_impl=old.impl)
-    new = Experts(spec, local).to(device=old.gate_up_proj.device, dtype=old.gate_up_proj.dtype)
-    lo, hi = local.start - old.expert_ids.start, local.stop - old.expert_ids.start
-    if lo < 0 or hi > len(old.expert_ids):
-        raise ValueError(f"local_experts={local!r}: the module holds only experts {old.expert_ids!r}")
-    with torch.no_grad():
-        new.gate_up_proj.copy_(old.gate_up_proj[lo:hi])
-        new.down_proj.copy_(old.down_proj[lo:hi])
-    new.gate_up_proj.requires_grad_(old.gate_up_proj.requires_grad)
-    new.down_proj.requires_grad_(old.down_proj.requires_grad)
-    return new
-
-
-def mark_expert_params(module: nn.Module) -> None:
-    """Flag routed-expert parameters: data_parallel.reduce_gradients reduces them over edp_group, not dp_group."""
-    for m in module.modules():
-        if isinstance(m, Experts):
-            for p in m.parameters():
-                p._duet_expert = True
-
-
-def apply_expert_parallel(model: nn.Module, mesh, cfg=None, fp8_dispatch: Optional[bool] = None,
-                          link: Optional[comm.EmulatedLink] = None, recorder: Optional[comm.CommRecorder] = None,
-                          layout: Optional[str] = None) -> nn.Module:
-    """Shard every MoE layer of `model` over mesh.ep_group, in place; returns the model.
-
-    Each MoE keeps only this rank's experts, copied from the full (or larger) Experts module it had, so a model built
-    with the same seed on every rank holds exactly the experts of the single-process model; the layer gets an
-    ExpertParallelDispatcher. Expert parameters are marked (p._duet_expert). cfg (the full Config, optional) supplies
-    fp8.dispatch, parallel.comm.emulate_link and parallel.comm.dispatch (the layout); explicit arguments win. The
-    dispatch payload always uses power-of-two scales, as V3 §3.3 does (fp8.pow2_scales is about the GEMMs). With
-    ep == 1 the experts are only marked.
-    """
-    pow2 = True
-    if cfg is not None:
-        fp8_dispatch = bool(cfg.fp8.dispatch) if fp8_dispatch is None else fp8_dispatch
-        link = link if link is not None else comm.EmulatedLink.from_config(cfg.parallel.comm.emulate_link)
-        layout = layout or getattr(cfg.parallel.comm, "dispatch", None)
-    fp8_dispatch, layout = bool(fp8_dispatch), layout or "counts"
-    if mesh.ep > 1:
-        if mesh.ep_group is None:
-            raise ValueError(f"parallel.ep={mesh.ep}: the mesh has no expert-parallel group (single process?)")
-        if dist.get_rank(mesh.ep_group) != mesh.ep_rank:
-            raise ValueError(f"ep_group rank {dist.get_rank(mesh.ep_group)} != mesh.ep_rank {mesh.ep_rank}: "
-                             f"experts would be misplaced")
-    for name, moe in model.named_modules():
-        if not isinstance(moe, MoE):
-            continue
-        local = local_expert_range(moe.n_experts, mesh.ep, mesh.ep_rank)
-        if mesh.ep > 1:
-            if moe.experts.expert_ids != local:
-                moe.experts = _experts_like(moe.experts, moe.n_experts, local)
-            moe.dispatcher = ExpertParallelDispatcher(moe.n_experts, mesh.ep_group, fp8=fp8_dispatch,
-                                                      pow2_scales=pow2, link=link, recorder=recorder,
-                                                      name=name or "moe", layout=layout)
-        mark_expert_params(moe)
-    return model
 
 
 def ranks_per_token(topk_idx: torch.Tensor, n_experts: int, ep: int) -> torch.Tensor:

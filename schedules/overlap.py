@@ -2,23 +2,23 @@
 
 With expert parallelism every MoE block sends its tokens to the ranks owning their experts and back, twice per
 forward and twice per backward. DeepSeek-V3 hides that traffic by pairing the forward of one chunk with the
-backward of another: while one chunk's tokens travel, the other chunk computes. To make that possible a MoE
-block's forward is cut where the tokens travel:
+backward of another: while one chunk's tokens travel, the other chunk computes. To make that possible a layer's
+forward can be cut where its tokens travel. This module knows no model: it holds the protocol and the machinery.
 
-    attention   h1 = h + MLA(norm(h)),  x = norm(h1),  route(x)     compute
-    counts      how many rows go to each expert                    all-to-all (tiny; the host must read it)
-    dispatch    rows to the ranks owning their experts             all-to-all
-    shared      shared expert(x), needs no travelling token        compute
-    experts     routed experts (grouped GEMM)                      compute
-    combine     expert outputs back to the tokens' ranks           all-to-all
-    residual    h1 + sum_k w_k * expert_k(x) + shared(x)           compute (runs on into the next block)
+The sub-stage protocol (duck-typed; framework/models/deepseek_v3 implements it):
+- `layer.forward_steps(h, tape, recompute)`: the layer's training forward as a generator that yields a label each
+  time it has started an exchange and waits for it only when resumed, because its next piece needs the result;
+  returns the layer's output. A layer without `forward_steps` runs in one piece.
+- `model.final_steps(h, input_ids, labels, tape, recompute)`: the same for what follows the last layer (norm, head,
+  multi-token prediction depths, loss); returns (loss, metrics). Without it, `model.final(...)` runs in one piece.
+- `recompute`: the layer recomputes its cheap pieces (norms, SwiGLU products) in backward (V3 §3.3).
+A layer hands its pieces to the `Tape`: tensors crossing an exchange are cut from the autograd graph (detached
+leaves, `tape.cut`), so each compute segment back-propagates on its own; each exchange leaves its backward
+(`tape.exchange`), a generator too, which starts the reverse all-to-all asynchronously (not inside autograd, where
+it would block) and yields while it travels; losses made inside (MoE balance losses) go to `tape.add_loss`.
 
-A chunk's forward is a generator (`part_steps`) that yields each time it has started an exchange and waits for it
-only when resumed, because its next piece needs the result. Tensors crossing an exchange are cut from the autograd
-graph (detached leaves), so each compute segment back-propagates on its own, and the backward (`backward_steps`)
-is a generator too: segment by segment in reverse, with the reverse all-to-all of every exchange started
-asynchronously here (not inside autograd, where it would block). `interleave` alternates the two generators turn by
-turn; per MoE block each side takes three turns (B = the backward chunk, F = the forward chunk):
+`backward_steps` runs a chunk's tape segment by segment in reverse, and `interleave` alternates the two generators
+turn by turn; per MoE block each side takes three turns (B = the backward chunk, F = the forward chunk):
 
     turn   computes                                             leaves in flight   which travels under
     B1     ATTN(B): attention input gradients (+ residual)       COMBINE(B)         F1, B2, F2
@@ -38,26 +38,16 @@ of their own instead of blocking the host, which on a GPU would also stop it fro
 When a schedule already defers weight gradients to W actions (WeightGradStore enabled), they stay there.
 
 Every expert-parallel peer runs the same action list, so the exchanges are issued in the same order everywhere.
-The multi-token prediction depths of the last part hold MoE blocks too; `final_steps` cuts them the same way.
 
 Outside an F&B pair (a plain F, then B or BW), the cut pieces are stitched back together (`_Stitch`): the executor
 back-propagates the chunk's outputs as usual and the pieces run one after the other.
-
-Recomputation (`recompute=True`, V3 §3.3): RMSNorm outputs and the SwiGLU products silu(gate) * up are not kept for
-backward but recomputed there (torch.utils.checkpoint with a policy that keeps GEMM outputs). A layer that defers
-its weight gradient (framework/weight_grad.py) holds the weight by handle, not as a saved tensor, so the deferred
-gradient lands in the parameter itself, not in the alias a checkpoint hands back: norms and routed experts defer
-inside recomputed regions.
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import Callable, Generator, Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .weight_grad import WeightGradStore, run_backward
 
@@ -65,59 +55,8 @@ Steps = Generator[str, None, object]  # yields a label at each exchange it leave
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Recomputation (V3 §3.3: RMSNorm and the SwiGLU output are recomputed in backward)
-# --------------------------------------------------------------------------------------------------------------------
-
-_aten = torch.ops.aten
-_GEMMS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default,
-          _aten._grouped_mm.default}
-
-
-def _keep_gemm_outputs(ctx, op, *args, **kwargs):
-    # GEMM outputs are costly to redo and are the SwiGLU's inputs; everything else (norms, silu, products) is cheap
-    return CheckpointPolicy.MUST_SAVE if op in _GEMMS else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def recomputed(fn: Callable, *args):
-    """fn(*args), keeping for backward only its inputs and GEMM outputs; the rest is recomputed there.
-
-    fn must be free of communication and side effects (it runs twice); its layers may defer their weight
-    gradients (see the module doc).
-    """
-    return checkpoint(fn, *args, use_reentrant=False,
-                      context_fn=partial(create_selective_checkpoint_contexts, _keep_gemm_outputs))
-
-
-def _norm(norm: nn.Module, x: torch.Tensor, recompute: bool) -> torch.Tensor:
-    return recomputed(norm, x) if recompute else norm(x)
-
-
-def _swiglu_product(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
-
-
-def _swiglu(mlp: nn.Module, x: torch.Tensor, recompute: bool) -> torch.Tensor:
-    """mlp(x) for a layers.SwiGLU; with recompute, only silu(gate) * up is recomputed (the linears may defer dW)."""
-    if not recompute or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
-        return mlp(x)
-    return mlp.down_proj(recomputed(_swiglu_product, mlp.gate_proj(x), mlp.up_proj(x)))
-
-
-def _routed_experts(experts: nn.Module, x_sorted: torch.Tensor, tokens_per_expert, recompute: bool):
-    """experts(x_sorted, tokens_per_expert); with recompute, the grouped GEMMs' outputs are kept and the SwiGLU
-    product recomputed. Experts with custom GEMM numerics (linear_fn, e.g. FP8) run as they are."""
-    if not recompute or getattr(experts, "linear_fn", None) is not None:
-        return experts(x_sorted, tokens_per_expert)
-    return recomputed(experts, x_sorted, tokens_per_expert)
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # The tape of one chunk: compute segments separated by exchanges
 # --------------------------------------------------------------------------------------------------------------------
-
-def _accumulate_grad(leaf: torch.Tensor, grad: torch.Tensor) -> None:
-    leaf.grad = grad if leaf.grad is None else leaf.grad + grad
-
 
 class _Segment:
     """Compute between two exchanges. `cuts`: (tensor, leaf) for each tensor a later piece reads through a detached
@@ -137,14 +76,19 @@ class _Segment:
 
 class Tape:
     """A chunk's forward, recorded as [segment, exchange, segment, exchange, ..., segment]; exchanges are kept as
-    generator functions that run their backward (start the reverse all-to-all, yield, wait, hand the gradient on)."""
+    generator functions that run their backward (start the reverse all-to-all, yield, wait, hand the gradient on).
 
-    def __init__(self):
+    `open` is the segment being recorded (an opaque handle for `carry`); `loss_scale` the gradient a loss made
+    inside the chunk is back-propagated with (the part's loss scale)."""
+
+    def __init__(self, loss_scale: float = 1.0):
         self.entries: list = []
         self.open = _Segment()
         self.out_leaves: list[Optional[torch.Tensor]] = []
         self.released = False
         self.deferred_w: list[Callable[[], None]] = []   # weight gradients of segments already back-propagated
+        self.loss_scale = loss_scale
+        self.losses: list[torch.Tensor] = []              # detached values of the losses added so far
 
     def cut(self, t: torch.Tensor) -> torch.Tensor:
         """A leaf standing for `t` in later pieces: their backward leaves the gradient of `t` in leaf.grad."""
@@ -167,6 +111,28 @@ class Tape:
     def seed(self, loss: torch.Tensor, scale: float) -> None:
         """Back-propagate `loss` with gradient `scale` in the open segment's backward."""
         self.open.seeds.append((loss, torch.full_like(loss, scale)))
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        """A loss made inside the chunk (a MoE balance loss): back-propagated from the open segment with gradient
+        loss_scale (as stage.AttachLoss does when the chunk runs in one piece); its value is kept for take_losses."""
+        self.seed(loss, self.loss_scale)
+        self.losses.append(loss.detach())
+
+    def take_losses(self) -> list[torch.Tensor]:
+        """The values of the losses added since the last call, in order (for the chunk's loss value)."""
+        losses, self.losses = self.losses, []
+        return losses
+
+    def aside(self, t: torch.Tensor) -> tuple[torch.Tensor, Callable[[], None]]:
+        """`t`, computed off the chain of segments (under an exchange, from inputs already cut): returns a leaf
+        standing for it and the function that back-propagates `t` from that leaf's gradient, for the caller to run
+        where it likes (a turn of its own inside an exchange's backward)."""
+        segment = _Segment()
+        if not t.requires_grad:
+            return t, segment.backward
+        leaf = t.detach().requires_grad_()
+        segment.cuts.append((t, leaf))
+        return leaf, segment.backward
 
     def exchange(self, backward: Callable[[], Steps]) -> None:
         """Close the open segment; `backward()` is the exchange's backward, run between the segments' backwards."""
@@ -254,213 +220,49 @@ def _tape_of(tensors: Sequence[torch.Tensor]) -> Optional[Tape]:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Blocks as steps
+# A pipeline part as steps
 # --------------------------------------------------------------------------------------------------------------------
 
-def _is_v3_block(layer: nn.Module) -> bool:
-    return all(hasattr(layer, n) for n in ("self_attn", "input_layernorm", "post_attention_layernorm", "mlp"))
+def exchanges_async(module: nn.Module) -> bool:
+    """Whether `module` (a MoE layer) moves tokens between processes with exchanges it can start and wait for: what
+    a chunk's forward can hide under the other chunk of an F&B pair."""
+    return bool(getattr(module, "exchanges_tokens", False))
 
 
-def _is_moe(mlp: nn.Module) -> bool:
-    return all(hasattr(mlp, n) for n in ("gate", "experts", "dispatcher", "route"))
+def _layer_steps(layer: nn.Module, h: torch.Tensor, tape: Tape, recompute: bool) -> Steps:
+    if hasattr(layer, "forward_steps"):
+        return (yield from layer.forward_steps(h, tape, recompute))
+    return layer(h)
 
 
-def exchanges_async(mlp: nn.Module) -> bool:
-    """Whether a MoE layer's dispatcher moves tokens between processes with startable exchanges."""
-    return _is_moe(mlp) and hasattr(mlp.dispatcher, "start_dispatch") and hasattr(mlp.dispatcher, "group")
-
-
-def _attention(block: nn.Module, h: torch.Tensor, recompute: bool) -> torch.Tensor:
-    """Block.attention(h) (training: no cache), with the norm recomputable."""
-    return h + block.self_attn(_norm(block.input_layernorm, h, recompute), 0, None)
-
-
-def _take_balance_loss(moe: nn.Module, tape: Tape, scale: float, losses: list) -> None:
-    # the balance loss made by route() is back-propagated within its own segment, with the gradient the part's
-    # loss scale gives it (stage.AttachLoss does the same when the stage runs in one piece)
-    aux = getattr(moe, "aux_loss", None)
-    if aux is not None:
-        moe.aux_loss = None
-        tape.seed(aux, scale)
-        losses.append(aux.detach())
-
-
-def _weighted_sum(y_back: torch.Tensor, ctx, dtype: torch.dtype) -> torch.Tensor:
-    """sum_k w_k * expert_k(x) per token from the rows back home [M_send, C] -> [N, C] (ExpertParallelDispatcher's
-    combine: fp32 accumulation at least, V3 §3.3)."""
-    acc = torch.promote_types(y_back.dtype, torch.float32)
-    y = y_back.new_zeros(ctx.n_tokens, y_back.shape[1], dtype=acc)
-    y = y.index_add(0, ctx.token, y_back.to(acc) * ctx.weight.to(acc)[:, None])
-    return y.to(dtype)
-
-
-def dense_block(block: nn.Module, h: torch.Tensor, recompute: bool) -> torch.Tensor:
-    """A block without exchanges (dense FFN): Block.forward(h), norms and SwiGLU recomputable."""
-    if not recompute or not _is_v3_block(block):
-        return block(h)
-    h = _attention(block, h, recompute)
-    return h + _swiglu(block.mlp, _norm(block.post_attention_layernorm, h, recompute), recompute)
-
-
-def moe_block_steps(block: nn.Module, h: torch.Tensor, tape: Tape, recompute: bool, scale: float,
-                    losses: list) -> Steps:
-    """One MoE block as steps: yields with its dispatch, then its combine, in flight; returns the block's output.
-
-    Numerically the block's forward (Block.feed_forward(Block.attention(h))); `losses` collects the detached
-    balance losses (their gradients are seeded on the tape with `scale`).
-    """
-    from parallel import comm
-
-    moe, dispatcher = block.mlp, block.mlp.dispatcher
-    h1 = _attention(block, h, recompute)
-    x = _norm(block.post_attention_layernorm, h1, recompute)
-    flat, topk_idx, topk_weight = moe.route(x)                                 # [N, C], [N, K], [N, K]
-    _take_balance_loss(moe, tape, scale, losses)
-
-    if not exchanges_async(moe):  # every expert is in this process: nothing travels, nothing to overlap
-        if len(moe.experts.expert_ids) != moe.n_experts:
-            raise ValueError(f"local_experts={moe.experts.expert_ids!r}: a partial expert set needs an "
-                             f"expert-parallel dispatcher (moe.dispatcher)")
-        x_sorted, tokens_per_expert, ctx = dispatcher.dispatch(flat, topk_idx, topk_weight)
-        y = dispatcher.combine(_routed_experts(moe.experts, x_sorted, tokens_per_expert, recompute), ctx)
-        if moe.shared_experts is not None:
-            y = y + _swiglu(moe.shared_experts, flat, recompute)
-        return h1 + y.view(x.shape)
-
-    # ---- dispatch: rows leave; the routing weights stay (ctx.weight keeps their graph to the leaf `topk_weight`)
-    h1, flat, topk_weight = tape.cut(h1), tape.cut(flat), tape.cut(topk_weight)
-    if getattr(dispatcher, "needs_counts", True):
-        counting = dispatcher.start_counts(flat.detach(), topk_idx, topk_weight)
-        yield f"{dispatcher.name}.counts"
-        pending = counting.start_rows()
-    else:  # padded layout: no counts to wait for, the rows leave at once and travel under three turns
-        pending = dispatcher.start_dispatch(flat.detach(), topk_idx, topk_weight)
-        yield f"{dispatcher.name}.dispatch"
-    # the shared expert needs no travelling token: it runs under its own block's row exchange, and its backward
-    # (a segment of its own) has a turn of its own in combine_backward
-    shared, shared_segment = None, _Segment()
-    if moe.shared_experts is not None:
-        shared_out = _swiglu(moe.shared_experts, flat, recompute)             # [N, C]
-        shared = shared_out.detach().requires_grad_() if shared_out.requires_grad else shared_out
-        if shared_out.requires_grad:
-            shared_segment.cuts.append((shared_out, shared))
-    yield f"{dispatcher.name}.dispatch"
-    x_sorted, tokens_per_expert, ctx = pending.wait()                          # [M_recv, C], [E_local]
-    x_sorted = x_sorted.detach().requires_grad_()
-
-    def dispatch_backward() -> Steps:
-        # expert-input gradients go back to the tokens' ranks: a combine-direction exchange
-        g_sorted = x_sorted.grad if x_sorted.grad is not None else torch.zeros_like(x_sorted)
-        g_recv = g_sorted.index_select(0, ctx.unsort)                          # [M_recv, C], [source][expert]
-        g_send = g_recv.new_empty(sum(ctx.send_splits), g_recv.shape[1])       # [M_send, C]
-        exchange = comm.all_to_all(g_send, g_recv, ctx.send_splits, ctx.recv_splits, dispatcher.group,
-                                   f"{dispatcher.name}.dispatch.backward", dispatcher.link, dispatcher.recorder)
-        # the weight gradients held back so far (V3 Figure 4's ATTN(W)) run under this exchange: without them only
-        # the other chunk's routed experts would
-        tape.run_deferred_w()
-        yield f"{dispatcher.name}.dispatch.backward"
-        exchange.wait()
-        # each token's gradient is the sum over the rows it was copied into (the backward of index_select)
-        _accumulate_grad(flat, g_send.new_zeros(ctx.n_tokens, g_send.shape[1]).index_add_(0, ctx.token, g_send))
-
-    tape.exchange(dispatch_backward)
-
-    # ---- routed experts
-    y_sorted = tape.cut(_routed_experts(moe.experts, x_sorted, tokens_per_expert, recompute))   # [M_recv, C]
-
-    # ---- combine: expert outputs go home in [source rank][expert] order
-    y_recv = y_sorted.detach().index_select(0, ctx.unsort)                     # [M_recv, C]
-    y_back = y_recv.new_empty(sum(ctx.send_splits), y_recv.shape[1])          # [M_send, C]
-    exchange = comm.all_to_all(y_back, y_recv, ctx.send_splits, ctx.recv_splits, dispatcher.group,
-                               f"{dispatcher.name}.combine", dispatcher.link, dispatcher.recorder)
-    yield f"{dispatcher.name}.combine"
-    exchange.wait()
-    y_back.requires_grad_()
-
-    def combine_backward() -> Steps:
-        # output-row gradients go to the ranks that ran the experts: a dispatch-direction exchange
-        g_back = y_back.grad if y_back.grad is not None else torch.zeros_like(y_back)
-        g_recv = g_back.new_empty(sum(ctx.recv_splits), g_back.shape[1])       # [M_recv, C], [source][expert]
-        exchange = comm.all_to_all(g_recv, g_back, ctx.recv_splits, ctx.send_splits, dispatcher.group,
-                                   f"{dispatcher.name}.combine.backward", dispatcher.link, dispatcher.recorder)
-        yield f"{dispatcher.name}.combine.backward"
-        # a turn of its own for compute that needs no exchange, the shared expert's backward: the other chunk's
-        # token counts (or, padded layout, its rows) travel under it
-        shared_segment.backward()
-        yield f"{dispatcher.name}.combine.backward"
-        exchange.wait()
-        if isinstance(y_sorted, torch.Tensor) and y_sorted.requires_grad:
-            _accumulate_grad(y_sorted, torch.empty_like(g_recv).index_copy_(0, ctx.unsort, g_recv))
-
-    tape.exchange(combine_backward)
-
-    # ---- residual, in MoE.forward's order: combine, + shared, then Block's residual add
-    y = _weighted_sum(y_back, ctx, y_sorted.dtype)
-    if shared is not None:
-        y = y + shared
-    return h1 + y.view(x.shape)
-
-
-def block_steps(layer: nn.Module, h: torch.Tensor, tape: Tape, recompute: bool, scale: float, losses: list) -> Steps:
-    """layer(h) as steps: an MoE block cut at its exchanges, any other block in one piece."""
-    if _is_v3_block(layer) and _is_moe(layer.mlp):
-        return (yield from moe_block_steps(layer, h, tape, recompute, scale, losses))
-    return dense_block(layer, h, recompute)
-
-
-def final_steps(model: nn.Module, h: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor, tape: Tape,
-                recompute: bool, scale: float) -> Steps:
-    """model.final(h, input_ids, labels) as steps, so that the MoE blocks of the multi-token prediction depths
-    exchange their tokens under the other chunk too; the same loss value and metrics as final() (deepseek_v3/
-    model.py), and the same gradients but for the output head's (shared by the main and the MTP losses, its uses
-    land in different segments and are summed in another order); each depth's balance loss is seeded on its own
-    segment like the blocks'."""
-    depths = getattr(model, "mtp", ())
-    if not len(depths):
-        return model.final(h, input_ids, labels)
-    from framework.models.deepseek_v3.mtp import depth_inputs, token_loss
-
-    # each head's loss is made where its input is, and read by the last segment through Tape.carry
-    h_k, balance = model.norm(h), []
-    losses = [(token_loss(model.lm_head(h_k), labels), tape.open)]
-    for k, depth in enumerate(depths, start=1):
-        ids_k, target_k = depth_inputs(input_ids, labels, k)
-        x = depth.project(h_k, model.embed_tokens(ids_k))                      # [B, T, C]
-        h_k = depth.shared_head.norm((yield from block_steps(depth.block, x, tape, recompute, scale, balance)))
-        losses.append((token_loss(model.lm_head(h_k), target_k), tape.open))
-    main, *mtp_losses = [tape.carry(loss, made_in) for loss, made_in in losses]
-    mtp = torch.stack(mtp_losses).mean()                                       # 1/D sum_k L_k
-    loss, metrics = main + model.mtp_lambda * mtp, {"loss/main": main.detach(), "loss/mtp": mtp.detach()}
-    if balance:
-        total = balance[0]
-        for aux in balance[1:]:
-            total = total + aux
-        loss = loss + total              # the value only: each balance loss back-propagates from its own segment
-        metrics["loss/balance"] = total
-    metrics["loss/total"] = loss.detach()
-    return loss, metrics
+def _sum(losses: list[torch.Tensor]) -> torch.Tensor:
+    total = losses[0]
+    for loss in losses[1:]:
+        total = total + loss
+    return total
 
 
 def part_steps(part: nn.Module, x: torch.Tensor, input_ids: Optional[torch.Tensor] = None,
                labels: Optional[torch.Tensor] = None, recompute: bool = False) -> Steps:
     """A pipeline part's forward (schedules/stage.py ModelPart, training) as steps; returns its outputs, stitched.
 
-    Same values as ModelPart.forward: embed (first part) -> blocks -> final and loss (last part), loss scaled by
-    part.loss_scale; the balance losses of the part's blocks are added to a last part's loss.
+    Same values as ModelPart.forward: embed (first part) -> layers -> final and loss (last part), loss scaled by
+    part.loss_scale; the balance losses of the part's layers are added to a last part's loss.
     """
     model = part._model[0]
-    tape, losses = Tape(), []
+    tape = Tape(loss_scale=part.loss_scale)
     h = model.embed_tokens(x) if part.first else x
     for layer in part.layers:
-        h = yield from block_steps(layer, h, tape, recompute, part.loss_scale, losses)
+        h = yield from _layer_steps(layer, h, tape, recompute)
     if not part.last:
         return tape.finish([h])[0]
-    loss, metrics = yield from final_steps(model, h, input_ids, labels, tape, recompute, part.loss_scale)
+    losses = tape.take_losses()
+    if hasattr(model, "final_steps"):
+        loss, metrics = yield from model.final_steps(h, input_ids, labels, tape, recompute)
+    else:
+        loss, metrics = model.final(h, input_ids, labels)
     if losses:
-        total = losses[0]
-        for aux in losses[1:]:
-            total = total + aux
-        loss = loss + total          # the value only: each balance loss back-propagates from its own segment
+        loss = loss + _sum(losses)   # the value only: each balance loss back-propagates from its own segment
     part.metrics.append({k: float(v) for k, v in metrics.items()})
     return tape.finish([loss * part.loss_scale])[0]
 

@@ -40,12 +40,17 @@ class AttachLoss(torch.autograd.Function):
         return grad_h, torch.full_like(loss, ctx.scale), None
 
 
-def _collect_aux_loss(layers: nn.Module):
-    try:
-        from framework.models.deepseek_v3.balance import collect_aux_loss
-    except ImportError:
-        return None
-    return collect_aux_loss(layers)
+def take_balance_losses(module: nn.Module) -> Optional[torch.Tensor]:
+    """The sum of the losses the layers of `module` made in their last forward and not yet handed over (MoE balance
+    losses), taken from them: a layer that makes one offers `take_balance_loss()`, returning it (or None) and
+    clearing it. None if there is none."""
+    total = None
+    for m in module.modules():
+        take = getattr(m, "take_balance_loss", None)
+        loss = take() if callable(take) else None
+        if loss is not None:
+            total = loss if total is None else total + loss
+    return total
 
 
 class ModelPart(nn.Module):
@@ -114,7 +119,7 @@ class ModelPart(nn.Module):
         h = model.embed_tokens(x) if self.first else x          # first: x = input_ids [B, T]; else h [B, T, C]
         for layer in self.layers:
             h = layer(h)
-        aux = _collect_aux_loss(self.layers) if self.training else None  # this part's layers only, right now
+        aux = take_balance_losses(self.layers) if self.training else None  # this part's layers only, right now
         if not self.last:
             return h if aux is None else AttachLoss.apply(h, aux, self.loss_scale)
         loss, metrics = model.final(h, input_ids, labels)

@@ -286,11 +286,10 @@ def _excluded(name, exclude):
 
 
 def expert_modules(model, exclude=()):
-    """(name, module) of every MoE Experts module whose GEMMs a precision hook may replace (linear_fn unset)."""
-    from framework.models.deepseek_v3.moe import Experts  # only here: the numerics do not depend on the model code
-
+    """(name, module) of every grouped-expert module whose GEMMs a precision hook may replace: a module declares
+    it takes one with `takes_linear_fn = True` (MoE Experts) and is left alone once its `linear_fn` is set."""
     return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, Experts) and m.linear_fn is None and not _excluded(name, exclude)]
+            if getattr(m, "takes_linear_fn", False) and m.linear_fn is None and not _excluded(name, exclude)]
 
 
 def convert_to_fp8(model, exclude=DEFAULT_EXCLUDE, backend="auto", pow2=False, track_stats=True):

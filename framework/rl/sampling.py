@@ -132,11 +132,6 @@ def sample(model, prompts: Sequence[Sequence[int]], num_samples: int = 1, max_ne
                          f"model.max_position_embeddings={limit}")
     device = device or next(model.parameters()).device
     stop_hit = _stop_checker(stop_strings, decode)
-    routers = []
-    if hasattr(model, "hidden_states"):
-        from framework.models.deepseek_v3.balance import routers as _routers
-        routers = _routers(model)
-    saved_loads = [r.load.clone() for r in routers]
     was_training = model.training
     model.eval()
 
@@ -177,11 +172,6 @@ def sample(model, prompts: Sequence[Sequence[int]], num_samples: int = 1, max_ne
                 pos += 1
     seconds = time.perf_counter() - t0
 
-    for r, load in zip(routers, saved_loads):
-        r.load.copy_(load)
-    if routers:  # sequence-wise balance losses left by these forwards must not reach the next training loss
-        from framework.models.deepseek_v3.balance import collect_aux_loss
-        collect_aux_loss(model)
     model.train(was_training)
     new_tokens = sum(len(c) for c in completions)
     stats = {"new_tokens": new_tokens, "seconds": seconds, "tokens_per_s": new_tokens / max(seconds, 1e-9),

@@ -39,7 +39,7 @@ def data_parallel_checks(mesh) -> dict:
 
     from framework.models.deepseek_v3.balance import expert_loads, reset_loads, update_biases
     from parallel.data_parallel import average_gradients, grad_norm_sq_share, reduce_expert_loads, reduce_gradients
-    from parallel.expert import apply_expert_parallel
+    from framework.models.expert_parallel import apply_expert_parallel
     from tests.parallel.test_expert import moe_cfg
 
     assert mesh.dp == 4 and mesh.ep == 2

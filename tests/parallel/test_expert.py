@@ -1,4 +1,5 @@
-"""Expert parallelism (parallel/expert.py) against the single-process MoE of framework/models/deepseek_v3/moe.py.
+"""Expert parallelism (parallel/expert.py, framework/models/expert_parallel.py) against the single-process MoE of
+framework/models/deepseek_v3/moe.py.
 
 Reference: one process runs the full MoE (LocalDispatcher) on the concatenation of every rank's tokens, loss =
 sum over ranks of <y_r, g_r>. Each ep rank runs the same weights on its own tokens only; its output and input
@@ -37,7 +38,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def build_pair(mesh, cfg, dtype, bias=None, fp8=False):
     """(reference full MoE, expert-parallel copy) with identical weights."""
     from framework.models.deepseek_v3.moe import MoE
-    from parallel.expert import apply_expert_parallel
+    from framework.models.expert_parallel import apply_expert_parallel
 
     torch.manual_seed(0)
     ref = MoE(cfg).to(dtype)
@@ -238,7 +239,7 @@ def model_checks(mesh) -> dict:
     import torch.distributed as dist
 
     from framework.models.deepseek_v3.model import DeepSeekV3
-    from parallel.expert import apply_expert_parallel
+    from framework.models.expert_parallel import apply_expert_parallel
 
     cfg = moe_cfg(num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, max_position_embeddings=32,
                   q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
@@ -277,7 +278,8 @@ def config_and_error_checks(mesh) -> dict:
     from types import SimpleNamespace
 
     from framework.models.deepseek_v3.moe import MoE
-    from parallel.expert import ExpertParallelDispatcher, apply_expert_parallel
+    from framework.models.expert_parallel import apply_expert_parallel
+    from parallel.expert import ExpertParallelDispatcher
 
     cfg = SimpleNamespace(fp8=SimpleNamespace(dispatch=True),
                           parallel=SimpleNamespace(comm=SimpleNamespace(emulate_link={"latency_us": 3, "gbps": 8})))

@@ -44,7 +44,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def build(cfg, dtype, mesh=None):
     from framework.models import build_model
-    from parallel.expert import apply_expert_parallel
+    from framework.models.expert_parallel import apply_expert_parallel
 
     torch.manual_seed(0)
     model = build_model(cfg.model).to(dtype)

@@ -1,16 +1,18 @@
 """Expert load balancing: the auxiliary-loss-free bias rule (V3 §2.1.2, arXiv 2408.15664) and its metrics.
 
-Every Router counts the tokens it sends to each expert into `router.load`. After a step the trainer reads the
-counts of its own layers (`expert_loads`), sums them over all data-parallel ranks, and calls `update_biases`:
-b_i += u * sign(mean(c) - c_i), so overloaded experts become less attractive for the top-k choice only (gate weights
-never see b). u = 1e-3 in V3, 0 for the last 500B tokens (`bias_update_rate`).
+Every Router counts the tokens it sends to each expert into `router.load`, in training forwards only. After a step
+the trainer reads the counts of its own layers (`expert_loads`), sums them over all data-parallel ranks, and calls
+`update_biases`: b_i += u * sign(mean(c) - c_i), so overloaded experts become less attractive for the top-k choice
+only (gate weights never see b). u = 1e-3 in V3, 0 for the last 500B tokens (`bias_update_rate`). Evaluation counts
+its own loads apart (`tally_loads`, for MaxVio_global), so the training counts need no saving around it.
 
 All functions walk `module.modules()`, so they work on a whole model or on one pipeline stage; the layer order is
 module order (main layers first, then MTP layers).
 """
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -34,6 +36,23 @@ def expert_loads(model: nn.Module) -> torch.Tensor:
 def reset_loads(model: nn.Module) -> None:
     for r in routers(model):
         r.load.zero_()
+
+
+@contextmanager
+def tally_loads(models: Sequence[nn.Module]) -> Iterator[list[torch.Tensor]]:
+    """Count the expert loads of every forward run inside the block, in any mode (the training counts stay as they
+    are). Yields a list that holds, once the block ends, the [L_moe, E] int64 counts of each model (this process)."""
+    rs = [routers(m) for m in models]
+    for r in (r for group in rs for r in group):
+        r.tally = torch.zeros_like(r.load)
+    out: list[torch.Tensor] = []
+    try:
+        yield out
+        out += [torch.stack([r.tally for r in group]) if group else torch.zeros(0, 0, dtype=torch.int64)
+                for group in rs]
+    finally:
+        for r in (r for group in rs for r in group):
+            r.tally = None
 
 
 @torch.no_grad()
@@ -67,7 +86,7 @@ def collect_aux_loss(module: nn.Module) -> Optional[torch.Tensor]:
     """
     total = None
     for m in module.modules():
-        if isinstance(m, MoE) and m.aux_loss is not None:
-            total = m.aux_loss if total is None else total + m.aux_loss
-            m.aux_loss = None
+        loss = m.take_balance_loss() if isinstance(m, MoE) else None
+        if loss is not None:
+            total = loss if total is None else total + loss
     return total

@@ -103,8 +103,6 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     if T + max_new_tokens + int(use_mtp_draft) > limit:
         raise ValueError(f"max_new_tokens={max_new_tokens}: prompt {T} + new tokens exceed "
                          f"model.max_position_embeddings={limit}")
-    from framework.models.deepseek_v3.balance import routers
-    saved_loads = [r.load.clone() for r in routers(model)]
     stats = {"main_forwards": 0, "draft_proposed": 0, "draft_accepted": 0}
     t0 = time.perf_counter()
 
@@ -137,8 +135,6 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
                 seq = torch.cat((seq, true_next), dim=1)
                 draft_logits = run.draft(h[:, :1], seq[:, -1:])
 
-    for r, load in zip(routers(model), saved_loads):
-        r.load.copy_(load)
     seconds = time.perf_counter() - t0
     seq = seq[:, :T + max_new_tokens]
     stats.update(new_tokens=max_new_tokens, seconds=seconds, tokens_per_s=B * max_new_tokens / max(seconds, 1e-9))

@@ -9,6 +9,18 @@ Same outline as every duet model (see dense.py):
 
 Loss = L_main + lambda/D * sum_k L_mtp_k (V3 eq. 24-25) + balance losses; lambda = `mtp_lambda`, moved from
 mtp_loss_weight to mtp_loss_weight_late by `set_progress` (V3 §4.2: 0.3 for the first 10T tokens, then 0.1).
+
+Sub-stages (V3 §3.2.1, Figure 4): `Block.forward_steps` and `DeepSeekV3.final_steps` are the training forward cut
+where the MoE tokens travel, as generators that yield while an exchange is in flight (the protocol of
+schedules/overlap.py, whose Tape they receive). Per MoE block:
+
+    attention   h1 = h + MLA(norm(h)),  x = norm(h1),  route(x)     compute
+    counts      how many rows go to each expert                    all-to-all (tiny; the host must read it)
+    dispatch    rows to the ranks owning their experts             all-to-all
+    shared      shared expert(x), needs no travelling token        compute
+    experts     routed experts (grouped GEMM)                      compute
+    combine     expert outputs back to the tokens' ranks           all-to-all
+    residual    h1 + sum_k w_k * expert_k(x) + shared(x)           compute (runs on into the next block)
 """
 from __future__ import annotations
 
@@ -21,9 +33,9 @@ import torch.nn as nn
 
 from framework.models.deepseek_v3.balance import collect_aux_loss
 from framework.models.deepseek_v3.mla import MLA, LatentCache, RotaryTables
-from framework.models.deepseek_v3.moe import Experts, MoE, Router
+from framework.models.deepseek_v3.moe import Experts, MoE, Router, Steps
 from framework.models.deepseek_v3.mtp import MTPLayer, depth_inputs, token_loss
-from framework.models.layers import RMSNorm, SwiGLU
+from framework.models.layers import RMSNorm, SwiGLU, maybe_recomputed
 
 
 def is_moe_layer(cfg, layer_idx: int) -> bool:
@@ -66,6 +78,23 @@ class Block(nn.Module):
 
     def forward(self, h: torch.Tensor, start_pos: int = 0, cache: Optional[LatentCache] = None) -> torch.Tensor:
         return self.feed_forward(self.attention(h, start_pos, cache))
+
+    def forward_steps(self, h: torch.Tensor, tape, recompute: bool = False) -> Steps:
+        """forward(h) (training: no cache) as steps: a MoE block yields while its tokens travel (MoE.forward_steps),
+        a dense one runs in one piece. recompute: RMSNorm outputs and SwiGLU products are recomputed in backward."""
+        if not isinstance(self.mlp, MoE):
+            if not recompute:
+                return self(h)
+            h = self._attention(h, recompute)
+            return h + self.mlp.forward_recomputed(maybe_recomputed(self.post_attention_layernorm, h, recompute))
+        h1 = self._attention(h, recompute)
+        x = maybe_recomputed(self.post_attention_layernorm, h1, recompute)
+        if self.mlp.exchanges_tokens:
+            h1 = tape.cut(h1)            # the residual is read after the exchanges
+        return h1 + (yield from self.mlp.forward_steps(x, tape, recompute))
+
+    def _attention(self, h: torch.Tensor, recompute: bool) -> torch.Tensor:
+        return h + self.self_attn(maybe_recomputed(self.input_layernorm, h, recompute), 0, None)
 
 
 class DeepSeekV3(nn.Module):
@@ -142,6 +171,35 @@ class DeepSeekV3(nn.Module):
         if balance is not None:
             loss = loss + balance
             metrics["loss/balance"] = balance.detach()
+        metrics["loss/total"] = loss.detach()
+        return loss, metrics
+
+    def final_steps(self, h: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor, tape,
+                    recompute: bool = False) -> Steps:
+        """final(h, input_ids, labels) as steps, so that the MoE blocks of the multi-token prediction depths exchange
+        their tokens under another chunk too. The same loss value and metrics as final(), and the same gradients but
+        for the output head's (shared by the main and the MTP losses, its uses land in different pieces and are
+        summed in another order); each depth's balance loss goes to the tape like the blocks'."""
+        if not len(self.mtp):
+            return self.final(h, input_ids, labels)
+        # each head's loss is made where its input is, and read by the last piece through tape.carry
+        h_k = self.norm(h)
+        losses = [(token_loss(self.lm_head(h_k), labels), tape.open)]
+        for k, depth in enumerate(self.mtp, start=1):
+            ids_k, target_k = depth_inputs(input_ids, labels, k)
+            x = depth.project(h_k, self.embed_tokens(ids_k))                  # [B, T, C]
+            h_k = depth.shared_head.norm((yield from depth.block.forward_steps(x, tape, recompute)))
+            losses.append((token_loss(self.lm_head(h_k), target_k), tape.open))
+        main, *mtp_losses = [tape.carry(loss, made_in) for loss, made_in in losses]
+        mtp = torch.stack(mtp_losses).mean()                                  # 1/D sum_k L_k
+        loss, metrics = main + self.mtp_lambda * mtp, {"loss/main": main.detach(), "loss/mtp": mtp.detach()}
+        balance = tape.take_losses()
+        if balance:
+            total = balance[0]
+            for aux in balance[1:]:
+                total = total + aux
+            loss = loss + total          # the value only: each balance loss back-propagates from its own piece
+            metrics["loss/balance"] = total
         metrics["loss/total"] = loss.detach()
         return loss, metrics
 

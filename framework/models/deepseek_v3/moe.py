@@ -9,9 +9,13 @@ other work) can replace the middle without touching the rest:
     dispatcher.combine(y_sorted, ctx)-> y [N, C]  (= sum_k w_k * expert_k(x), for every token)
     + shared_experts(x)
 
-`LocalDispatcher` is the single-process implementation; an expert-parallel one sends rows to the ranks owning the
-experts and returns them in `combine`. No token is ever dropped (V3 §2.1.2: no token dropping in training or
-inference), so M = N * K locally.
+The dispatchers live in parallel/: `LocalDispatcher` (parallel/dispatch.py) is the single-process one; an
+expert-parallel one (parallel/expert.py) sends rows to the ranks owning the experts and returns them in `combine`.
+No token is ever dropped (V3 §2.1.2: no token dropping in training or inference), so M = N * K locally.
+
+`MoE.forward_steps` is the same forward cut where the tokens travel, for a schedule that runs another chunk's work
+while they do (the sub-stage protocol of schedules/overlap.py); `MoE.shard_experts` keeps one expert-parallel rank's
+slice (framework/models/expert_parallel.py).
 
 Expert weights are stacked per layer, gate_up_proj [E, 2I, C] (gate rows first, then up rows) and down_proj
 [E, C, I], in nn.Linear's [out, in] orientation: one grouped GEMM covers all experts, and the Hugging Face
@@ -19,14 +23,18 @@ per-expert layout (experts.E.gate_proj/up_proj/down_proj) is a slice/concat away
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from types import SimpleNamespace
+from typing import Callable, Generator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from framework.models.layers import SwiGLU
+from framework.models.layers import SwiGLU, recomputed
 from framework.weight_grad import grouped_linear, split_linear
+from parallel.dispatch import Dispatcher, LocalDispatcher
+
+Steps = Generator[str, None, object]  # yields a label at each exchange it leaves in flight; returns its result
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -38,7 +46,9 @@ class Router(nn.Module):
 
     b = e_score_correction_bias is a buffer moved by the balancing rule in balance.py, never by the optimizer. The
     gate weight and the bias stay fp32 even when the model is cast to bf16 (V3 §3.3 keeps gating in high precision).
-    `load` counts the tokens routed to each expert since the last reset (read by balance.expert_loads).
+    `load` counts the tokens routed to each expert since the last reset (read by balance.expert_loads), in training
+    forwards only (training mode, gradients enabled): evaluation, sampling and no-grad replays leave it alone, and
+    `tally`, when set (balance.tally_loads), counts every forward apart from it.
     """
     defers_weight_grad = True
 
@@ -59,6 +69,7 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
         # integer counts: exact at any scale, untouched by model.to(dtype), summable with all_reduce
         self.register_buffer("load", torch.zeros(self.n_experts, dtype=torch.int64), persistent=False)
+        self.tally: Optional[torch.Tensor] = None
 
     def _apply(self, fn, recurse=True):
         # model.to(bfloat16) must not lower the gate: cast back whatever floating dtype `fn` produced
@@ -86,8 +97,14 @@ class Router(nn.Module):
         if self.norm_topk_prob:
             topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
         topk_weight = topk_weight * self.routed_scaling_factor
-        with torch.no_grad():
-            self.load += torch.bincount(topk_idx.flatten(), minlength=self.n_experts)
+        counting = self.training and torch.is_grad_enabled()
+        if counting or self.tally is not None:
+            with torch.no_grad():
+                counts = torch.bincount(topk_idx.flatten(), minlength=self.n_experts)
+                if counting:
+                    self.load += counts
+                if self.tally is not None:
+                    self.tally += counts.to(self.tally.device)
         return topk_idx, topk_weight, s
 
     def forward(self, x: torch.Tensor):
@@ -113,51 +130,6 @@ class Router(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Dispatch / combine
-# --------------------------------------------------------------------------------------------------------------------
-
-class Dispatcher:
-    """Moves token rows to the experts that process them and back.
-
-    dispatch(x [N, C], topk_idx [N, K], topk_weight [N, K]) -> (x_sorted [M, C], tokens_per_expert [E_local], ctx)
-        x_sorted holds the rows for THIS process's experts, grouped by local expert id in increasing order;
-        tokens_per_expert (int64 tensor, or a list of ints) gives the group sizes (sum = M).
-    combine(y_sorted [M, C], ctx) -> y [N, C]: for each token, the sum over its K choices of weight * expert output.
-    """
-
-    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor):
-        raise NotImplementedError
-
-    def combine(self, y_sorted: torch.Tensor, ctx) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class LocalDispatcher(Dispatcher):
-    """All experts live in this process: permute rows by expert (stable argsort), un-permute with index_add."""
-
-    def __init__(self, n_experts: int):
-        self.n_experts = n_experts
-
-    def dispatch(self, x, topk_idx, topk_weight):
-        N, K = topk_idx.shape
-        flat = topk_idx.reshape(-1)                                          # [N*K], row n*K+k = (token n, choice k)
-        order = torch.argsort(flat, stable=True)
-        token = order // K                                                   # source token of each sorted row
-        x_sorted = x.index_select(0, token)                                  # [M, C]
-        tokens_per_expert = torch.bincount(flat, minlength=self.n_experts)
-        ctx = (token, topk_weight.reshape(-1).index_select(0, order), N)
-        return x_sorted, tokens_per_expert, ctx
-
-    def combine(self, y_sorted, ctx):
-        token, weight, N = ctx
-        # accumulate in fp32 at least: V3 §3.3 keeps the combine in higher precision than the expert GEMMs
-        acc = torch.promote_types(y_sorted.dtype, torch.float32)
-        y = y_sorted.new_zeros(N, y_sorted.shape[1], dtype=acc)
-        y.index_add_(0, token, y_sorted.to(acc) * weight.to(acc)[:, None])
-        return y.to(y_sorted.dtype)
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # Routed experts
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -178,6 +150,7 @@ class Experts(nn.Module):
     gradients of every path can be deferred to W (framework/weight_grad.py); a linear_fn says so with
     `defers_weight_grad = True`.
     """
+    takes_linear_fn = True   # what a precision conversion (framework/fp8) looks for: it may set linear_fn
 
     def __init__(self, cfg, local_experts: Optional[range] = None):
         super().__init__()
@@ -189,7 +162,7 @@ class Experts(nn.Module):
         self.impl = cfg.expert_impl
         if self.impl not in ("grouped", "loop"):
             raise ValueError(f"model.expert_impl={self.impl!r}: allowed: grouped, loop")
-        self.hidden, self.inter = C, I
+        self.hidden, self.inter, self.n_global = C, I, E
         n = len(self.expert_ids)
         self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * I, C))           # [E_local, 2I, C]: gate rows, up rows
         self.down_proj = nn.Parameter(torch.empty(n, C, I))                  # [E_local, C, I]
@@ -208,6 +181,29 @@ class Experts(nn.Module):
 
     # an expert-parallel rank calls the same function on the rows it received for its own experts
     forward_local = forward
+
+    def forward_recomputed(self, x_sorted: torch.Tensor, tokens_per_expert) -> torch.Tensor:
+        """forward(), keeping the grouped GEMMs' outputs and recomputing the SwiGLU product in backward. Experts with
+        custom GEMM numerics (linear_fn, e.g. FP8) run as they are."""
+        if self.linear_fn is not None:
+            return self(x_sorted, tokens_per_expert)
+        return recomputed(self, x_sorted, tokens_per_expert)
+
+    def slice(self, local: range) -> "Experts":
+        """A new Experts holding `local` (global expert ids inside this module's), with copies of their weights."""
+        lo, hi = local.start - self.expert_ids.start, local.stop - self.expert_ids.start
+        if lo < 0 or hi > len(self.expert_ids) or local.step != 1:
+            raise ValueError(f"local_experts={local!r}: the module holds only experts {self.expert_ids!r}")
+        spec = SimpleNamespace(n_routed_experts=self.n_global, hidden_size=self.hidden,
+                               moe_intermediate_size=self.inter, expert_impl=self.impl)
+        new = Experts(spec, local).to(device=self.gate_up_proj.device, dtype=self.gate_up_proj.dtype)
+        with torch.no_grad():
+            new.gate_up_proj.copy_(self.gate_up_proj[lo:hi])
+            new.down_proj.copy_(self.down_proj[lo:hi])
+        new.gate_up_proj.requires_grad_(self.gate_up_proj.requires_grad)
+        new.down_proj.requires_grad_(self.down_proj.requires_grad)
+        new.linear_fn = self.linear_fn
+        return new
 
     def grouped_mm_applies(self, x: torch.Tensor) -> bool:
         """torch._grouped_mm takes float32/bfloat16/float16 with every row stride a multiple of 16 bytes."""
@@ -247,7 +243,8 @@ class MoE(nn.Module):
 
     Balance losses (optional, only while training): the sequence-wise loss of V3 eq. 17-20 (seq_aux_loss_alpha) and
     the classic batch-wise auxiliary loss (aux_loss_alpha, Switch/GShard style, for comparisons). Their value is
-    left in `self.aux_loss` (with grad) for the model's final() to add; see balance.collect_aux_loss.
+    left in `self.aux_loss` (with grad) until someone adds it to a loss: `take_balance_loss()` hands it over (the
+    model's final(), a pipeline stage that holds no final(); see balance.collect_aux_loss).
     """
 
     def __init__(self, cfg, local_experts: Optional[range] = None):
@@ -271,10 +268,29 @@ class MoE(nn.Module):
             self.aux_loss = self.balance_loss(scores, topk_idx, B, T)
         return flat, topk_idx, topk_weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def take_balance_loss(self) -> Optional[torch.Tensor]:
+        """The balance loss of the last training forward (None if none), cleared: whoever takes it adds it."""
+        loss, self.aux_loss = self.aux_loss, None
+        return loss
+
+    def shard_experts(self, local: range, dispatcher: Dispatcher) -> None:
+        """Keep only the routed experts `local` (global ids) and move tokens with `dispatcher` (expert parallelism)."""
+        if self.experts.expert_ids != local:
+            self.experts = self.experts.slice(local)
+        self.dispatcher = dispatcher
+
+    @property
+    def exchanges_tokens(self) -> bool:
+        """Whether the dispatcher moves tokens between processes with exchanges it can start and wait for."""
+        return hasattr(self.dispatcher, "start_dispatch") and hasattr(self.dispatcher, "group")
+
+    def _check_experts(self) -> None:
         if isinstance(self.dispatcher, LocalDispatcher) and len(self.experts.expert_ids) != self.n_experts:
             raise ValueError(f"local_experts={self.experts.expert_ids!r}: a partial expert set needs an "
                              f"expert-parallel dispatcher (moe.dispatcher)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_experts()
         flat, topk_idx, topk_weight = self.route(x)
         x_sorted, tokens_per_expert, ctx = self.dispatcher.dispatch(flat, topk_idx, topk_weight)   # stage 2
         y_sorted = self.experts(x_sorted, tokens_per_expert)                                        # stage 3
@@ -304,3 +320,94 @@ class MoE(nn.Module):
             P = s_norm.mean(dim=0)
             loss = loss + self.aux_loss_alpha * (f * P).sum()
         return loss
+
+    # -----------------------------------------------------------------------------------------------------------
+    def _shared(self, flat: torch.Tensor, recompute: bool) -> torch.Tensor:
+        return self.shared_experts.forward_recomputed(flat) if recompute else self.shared_experts(flat)
+
+    def _routed(self, x_sorted: torch.Tensor, tokens_per_expert, recompute: bool) -> torch.Tensor:
+        return self.experts.forward_recomputed(x_sorted, tokens_per_expert) if recompute else \
+            self.experts(x_sorted, tokens_per_expert)
+
+    def forward_steps(self, x: torch.Tensor, tape, recompute: bool = False) -> Steps:
+        """forward(x) as steps (training): yields each time it leaves an exchange in flight, returns y [B, T, C].
+
+        `tape` (schedules/overlap.py's Tape) records the pieces between exchanges: tensors crossing an exchange are
+        cut from the autograd graph there, and each exchange leaves its backward, which starts the reverse exchange
+        itself and yields while it travels. The balance loss is handed to the tape, which back-propagates it in
+        its own piece. recompute: the SwiGLU products (shared and routed experts) are recomputed in backward.
+        Numerically forward(x), forward values and gradients alike.
+        """
+        flat, topk_idx, topk_weight = self.route(x)                            # [N, C], [N, K], [N, K]
+        aux = self.take_balance_loss()
+        if aux is not None:
+            tape.add_loss(aux)
+        d = self.dispatcher
+        if not self.exchanges_tokens:  # every expert is in this process: nothing travels, nothing to overlap
+            self._check_experts()
+            x_sorted, tokens_per_expert, ctx = d.dispatch(flat, topk_idx, topk_weight)
+            y = d.combine(self._routed(x_sorted, tokens_per_expert, recompute), ctx)
+            if self.shared_experts is not None:
+                y = y + self._shared(flat, recompute)
+            return y.view(x.shape)
+
+        # ---- dispatch: rows leave; the routing weights stay (ctx.weight keeps their graph to the leaf `topk_weight`)
+        flat, topk_weight = tape.cut(flat), tape.cut(topk_weight)
+        if getattr(d, "needs_counts", True):
+            counting = d.start_counts(flat.detach(), topk_idx, topk_weight)
+            yield f"{d.name}.counts"
+            pending = counting.start_rows()
+        else:  # padded layout: no counts to wait for, the rows leave at once and travel under three turns
+            pending = d.start_dispatch(flat.detach(), topk_idx, topk_weight)
+            yield f"{d.name}.dispatch"
+        # the shared expert needs no travelling token: it runs under its own block's row exchange, and its backward
+        # (a piece of its own) has a turn of its own in combine_backward
+        shared, shared_backward = None, lambda: None
+        if self.shared_experts is not None:
+            shared, shared_backward = tape.aside(self._shared(flat, recompute))  # [N, C]
+        yield f"{d.name}.dispatch"
+        x_sorted, tokens_per_expert, ctx = pending.wait()                      # [M_recv, C], [E_local]
+        x_sorted = x_sorted.detach().requires_grad_()
+
+        def dispatch_backward() -> Steps:
+            # expert-input gradients go back to the tokens' ranks
+            g_sorted = x_sorted.grad if x_sorted.grad is not None else torch.zeros_like(x_sorted)
+            returning = d.start_dispatch_backward(g_sorted, ctx)
+            # the weight gradients held back so far (V3 Figure 4's ATTN(W)) run under this exchange: without them only
+            # the other chunk's routed experts would
+            tape.run_deferred_w()
+            yield f"{d.name}.dispatch.backward"
+            _add_grad(flat, returning.wait())
+
+        tape.exchange(dispatch_backward)
+
+        # ---- routed experts, then their outputs go home
+        y_sorted = tape.cut(self._routed(x_sorted, tokens_per_expert, recompute))   # [M_recv, C]
+        returning_rows = d.start_combine_rows(y_sorted, ctx)
+        yield f"{d.name}.combine"
+        y_back = returning_rows.wait().requires_grad_()                        # [M_send, C]
+
+        def combine_backward() -> Steps:
+            # output-row gradients go to the ranks that ran the experts
+            g_back = y_back.grad if y_back.grad is not None else torch.zeros_like(y_back)
+            returning = d.start_combine_backward(g_back, ctx)
+            yield f"{d.name}.combine.backward"
+            # a turn of its own for compute that needs no exchange, the shared expert's backward: the other chunk's
+            # token counts (or, padded layout, its rows) travel under it
+            shared_backward()
+            yield f"{d.name}.combine.backward"
+            g_sorted = returning.wait()
+            if y_sorted.requires_grad:
+                _add_grad(y_sorted, g_sorted)
+
+        tape.exchange(combine_backward)
+
+        # ---- in forward()'s order: combine, then + shared
+        y = d.weighted_sum(y_back, ctx, y_sorted.dtype)
+        if shared is not None:
+            y = y + shared
+        return y.view(x.shape)
+
+
+def _add_grad(leaf: torch.Tensor, grad: torch.Tensor) -> None:
+    leaf.grad = grad if leaf.grad is None else leaf.grad + grad

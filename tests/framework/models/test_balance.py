@@ -111,3 +111,88 @@ def test_model_loads_and_balance_loss_in_compute_loss():
     # forward() (logits only) leaves nothing behind
     model(ids)
     assert collect_aux_loss(model) is None
+
+
+def test_loads_count_training_forwards_only():
+    """router.load counts training forwards (train mode, gradients on); evaluation, no-grad replays, generation and
+    sampling leave it as it is, and tally_loads counts any forward apart from it: the same counts as a training
+    forward on the same tokens, B*T*K per MoE layer."""
+    from framework.models.deepseek_v3.balance import tally_loads
+    from framework.models.deepseek_v3.generate import generate
+    from framework.rl.sampling import sample
+
+    torch.manual_seed(0)
+    cfg = cfg_()
+    model = DeepSeekV3(cfg)
+    ids = torch.randint(0, 64, (2, 8))
+    K, n_main = cfg.num_experts_per_tok, cfg.num_hidden_layers - cfg.first_k_dense_replace
+
+    model.compute_loss(ids, ids)                                       # a training forward, MTP depth included
+    trained = expert_loads(model).clone()
+    assert trained.sum(-1).tolist() == [2 * 8 * K] * (n_main + 1)
+
+    model.eval()
+    model.compute_loss(ids, ids)                                       # eval mode, gradients on
+    with torch.no_grad():
+        model(ids)
+    model.train()
+    with torch.no_grad():                                              # train mode, no gradients (a replay)
+        model.compute_loss(ids, ids)
+    generate(model, ids[:1, :4], max_new_tokens=3)
+    sample(model, [[1, 2, 3]], num_samples=2, max_new_tokens=3)
+    assert torch.equal(expert_loads(model), trained)
+    assert model.training
+
+    with tally_loads([model]) as tallies:
+        model.eval()
+        with torch.no_grad():
+            model.compute_loss(ids, ids)
+        model.train()
+    assert torch.equal(tallies[0], trained)                            # the same tokens, counted apart
+    assert torch.equal(expert_loads(model), trained)
+    assert all(r.tally is None for r in model.modules() if isinstance(r, Router))
+
+    model.compute_loss(ids, ids)                                       # training counts again
+    assert torch.equal(expert_loads(model), 2 * trained)
+
+
+def test_evaluate_reports_validation_maxvio_and_keeps_training_loads(corpus_dir, data_cache, tmp_path, monkeypatch):
+    """Trainer.evaluate: MaxVio_global over the validation windows (routed counts recorded independently, by
+    wrapping Router.route) and the training loads untouched."""
+    from framework.trainer import Trainer
+    from parallel.mesh import init_mesh
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg("model=deepseek_v3_tiny", f"data.path={corpus_dir}", f"data.cache_dir={data_cache}",
+                      "data.vocab_size=512", "model.hidden_size=16", "model.num_hidden_layers=2",
+                      "model.moe_intermediate_size=8", "model.intermediate_size=24", "model.first_k_dense_replace=1",
+                      "model.max_position_embeddings=32", "train.seq_len=16", "train.global_batch_size=4",
+                      "train.micro_batches=2", "train.eval_batches=2", "train.checkpoint_interval=0",
+                      "logging.console=none", "logging.wandb.mode=disabled")
+    cfg.train.output_dir = str(tmp_path / "run")
+    t = Trainer(cfg, init_mesh(1, 1, 1, "cpu"))
+    try:
+        x, y = t.val_batches[0]
+        t.model.compute_loss(x, y)                                     # a training forward leaves counts
+        before = expert_loads(t.model).clone()
+        assert before.sum() > 0
+
+        seen: dict[int, torch.Tensor] = {}
+        route = Router.route
+
+        def recording(self, x):
+            idx, w, s = route(self, x)
+            seen[id(self)] = seen.get(id(self), 0) + torch.bincount(idx.flatten(), minlength=self.n_experts)
+            return idx, w, s
+
+        monkeypatch.setattr(Router, "route", recording)
+        out = t.evaluate()
+        monkeypatch.setattr(Router, "route", route)
+        assert torch.equal(expert_loads(t.model), before)
+        assert t.model.training
+        loads = torch.stack([seen[id(m)] for m in t.model.modules() if isinstance(m, Router) and id(m) in seen])
+        assert int(loads.sum()) == len(t.val_batches) * x.numel() * cfg.model.num_experts_per_tok * loads.shape[0]
+        assert out["val/maxvio_global"] == max_vio(loads).mean().item()
+    finally:
+        t.metrics.close()
+        t.release()
