@@ -194,7 +194,7 @@ def draw_expert_load(loads: torch.Tensor, path: str, title: str = "") -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from framework.models.deepseek_v3.balance import max_vio
+    from framework.models.capabilities import max_vio
 
     loads = loads.double()
     rel = loads / loads.mean(dim=-1, keepdim=True).clamp_min(1e-12)             # [L, E]

@@ -22,6 +22,7 @@ from framework.data.dataset import Sampler, TokenWindows, validation_batches
 from framework.data.prepare import prepare
 from framework.metrics import build_metrics, redact
 from framework.models import build_model
+from framework.models.capabilities import max_vio
 from framework.optim.lr import make_scheduler
 from framework.resume import apply_schedule, check_data, data_identity, decide
 from framework.runlock import RunLock
@@ -218,8 +219,7 @@ class Trainer:
         self.scheduler.load_state_dict(meta["scheduler"])
         apply_schedule(self.scheduler, self.optimizer, self.cfg.optim.lr, int(meta["step"]))
         for m in self.step_fn.models():       # what the last step's hooks set (the MTP weight's switch)
-            if hasattr(m, "set_progress"):
-                m.set_progress(int(meta["step"]) / self.cfg.train.steps)
+            m.set_progress(int(meta["step"]) / self.cfg.train.steps)
         rng = torch.frombuffer(bytearray(base64.b64decode(meta["rng"])), dtype=torch.uint8)
         torch.set_rng_state(rng)
         log.info(f"resumed from {folder} at step {meta['step']}")   # console (rank 0) and every rank's log file
@@ -273,7 +273,7 @@ class Trainer:
         """Validation loss, and for MoE models MaxVio_global: expert loads counted over the whole validation set
         (V3 §2.1.2), kept apart from the training step's loads that drive the bias update."""
         models = self.step_fn.models()
-        moe = self.cfg.model.name == "deepseek_v3"
+        moe = any(m.moe_layers() for m in models)
         if moe:
             from framework.models.deepseek_v3 import balance
             train_loads = [balance.expert_loads(m).clone() for m in models]
@@ -287,12 +287,12 @@ class Trainer:
         s, n = self._sum([s, n])
         out = {"val/loss": s / n}
         if moe:
-            loads = sum(balance.expert_loads(m) for m in models)
+            loads = sum(m.expert_loads() for m in models)
             if self.mesh.distributed:
                 dist.all_reduce(loads)
             seen = loads.sum(-1) > 0
             if seen.any():
-                out["val/maxvio_global"] = balance.max_vio(loads[seen]).mean().item()
+                out["val/maxvio_global"] = max_vio(loads[seen]).mean().item()
             for m, saved in zip(models, train_loads):
                 for r, row in zip(balance.routers(m), saved):
                     r.load.copy_(row)
@@ -301,24 +301,19 @@ class Trainer:
     def _post_step_hooks(self) -> dict:
         """Auxiliary-loss-free balancing: loads summed over every rank's micro-batches, then one bias update."""
         out = {}
-        for m in self.step_fn.models():
-            if hasattr(m, "set_progress"):
-                m.set_progress(self.step / self.cfg.train.steps)
-        if self.cfg.model.name != "deepseek_v3":
-            return out
-        from framework.models.deepseek_v3 import balance
-
         models = self.step_fn.models()
-        loads = sum(balance.expert_loads(m) for m in models)
+        for m in models:
+            m.set_progress(self.step / self.cfg.train.steps)
+        models = [m for m in models if m.moe_layers()]
+        if not models:
+            return out
+        loads = sum(m.expert_loads() for m in models)
         if self.mesh.distributed:
             dist.all_reduce(loads)
-        mc = self.cfg.model
-        rate = mc.bias_update_rate if self.step < mc.bias_update_stop_fraction * self.cfg.train.steps else 0.0
         for m in models:
-            balance.update_biases(m, loads, rate)
-            balance.reset_loads(m)
+            m.update_balance(loads, self.step, self.cfg.train.steps)
         self.last_expert_loads = loads
-        vio = balance.max_vio(loads[loads.sum(-1) > 0]) if (loads.sum(-1) > 0).any() else None
+        vio = max_vio(loads[loads.sum(-1) > 0]) if (loads.sum(-1) > 0).any() else None
         if vio is not None:
             out["moe/maxvio_batch"] = vio.mean().item()
             out.update({f"moe/maxvio_layer{i}": v for i, v in enumerate(vio.tolist())})
@@ -413,7 +408,7 @@ class Trainer:
             if not found and any(bad):
                 found.append(name)   # hooks run as modules finish: the innermost, earliest culprit comes first
 
-        moe = self.cfg.model.name == "deepseek_v3"
+        moe = model.moe_layers() > 0
         if moe:  # the replay must not count towards the expert loads that drive the bias update
             from framework.models.deepseek_v3 import balance
             saved = balance.expert_loads(model).clone()

@@ -160,6 +160,19 @@ class DenseLM(nn.Module):
             h = layer(h)
         return self.final(h, input_ids, labels)
 
+    # training capabilities (framework/models/capabilities.py): no MoE layers, nothing that follows progress
+    def set_progress(self, fraction: float) -> None:
+        pass
+
+    def moe_layers(self) -> int:
+        return 0
+
+    def expert_loads(self) -> torch.Tensor:
+        return torch.zeros(0, 0, dtype=torch.int64)
+
+    def update_balance(self, loads: torch.Tensor, step: int, steps: int) -> None:
+        pass
+
     def flops_per_token(self, seq_len: int) -> float:
         """6 * (matmul parameters) + attention scores: 6N + 12 L C T (PaLM appendix B / nanoGPT's estimate_mfu)."""
         c = self.config
