@@ -24,6 +24,7 @@ from framework.metrics import build_metrics, redact
 from framework.models import build_model
 from framework.models.capabilities import max_vio
 from framework.optim.lr import make_scheduler
+from framework.parallelize import parallelize
 from framework.resume import apply_schedule, check_data, data_identity, decide
 from framework.runlock import RunLock
 from framework.watchdog import STALL_EXIT, Watchdog
@@ -126,7 +127,7 @@ def _rng_state_b64() -> str:
 
 
 class Trainer:
-    def __init__(self, cfg, mesh: Mesh, step_factory=None):
+    def __init__(self, cfg, mesh: Mesh):
         self.cfg, self.mesh = cfg, mesh
         t = cfg.train
         faults.active()                        # a malformed DUET_FAULT fails here, not in the middle of the run
@@ -137,7 +138,7 @@ class Trainer:
         self.lock = RunLock(self.run_dir, cfg.run_id) if mesh.rank == 0 else None
         self.resume_from = decide(cfg, self.ckpt, mesh.rank, mesh.distributed, self.lock)  # before anything is written
         try:
-            self._build(cfg, mesh, step_factory)
+            self._build(cfg, mesh)
         except BaseException:
             self.release()
             raise
@@ -147,7 +148,7 @@ class Trainer:
         if self.lock is not None:
             self.lock.release()
 
-    def _build(self, cfg, mesh: Mesh, step_factory) -> None:
+    def _build(self, cfg, mesh: Mesh) -> None:
         t = cfg.train
         prepared = prepare_data(cfg, mesh)
         self.data_identity = data_identity(prepared.folder)
@@ -159,19 +160,7 @@ class Trainer:
         if cfg.model.init_from:  # the full model first: every layout below copies or slices these weights
             from framework.models.init_from import load_init_from
             load_init_from(self.model, cfg.model.init_from)
-        if mesh.ep > 1:  # keep this rank's experts, exchange tokens with all-to-all (same init on every rank)
-            from parallel.expert import apply_expert_parallel
-            apply_expert_parallel(self.model, mesh, cfg)
-        if cfg.fp8.enabled:
-            from framework.fp8 import convert_to_fp8
-            convert_to_fp8(self.model, exclude=list(cfg.fp8.exclude), backend=cfg.fp8.backend, pow2=cfg.fp8.pow2_scales)
-        elif t.dtype == "bf16_emulated":
-            from framework.fp8.emulate import convert_to_bf16_emulation
-            convert_to_bf16_emulation(self.model, exclude=list(cfg.fp8.exclude))
-        if step_factory is None:
-            from framework.step import LocalStep
-            step_factory = LocalStep
-        self.step_fn = step_factory(self.model, mesh) if cfg.parallel.pp == 1 else step_factory(self.model, mesh, cfg)
+        self.step_fn = parallelize(self.model, cfg, mesh)   # experts, FP8, pipeline: this rank's step function
         named = self.step_fn.named_parameters()
         self.param_names = {p: n for n, p in named}
         self.params = [p for _, p in named]
@@ -322,9 +311,10 @@ class Trainer:
     def train_step(self, micro_batches) -> dict:
         t0 = time.perf_counter()
         n = self.step + 1                      # the step being run, numbered as in the metrics
-        self.dashboards.begin_step(self.step_fn, n)
+        self.dashboards.begin_step()
         self._mark("forward_backward")
-        loss_sum, count, model_metrics = self.step_fn.forward_backward(micro_batches)
+        result = self.step_fn.forward_backward(micro_batches, trace=self.dashboards.wants_trace(n))
+        loss_sum, count, model_metrics = result.loss_sum, result.count, result.metrics
         faults.poison_grads(n, self.step_fn.named_parameters())
         self._mark("all_reduce loss and gradient norm")
         loss_sum, count, stop = self._sum([loss_sum, count, float(self.stop_requested)])
@@ -361,7 +351,7 @@ class Trainer:
         out.update(self._mean_metrics(model_metrics))
         out.update(extra)
         out.update(self.dashboards.memory())
-        out.update(self.dashboards.pipeline(self.step_fn, n, self.metrics))
+        out.update(self.dashboards.pipeline(result, n, self.metrics))
         self.dashboards.expert_load(self.last_expert_loads, n, self.metrics)
         return out
 
