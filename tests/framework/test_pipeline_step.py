@@ -48,7 +48,7 @@ def reference_grads(cfg, micro_batches, world_batches):
 
 def check(mesh, cfg, label, compare_loss=True):
     from framework.models import build_model
-    from framework.parallelize import parallelize
+    from framework.parallelize import mirror_pairs, parallelize
     from framework.train_step import PipelineStep
     from schedules import build
     from schedules.actions import COMM_OPS
@@ -64,6 +64,10 @@ def check(mesh, cfg, label, compare_loss=True):
     # parallelize's pipeline: this schedule's actions, DualPipe's copies summed over the mesh's mirror groups
     assert isinstance(step, PipelineStep) and step.actions == build(cfg.parallel.schedule, mesh.pp, n)[mesh.pp_rank]
     assert (step.mirror is not None) == (cfg.parallel.schedule == "dualpipe"), label
+    if step.mirror is not None:   # its exchanges run on the mesh's groups, one per duplicated part this rank holds
+        groups = mesh.mirror_groups(mirror_pairs(cfg.parallel.schedule, mesh.pp))
+        assert {id(b.group) for buckets in step.mirror.parts for b in buckets} == {id(g) for g in groups.values()}
+        assert len(groups) == len(step.mirror.parts) == len(step.stages), label
     res = step.forward_backward(mine, trace=True)
     loss_sum, count = res.loss_sum, res.count
     # the traced timeline is this step's: one span per computing action, in list order
