@@ -56,7 +56,7 @@ def ep2_check(mesh) -> float:
 
 def pipeline_check(mesh) -> float:
     from framework.models import build_model
-    from framework.step import PipelineStep
+    from framework.parallelize import pipeline_step
     from tests.framework.test_pipeline_step import compose_cfg, model_overrides
 
     cfg = compose_cfg(*model_overrides("deepseek_v3"), "parallel.pp=2", "parallel.dp=1", "parallel.schedule=dualpipe",
@@ -72,7 +72,7 @@ def pipeline_check(mesh) -> float:
     ref = {n: p.grad for n, p in ref_model.named_parameters()}
     torch.manual_seed(0)
     model = build_model(cfg.model).double().to(mesh.device)
-    step = PipelineStep(model, mesh, cfg)
+    step = pipeline_step(model, cfg, mesh)
     step.forward_backward([(x.to(mesh.device), y.to(mesh.device)) for x, y in batches])
     return max(rel(p.grad, ref[n]) for n, p in step.named_parameters() if p.grad is not None)
 

@@ -86,9 +86,9 @@ class OursStep:
     """One training step of our executor, traced: run the rank's actions, sum mirror copies, reduce over dp."""
 
     def __init__(self, model, mesh, cfg, overlap: bool):
-        from framework.step import PipelineStep
+        from framework.parallelize import pipeline_step
 
-        self.mesh, self.step = mesh, PipelineStep(model, mesh, cfg)
+        self.mesh, self.step = mesh, pipeline_step(model, cfg, mesh)
         for part in self.step.stages.values():
             part.overlap = overlap
 

@@ -82,7 +82,8 @@ class Ours(Timed):
 
         from schedules import build, get_layout
         from schedules.executor import PipelineExecutor
-        from schedules.mirror import build_mirror_exchange
+        from parallel.mesh import pair_groups
+        from schedules.mirror import build_mirror_exchange, duplicated_parts
         from schedules.verify import microbatches_of
         from schedules.weight_grad import enable_weight_grad_split
 
@@ -105,7 +106,8 @@ class Ours(Timed):
         self.labels = {mb: (micro_batches[mb][1],) for mb in last}
         self.n = n
         # DualPipe: each part's copies are summed as soon as this rank's copy is final, under the rest of the step
-        self.mirror = build_mirror_exchange(self.parts, self.layout, [list(range(pp))])
+        groups = pair_groups([list(range(pp))], duplicated_parts(self.layout))
+        self.mirror = build_mirror_exchange(self.parts, self.layout, groups)
         params = list({id(p): p for m in self.parts.values() for p in m.parameters()}.values())
         self.opt = torch.optim.AdamW(params, lr=lr)
         self.comm: list = []

@@ -368,6 +368,8 @@ def validate(cfg: Config | DictConfig, world_size: int = 1) -> None:
         _fail("parallel.ep", p.ep, f"must divide model.n_routed_experts={m.n_routed_experts}")
     if p.ep > 1 and m.name != "deepseek_v3":
         _fail("parallel.ep", p.ep, f"expert parallelism needs an MoE model (model.name={m.name})")
+    if p.recompute and p.pp == 1:
+        _fail("parallel.recompute", p.recompute, "recomputation runs in pipeline stages: needs parallel.pp > 1")
     if p.schedule == "dualpipe" and p.pp > 1 and p.pp % 2:
         _fail("parallel.pp", p.pp, "dualpipe needs an even number of pipeline stages (use dualpipev for odd pp)")
     if p.pp > 1:

@@ -72,10 +72,12 @@ class Dashboards:
         return bool(self.interval) and (step == 1 or step % self.interval == 0)
 
     # -- per step ---------------------------------------------------------------------------------------------------
-    def begin_step(self, step_fn, step: int) -> None:
+    def begin_step(self) -> None:
         self._t0 = time.perf_counter()
-        if hasattr(step_fn, "executor"):               # a pipeline: keep this step's trace when a picture is due
-            step_fn.trace_next = self.due(step)
+
+    def wants_trace(self, step: int) -> bool:
+        """Whether the step function should record its action timeline (pipelines, on picture steps)."""
+        return self.mesh.pp > 1 and self.due(step)
 
     def local_scalars(self, models) -> dict:
         """This rank's numbers (the trainer averages them over the ranks that report them)."""
@@ -97,17 +99,16 @@ class Dashboards:
         return out
 
     # -- pictures (collective: every rank calls them at the same steps) ---------------------------------------------
-    def pipeline(self, step_fn, step: int, metrics) -> dict:
-        result = getattr(step_fn, "last_result", None)
-        if not hasattr(step_fn, "executor") or not self.due(step):
+    def pipeline(self, result, step: int, metrics) -> dict:
+        """`result`: the step's StepOutput, traced when wants_trace(step) said so (its timeline: this rank's
+        (start time, [(start, end, what)]) of actions and waits)."""
+        if not self.wants_trace(step):
             return {}
-        local = (result.start_time, [(s, e, str(w)) for s, e, w in result.trace]) if result is not None else None
-        gathered = [None] * self.mesh.world_size if self.mesh.distributed else [local]
+        timeline = result.timeline
+        gathered = [None] * self.mesh.world_size if self.mesh.distributed else [timeline]
         if self.mesh.distributed:
-            dist.all_gather_object(gathered, local)
-        # one pipeline: the ranks of data-parallel rank 0 (rank = pp_rank * dp + dp_rank, parallel/mesh.py)
-        ranks = [p * self.mesh.dp for p in range(self.mesh.pp)]
-        traces = [gathered[r] for r in ranks]
+            dist.all_gather_object(gathered, timeline)
+        traces = [gathered[r] for r in self.mesh.pipeline_ranks(0)]   # one pipeline: data-parallel rank 0's
         if any(t is None or not t[1] for t in traces):
             return {}
         origin = min(t[0] for t in traces)
@@ -194,7 +195,7 @@ def draw_expert_load(loads: torch.Tensor, path: str, title: str = "") -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from framework.models.deepseek_v3.balance import max_vio
+    from framework.models.capabilities import max_vio
 
     loads = loads.double()
     rel = loads / loads.mean(dim=-1, keepdim=True).clamp_min(1e-12)             # [L, E]

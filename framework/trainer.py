@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import logging
 import math
@@ -22,7 +23,9 @@ from framework.data.dataset import Sampler, TokenWindows, validation_batches
 from framework.data.prepare import prepare
 from framework.metrics import build_metrics, redact
 from framework.models import build_model
+from framework.models.capabilities import max_vio
 from framework.optim.lr import make_scheduler
+from framework.parallelize import parallelize
 from framework.resume import apply_schedule, check_data, data_identity, decide
 from framework.runlock import RunLock
 from framework.watchdog import STALL_EXIT, Watchdog
@@ -125,7 +128,7 @@ def _rng_state_b64() -> str:
 
 
 class Trainer:
-    def __init__(self, cfg, mesh: Mesh, step_factory=None):
+    def __init__(self, cfg, mesh: Mesh):
         self.cfg, self.mesh = cfg, mesh
         t = cfg.train
         faults.active()                        # a malformed DUET_FAULT fails here, not in the middle of the run
@@ -136,7 +139,7 @@ class Trainer:
         self.lock = RunLock(self.run_dir, cfg.run_id) if mesh.rank == 0 else None
         self.resume_from = decide(cfg, self.ckpt, mesh.rank, mesh.distributed, self.lock)  # before anything is written
         try:
-            self._build(cfg, mesh, step_factory)
+            self._build(cfg, mesh)
         except BaseException:
             self.release()
             raise
@@ -146,7 +149,7 @@ class Trainer:
         if self.lock is not None:
             self.lock.release()
 
-    def _build(self, cfg, mesh: Mesh, step_factory) -> None:
+    def _build(self, cfg, mesh: Mesh) -> None:
         t = cfg.train
         prepared = prepare_data(cfg, mesh)
         self.data_identity = data_identity(prepared.folder)
@@ -158,19 +161,7 @@ class Trainer:
         if cfg.model.init_from:  # the full model first: every layout below copies or slices these weights
             from framework.models.init_from import load_init_from
             load_init_from(self.model, cfg.model.init_from)
-        if mesh.ep > 1:  # keep this rank's experts, exchange tokens with all-to-all (same init on every rank)
-            from framework.models.expert_parallel import apply_expert_parallel
-            apply_expert_parallel(self.model, mesh, cfg)
-        if cfg.fp8.enabled:
-            from framework.fp8 import convert_to_fp8
-            convert_to_fp8(self.model, exclude=list(cfg.fp8.exclude), backend=cfg.fp8.backend, pow2=cfg.fp8.pow2_scales)
-        elif t.dtype == "bf16_emulated":
-            from framework.fp8.emulate import convert_to_bf16_emulation
-            convert_to_bf16_emulation(self.model, exclude=list(cfg.fp8.exclude))
-        if step_factory is None:
-            from framework.step import LocalStep
-            step_factory = LocalStep
-        self.step_fn = step_factory(self.model, mesh) if cfg.parallel.pp == 1 else step_factory(self.model, mesh, cfg)
+        self.step_fn = parallelize(self.model, cfg, mesh)   # experts, FP8, pipeline: this rank's step function
         named = self.step_fn.named_parameters()
         self.param_names = {p: n for n, p in named}
         self.params = [p for _, p in named]
@@ -218,8 +209,7 @@ class Trainer:
         self.scheduler.load_state_dict(meta["scheduler"])
         apply_schedule(self.scheduler, self.optimizer, self.cfg.optim.lr, int(meta["step"]))
         for m in self.step_fn.models():       # what the last step's hooks set (the MTP weight's switch)
-            if hasattr(m, "set_progress"):
-                m.set_progress(int(meta["step"]) / self.cfg.train.steps)
+            m.set_progress(int(meta["step"]) / self.cfg.train.steps)
         rng = torch.frombuffer(bytearray(base64.b64decode(meta["rng"])), dtype=torch.uint8)
         torch.set_rng_state(rng)
         log.info(f"resumed from {folder} at step {meta['step']}")   # console (rank 0) and every rank's log file
@@ -273,46 +263,41 @@ class Trainer:
         """Validation loss, and for MoE models MaxVio_global: expert loads counted over the whole validation set
         (V3 §2.1.2), kept apart from the training step's loads that drive the bias update."""
         models = self.step_fn.models()
-        moe = self.cfg.model.name == "deepseek_v3"
-        from framework.models.deepseek_v3 import balance
+        moe = any(m.moe_layers() for m in models)
         for m in models:
             m.eval()
-        with balance.tally_loads(models if moe else []) as tallies:   # the training loads stay as they are
+        with contextlib.ExitStack() as stack:   # validation loads are counted apart: the training loads stay
+            tallies = [stack.enter_context(m.tally_loads()) for m in models]
             s, n = self.step_fn.evaluate(self.val_batches)
         for m in models:
             m.train()
         s, n = self._sum([s, n])
         out = {"val/loss": s / n}
         if moe:
-            loads = sum(tallies)
+            loads = sum(t[0] for t in tallies)
             if self.mesh.distributed:
                 dist.all_reduce(loads)
             seen = loads.sum(-1) > 0
             if seen.any():
-                out["val/maxvio_global"] = balance.max_vio(loads[seen]).mean().item()
+                out["val/maxvio_global"] = max_vio(loads[seen]).mean().item()
         return out
 
     def _post_step_hooks(self) -> dict:
         """Auxiliary-loss-free balancing: loads summed over every rank's micro-batches, then one bias update."""
         out = {}
-        for m in self.step_fn.models():
-            if hasattr(m, "set_progress"):
-                m.set_progress(self.step / self.cfg.train.steps)
-        if self.cfg.model.name != "deepseek_v3":
-            return out
-        from framework.models.deepseek_v3 import balance
-
         models = self.step_fn.models()
-        loads = sum(balance.expert_loads(m) for m in models)
+        for m in models:
+            m.set_progress(self.step / self.cfg.train.steps)
+        models = [m for m in models if m.moe_layers()]
+        if not models:
+            return out
+        loads = sum(m.expert_loads() for m in models)
         if self.mesh.distributed:
             dist.all_reduce(loads)
-        mc = self.cfg.model
-        rate = mc.bias_update_rate if self.step < mc.bias_update_stop_fraction * self.cfg.train.steps else 0.0
         for m in models:
-            balance.update_biases(m, loads, rate)
-            balance.reset_loads(m)
+            m.update_balance(loads, self.step, self.cfg.train.steps)
         self.last_expert_loads = loads
-        vio = balance.max_vio(loads[loads.sum(-1) > 0]) if (loads.sum(-1) > 0).any() else None
+        vio = max_vio(loads[loads.sum(-1) > 0]) if (loads.sum(-1) > 0).any() else None
         if vio is not None:
             out["moe/maxvio_batch"] = vio.mean().item()
             out.update({f"moe/maxvio_layer{i}": v for i, v in enumerate(vio.tolist())})
@@ -321,9 +306,10 @@ class Trainer:
     def train_step(self, micro_batches) -> dict:
         t0 = time.perf_counter()
         n = self.step + 1                      # the step being run, numbered as in the metrics
-        self.dashboards.begin_step(self.step_fn, n)
+        self.dashboards.begin_step()
         self._mark("forward_backward")
-        loss_sum, count, model_metrics = self.step_fn.forward_backward(micro_batches)
+        result = self.step_fn.forward_backward(micro_batches, trace=self.dashboards.wants_trace(n))
+        loss_sum, count, model_metrics = result.loss_sum, result.count, result.metrics
         faults.poison_grads(n, self.step_fn.named_parameters())
         self._mark("all_reduce loss and gradient norm")
         loss_sum, count, stop = self._sum([loss_sum, count, float(self.stop_requested)])
@@ -360,7 +346,7 @@ class Trainer:
         out.update(self._mean_metrics(model_metrics))
         out.update(extra)
         out.update(self.dashboards.memory())
-        out.update(self.dashboards.pipeline(self.step_fn, n, self.metrics))
+        out.update(self.dashboards.pipeline(result, n, self.metrics))
         self.dashboards.expert_load(self.last_expert_loads, n, self.metrics)
         return out
 

@@ -190,7 +190,7 @@ def run(cfg) -> list[dict]:
     """Validate, check the estimated memory, build the mesh, train. Returns the metric history (rank 0's view)."""
     global _fresh_run_dir
     from framework.config import ConfigError, validate
-    from parallel.mesh import env_world, init_mesh, shutdown
+    from parallel.mesh import env_world, shutdown
 
     rank, world, _ = env_world()
     run_dir = Path(cfg.train.output_dir)
@@ -214,16 +214,13 @@ def run(cfg) -> list[dict]:
         scrub_secrets(run_dir)
     log.info(f"rank {rank}/{world} on {socket.gethostname()} pid {os.getpid()}: run {cfg.run_id} in "
              f"{cfg.train.output_dir} (restart {os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')})")
-    p = cfg.parallel
-    mesh = init_mesh(p.pp, p.dp, p.ep, cfg.train.device, p.backend, p.timeout_s, p.comm.sm_budget)
+    from framework.parallelize import build_mesh
+
+    mesh = build_mesh(cfg)
     try:
         from framework.trainer import Trainer
 
-        step_factory = None
-        if p.pp > 1:
-            from framework.step import PipelineStep
-            step_factory = PipelineStep
-        history = Trainer(cfg, mesh, step_factory).fit()
+        history = Trainer(cfg, mesh).fit()
         log.info(f"rank {rank}: finished at step {history[-1]['step'] if history else 0}")
     finally:
         shutdown()

@@ -3,14 +3,15 @@ ranks, as DeepSeek-V3 trains: PP x EP/DP, no tensor parallelism, V3 §3.2).
 
 Rank r sits at pipeline rank r // dp and data-parallel rank r % dp, so the ranks of one pipeline are dp apart and a
 data-parallel group is contiguous (on a GPU cluster: one node holds whole data-parallel/expert groups, whose
-all-to-all is the heaviest traffic).
+all-to-all is the heaviest traffic). Every process group of a run is created here; the rest of the code asks the
+mesh for groups and ranks (`pipeline_ranks`, `mirror_groups`) instead of re-deriving the formula.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Optional
+from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -30,6 +31,8 @@ class Mesh:
     dp_group: Optional[dist.ProcessGroup] = None
     ep_group: Optional[dist.ProcessGroup] = None   # ranks that exchange tokens for the experts (a slice of dp)
     edp_group: Optional[dist.ProcessGroup] = None  # ranks that hold the same experts (replicas across ep slices)
+    # (key, pipeline rank a, pipeline rank b) -> this pipeline's group of a and b (None: this rank is neither)
+    _pair_groups: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def distributed(self) -> bool:
@@ -38,6 +41,31 @@ class Mesh:
     @property
     def ep_rank(self) -> int:
         return self.dp_rank % self.ep
+
+    def pipeline_ranks(self, dp_rank: Optional[int] = None) -> list[int]:
+        """Global ranks of one pipeline (default: this rank's), indexed by pipeline rank."""
+        d = self.dp_rank if dp_rank is None else dp_rank
+        return [p * self.dp + d for p in range(self.pp)]
+
+    def pipelines(self) -> list[list[int]]:
+        """Global ranks of every pipeline, one list per data-parallel rank."""
+        return [self.pipeline_ranks(d) for d in range(self.dp)]
+
+    def mirror_groups(self, pairs: Mapping[int, tuple[int, int]]) -> dict:
+        """key -> the two-rank group of this rank's pipeline for `pairs[key]` = (pipeline rank a, pipeline rank b),
+        for the keys whose pair holds this rank. DualPipe keys them by model part: each part its own group, so the
+        exchanges of two parts held by the same pair never queue behind each other.
+
+        Collective the first time a pair is asked for (every rank asks for the same `pairs`); init_mesh creates them
+        up front when given the layout's pairs, and later calls return the same groups.
+        """
+        if not self.distributed:
+            return {}
+        wanted = {(key, *pair): (key, tuple(pair)) for key, pair in pairs.items()}
+        new = {k: pair for k, (_, pair) in wanted.items() if k not in self._pair_groups}
+        made = pair_groups(self.pipelines(), new)
+        self._pair_groups.update({k: made.get(k) for k in new})     # None: this rank is not in the pair
+        return {key: self._pair_groups[k] for k, (key, _) in wanted.items() if self._pair_groups[k] is not None}
 
 
 def env_world() -> tuple[int, int, int]:
@@ -74,8 +102,26 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def pair_groups(pipelines: Sequence[Sequence[int]], pairs: Mapping[int, tuple[int, int]]) -> dict:
+    """key -> the two-rank group of pipeline ranks `pairs[key]` = (a, b) in this process's pipeline, for the keys
+    whose pair holds this process (`pipelines`: the global ranks of each pipeline, indexed by pipeline rank).
+    Collective: every process creates every pipeline's group for every key, in the same order."""
+    me, out = dist.get_rank(), {}
+    for key, (a, b) in sorted(pairs.items()):
+        for ranks in pipelines:
+            members = [ranks[a], ranks[b]]
+            group = dist.new_group(members)
+            if me in members:
+                out[key] = group
+    return out
+
+
 def init_mesh(pp: int, dp: Optional[int], ep: int, device: str = "auto", backend: str = "auto",
-              timeout_s: float = 300.0, sm_budget: int = 20) -> Mesh:
+              timeout_s: float = 300.0, sm_budget: int = 20,
+              mirror_pairs: Optional[Mapping[int, tuple[int, int]]] = None) -> Mesh:
+    """The mesh and its groups: data-parallel, pipeline, expert-parallel (with the SM budget on NCCL), expert
+    replicas, and the pairs of pipeline ranks whose gradients are summed (`mirror_pairs`: DualPipe's duplicated
+    parts, part -> (pipeline rank, pipeline rank); see Mesh.mirror_groups)."""
     rank, world, local_rank = env_world()
     dp = dp if dp is not None else world // pp
     if pp * dp != world:
@@ -100,8 +146,8 @@ def init_mesh(pp: int, dp: Optional[int], ep: int, device: str = "auto", backend
         g = dist.new_group([p * dp + d for d in range(dp)])
         if p == mesh.pp_rank:
             mesh.dp_group = g
-    for d in range(dp):
-        g = dist.new_group([p * dp + d for p in range(pp)])
+    for d, ranks in enumerate(mesh.pipelines()):
+        g = dist.new_group(ranks)
         if d == mesh.dp_rank:
             mesh.pp_group = g
     from parallel.comm import new_ep_group
@@ -117,6 +163,7 @@ def init_mesh(pp: int, dp: Optional[int], ep: int, device: str = "auto", backend
             g = dist.new_group([p * dp + s * ep + e for s in range(dp // ep)])
             if p == mesh.pp_rank and e == mesh.ep_rank:
                 mesh.edp_group = g
+    mesh.mirror_groups(mirror_pairs or {})
     return mesh
 
 

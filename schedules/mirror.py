@@ -8,8 +8,9 @@ small model that exchange is as long as several micro-batches' compute and nothi
 `MirrorExchange` starts each part's exchange as soon as this rank's copy has its final gradient, i.e. right after the
 part's last backward action in the rank's list (a W, B, BW or the backward half of an FB), bucket by bucket while that
 action is a W, and waits for all of them only before the optimizer: the exchanges of the part that finishes early
-travel under the other part's remaining backward work, and most of the last part's under its own last W. Each part has a two-rank process group of its own, so the exchanges never meet the pipeline's
-activation traffic nor each other, whatever order the two ranks reach them in, on gloo as on NCCL.
+travel under the other part's remaining backward work, and most of the last part's under its own last W. Each part
+has a two-rank process group of its own (created by parallel.mesh from `duplicated_parts`), so the exchanges never
+meet the pipeline's activation traffic nor each other, whatever order the two ranks reach them in, on gloo as on NCCL.
 
 The sum is an all-reduce of two: every element is a + b computed once and copied to both ranks, so both copies stay
 bitwise equal (and equal to mirror_grads' result: a + b == b + a in floating point).
@@ -44,25 +45,6 @@ def duplicated_parts(layout: Layout) -> dict[int, tuple[int, int]]:
     for part, ranks in sorted(holders.items()):
         if len(ranks) == 2:
             out[part] = tuple(sorted(ranks))
-    return out
-
-
-def mirror_groups(layout: Layout, pipelines: Sequence[Sequence[int]]) -> dict[int, dist.ProcessGroup]:
-    """part -> the two-rank process group of this process's pair for that part.
-
-    Collective: every process of the world calls it with the same `pipelines` (the global ranks of each pipeline,
-    indexed by pipeline rank), since every process must create every group, in the same order.
-    """
-    me = dist.get_rank()
-    out = {}
-    for ranks in pipelines:
-        if len(ranks) != layout.pp:
-            raise ValueError(f"pipeline {list(ranks)}: {len(ranks)} ranks for layout.pp={layout.pp}")
-        for part, pair in duplicated_parts(layout).items():
-            members = [ranks[r] for r in pair]
-            group = dist.new_group(members)
-            if me in members:
-                out[part] = group
     return out
 
 
@@ -193,15 +175,10 @@ class MirrorExchange:
         self._reset()
 
 
-def pipelines_of(mesh) -> list[list[int]]:
-    """The global ranks of every pipeline of a parallel.mesh.Mesh (pipeline rank p, data-parallel rank d sits at
-    global rank p * dp + d)."""
-    return [[p * mesh.dp + d for p in range(mesh.pp)] for d in range(mesh.dp)]
-
-
-def build_mirror_exchange(stage_modules: dict[int, nn.Module], layout: Layout, pipelines: Sequence[Sequence[int]],
+def build_mirror_exchange(stage_modules: dict[int, nn.Module], layout: Layout, groups: dict[int, object],
                           bucket_elems: int = 1 << 19) -> Optional[MirrorExchange]:
-    """A MirrorExchange for a layout with duplicated parts (DualPipe), else None. Collective (see mirror_groups)."""
+    """A MirrorExchange for a layout with duplicated parts (DualPipe), else None. `groups`: part -> the two-rank
+    group of this rank's pair for that part (parallel.mesh: Mesh.mirror_groups(duplicated_parts(layout)))."""
     if not duplicated_parts(layout):
         return None
-    return MirrorExchange(stage_modules, layout, mirror_groups(layout, pipelines), bucket_elems)
+    return MirrorExchange(stage_modules, layout, groups, bucket_elems)

@@ -157,6 +157,7 @@ CONFIG_ROWS = [  # (overrides, world size, what the line must say)
     (["parallel=dualpipe", "train.micro_batches=2"], 2, "train.micro_batches=2: dualpipe with pp=2"),  # < 2*pp
     (["parallel=dualpipe", "train.micro_batches=4", "model.num_hidden_layers=1"], 2, "model.num_hidden_layers=1"),
     (["model=deepseek_v3_tiny", "parallel=1f1b"], 2, "parallel.schedule='1f1b': multi-token prediction"),
+    (["parallel.recompute=true"], 1, "parallel.recompute=True: recomputation runs in pipeline stages"),
     (["parallel.pp=2"], 1, "parallel.pp=2: must divide the world size 1"),            # launch: world too small
     (["parallel.dp=2"], 1, "parallel.dp=2: parallel.pp * parallel.dp must equal the world size 1"),
     # a finite number is required: inf passes a range check, nan every comparison

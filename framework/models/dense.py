@@ -10,11 +10,12 @@ Generation: decode(input_ids, start_pos, caches) -> logits runs new positions ag
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Optional, Sequence
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from typing import Optional, Sequence
 
 from framework.config import ModelConfig
 from framework.models.layers import RMSNorm, SwiGLU, apply_rope, causal_lm_loss, rope_tables
@@ -159,6 +160,23 @@ class DenseLM(nn.Module):
         for layer in self.layers:
             h = layer(h)
         return self.final(h, input_ids, labels)
+
+    # training capabilities (framework/models/capabilities.py): no MoE layers, nothing that follows progress
+    def set_progress(self, fraction: float) -> None:
+        pass
+
+    def moe_layers(self) -> int:
+        return 0
+
+    def expert_loads(self) -> torch.Tensor:
+        return torch.zeros(0, 0, dtype=torch.int64)
+
+    def update_balance(self, loads: torch.Tensor, step: int, steps: int) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def tally_loads(self):
+        yield [torch.zeros(0, 0, dtype=torch.int64)]
 
     def flops_per_token(self, seq_len: int) -> float:
         """6 * (matmul parameters) + attention scores: 6N + 12 L C T (PaLM appendix B / nanoGPT's estimate_mfu)."""

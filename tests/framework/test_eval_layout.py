@@ -38,7 +38,6 @@ def _worker(rank, world, port, base, out_dir, errors):
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
-        from framework.step import PipelineStep
         from framework.trainer import Trainer
         from parallel.mesh import init_mesh, shutdown
 
@@ -48,7 +47,7 @@ def _worker(rank, world, port, base, out_dir, errors):
             cfg.train.output_dir = os.path.join(out_dir, name)
             p = cfg.parallel
             mesh = init_mesh(p.pp, p.dp, 1, "cpu")
-            t = Trainer(cfg, mesh, PipelineStep if p.pp > 1 else None)
+            t = Trainer(cfg, mesh)
             results[name] = t.evaluate()["val/loss"]
             t.metrics.close()
         if rank == 0:

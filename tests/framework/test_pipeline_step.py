@@ -48,7 +48,10 @@ def reference_grads(cfg, micro_batches, world_batches):
 
 def check(mesh, cfg, label, compare_loss=True):
     from framework.models import build_model
-    from framework.step import PipelineStep
+    from framework.parallelize import mirror_pairs, parallelize
+    from framework.train_step import PipelineStep
+    from schedules import build
+    from schedules.actions import COMM_OPS
 
     n = cfg.train.micro_batches
     g = torch.Generator().manual_seed(123)
@@ -57,8 +60,19 @@ def check(mesh, cfg, label, compare_loss=True):
     mine = world_batches[mesh.dp_rank * n:(mesh.dp_rank + 1) * n]
     torch.manual_seed(0)
     model = build_model(cfg.model).double()
-    step = PipelineStep(model, mesh, cfg)
-    loss_sum, count, _ = step.forward_backward(mine)
+    step = parallelize(model, cfg, mesh)
+    # parallelize's pipeline: this schedule's actions, DualPipe's copies summed over the mesh's mirror groups
+    assert isinstance(step, PipelineStep) and step.actions == build(cfg.parallel.schedule, mesh.pp, n)[mesh.pp_rank]
+    assert (step.mirror is not None) == (cfg.parallel.schedule == "dualpipe"), label
+    if step.mirror is not None:   # its exchanges run on the mesh's groups, one per duplicated part this rank holds
+        groups = mesh.mirror_groups(mirror_pairs(cfg.parallel.schedule, mesh.pp))
+        assert {id(b.group) for buckets in step.mirror.parts for b in buckets} == {id(g) for g in groups.values()}
+        assert len(groups) == len(step.mirror.parts) == len(step.stages), label
+    res = step.forward_backward(mine, trace=True)
+    loss_sum, count = res.loss_sum, res.count
+    # the traced timeline is this step's: one span per computing action, in list order
+    assert [w for _, _, w in res.timeline[1] if not w.startswith("wait")] == \
+        [str(a) for a in step.actions if a.op not in COMM_OPS], label
     t = torch.tensor([loss_sum, float(count)], dtype=torch.float64)
     dist.all_reduce(t)
     ref_loss, ref = reference_grads(cfg, None, world_batches)

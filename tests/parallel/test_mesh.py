@@ -78,12 +78,30 @@ def four_rank_checks(rank: int) -> dict:
         out[tag] = dict(pp_rank=mesh.pp_rank, dp_rank=mesh.dp_rank, ep_rank=mesh.ep_rank,
                         dp=_group_ranks(mesh.dp_group), pp=_group_ranks(mesh.pp_group),
                         ep=_group_ranks(mesh.ep_group), edp=_group_ranks(mesh.edp_group))
+        out[tag]["pipeline"] = mesh.pipeline_ranks()
+        if pp == 2:   # DualPipe over 2 pipeline ranks: both parts held by pipeline ranks 0 and 1, a group each
+            groups = mesh.mirror_groups({0: (0, 1), 1: (0, 1)})
+            out[tag]["mirror"] = {part: _group_ranks(g) for part, g in groups.items()}
+            out[tag]["mirror_distinct"] = groups[0] is not groups[1]
+            out[tag]["mirror_cached"] = all(g is mesh.mirror_groups({0: (0, 1), 1: (0, 1)})[k]
+                                            for k, g in groups.items())
+    # DualPipe over 4 pipeline ranks, groups made by init_mesh from the layout's pairs: part p on ranks p and 3 - p
+    from framework.parallelize import mirror_pairs
+
+    pairs = mirror_pairs("dualpipe", 4)
+    pp4 = init_mesh(4, 1, 1, device="cpu", backend="gloo", timeout_s=120, mirror_pairs=pairs)
+    made = pp4.mirror_groups(pairs)
+    out["pp4_dualpipe"] = dict(pairs=pairs, mirror={part: _group_ranks(g) for part, g in made.items()},
+                               distinct=len({id(g) for g in made.values()}) == len(made))
+    t = torch.tensor([float(rank + 1)])
+    dist.all_reduce(t, group=made[0] if 0 in made else made[1])
+    out["pp4_dualpipe"]["sum"] = float(t)
     # an expert-parallel group built with the SM budget (gloo: no options) carries collectives
     g = new_ep_group([0, 1, 2, 3], "gloo", 20)
     t = torch.tensor([float(rank)])
     dist.all_reduce(t, group=g)
     out["new_ep_group_sum"] = float(t)
-    out.update(data_parallel_checks(mesh))           # the dp=4, ep=2 mesh
+    out.update(data_parallel_checks(mesh))           # the dp=4, ep=2 mesh (the loop's last)
     out.update(ep4_checks(init_mesh(1, 4, 4, device="cpu", backend="gloo", timeout_s=120)))
     from tests.framework.test_checkpoint import resume_decision_checks
     out.update(resume_decision_checks(rank))
@@ -109,11 +127,34 @@ EXPECTED = {
 }
 
 
+# one pipeline's global ranks, and DualPipe's mirror groups (part -> the two ranks summing its copies)
+PIPELINES = {
+    "pp2dp2ep2": [dict(pipeline=[0, 2], mirror={0: [0, 2], 1: [0, 2]}), dict(pipeline=[1, 3], mirror={0: [1, 3], 1: [1, 3]}),
+                  dict(pipeline=[0, 2], mirror={0: [0, 2], 1: [0, 2]}), dict(pipeline=[1, 3], mirror={0: [1, 3], 1: [1, 3]})],
+    "pp1dp4ep2": [dict(pipeline=[0]), dict(pipeline=[1]), dict(pipeline=[2]), dict(pipeline=[3])],
+}
+
+
 @pytest.mark.parametrize("tag", sorted(EXPECTED))
 def test_mesh_groups(tag):
     results = four_rank_results()
     for rank, expected in enumerate(EXPECTED[tag]):
-        assert results[rank][tag] == expected, (tag, rank)
+        got = dict(results[rank][tag])
+        assert {k: got.pop(k) for k in list(got) if k in PIPELINES[tag][rank]} == PIPELINES[tag][rank], (tag, rank)
+        if "mirror" in PIPELINES[tag][rank]:   # one group per part, made once and handed out again
+            assert got.pop("mirror_distinct") and got.pop("mirror_cached"), (tag, rank)
+        assert got == expected, (tag, rank)
+
+
+def test_mirror_groups_of_dualpipe_pp4():
+    """Rank r holds part r (one direction) and part 3 - r (the other): its groups are {r, 3 - r} for both parts."""
+    results = four_rank_results()
+    assert results[0]["pp4_dualpipe"]["pairs"] == {0: (0, 3), 1: (1, 2), 2: (1, 2), 3: (0, 3)}
+    expected = [{0: [0, 3], 3: [0, 3]}, {1: [1, 2], 2: [1, 2]}, {1: [1, 2], 2: [1, 2]}, {0: [0, 3], 3: [0, 3]}]
+    for rank, want in enumerate(expected):
+        r = results[rank]["pp4_dualpipe"]
+        assert r["mirror"] == want and r["distinct"], rank
+        assert r["sum"] == {0: 1 + 4, 1: 2 + 3, 2: 2 + 3, 3: 1 + 4}[rank], rank   # the group carries a collective
 
 
 def test_new_ep_group_carries_collectives():

@@ -214,9 +214,11 @@ def check_schedule(name, pp, rank, tri=False, loss_in_stage=False):
 def check_mirror_step(ex, actions, n, inputs, labels, layout, stages, rank, what):
     """MirrorExchange (each part's sum started right after its last backward action) gives mirror_grads' gradients
     bit for bit; after one SGD step both copies of each part are still bitwise equal."""
-    from schedules.mirror import build_mirror_exchange, last_backward_index
+    from parallel.mesh import pair_groups
+    from schedules.mirror import build_mirror_exchange, duplicated_parts, last_backward_index
 
-    exchange = build_mirror_exchange(stages, layout, [list(range(layout.pp))], bucket_elems=1)  # a bucket per tensor
+    groups = pair_groups([list(range(layout.pp))], duplicated_parts(layout))
+    exchange = build_mirror_exchange(stages, layout, groups, bucket_elems=1)  # a bucket per tensor
     calls, param_calls = [], []
     ex.run(actions, n, inputs, labels, train=True,
            grads_ready=lambda s, ps=None: ((calls if ps is None else param_calls).append(s), exchange.stage_done(s, ps)))

@@ -145,7 +145,7 @@ def fb_checks(mesh) -> dict:
 def dualpipe_checks(mesh) -> dict:
     import torch.distributed as dist
 
-    from framework.step import PipelineStep
+    from framework.parallelize import pipeline_step
     from parallel.expert import local_expert_range
     from tests.framework.test_pipeline_step import reference_grads
 
@@ -167,13 +167,14 @@ def dualpipe_checks(mesh) -> dict:
         cfg = compose_cfg(*common, f"parallel.schedule={schedule}", f"parallel.comm.dispatch={layout}")
         local = local_expert_range(cfg.model.n_routed_experts, mesh.ep, mesh.ep_rank)
         model = build(cfg, torch.float64, mesh)
-        step = PipelineStep(model, mesh, cfg)
+        step = pipeline_step(model, cfg, mesh)
         for part in step.stages.values():
             part.recompute = recompute
         # every part holding an expert-parallel layer runs as sub-stages (and every part when recomputing)
         uses = [part.uses_steps() for part in step.stages.values()
                 if recompute or any(exchanges_async(m) for m in part.layers.modules())]
-        loss_sum, count, _ = step.forward_backward(mine)
+        res = step.forward_backward(mine)
+        loss_sum, count = res.loss_sum, res.count
         t = torch.tensor([loss_sum, float(count)], dtype=torch.float64)
         dist.all_reduce(t)
         errs = {}

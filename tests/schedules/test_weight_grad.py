@@ -152,7 +152,7 @@ def zb_worker(rank, world, port, out):
     try:
         import logging
 
-        from framework.step import PipelineStep
+        from framework.parallelize import pipeline_step
         from parallel.mesh import init_mesh
 
         mesh = init_mesh(2, 1, 1, "cpu")
@@ -172,12 +172,13 @@ def zb_worker(rank, world, port, out):
         written = _instrument(counter)
         runs = {}
         for schedule in ZB_SCHEDULES:
-            step = PipelineStep(fp8_model(cfg), mesh, compose_cfg(*zb_overrides(schedule)))
+            step = pipeline_step(fp8_model(cfg), compose_cfg(*zb_overrides(schedule)), mesh)
             counter.flops = {}
             written["B"].clear()
             written["W"].clear()
             with counter:
-                loss_sum, count, _ = step.forward_backward(batches)
+                res = step.forward_backward(batches)
+                loss_sum, count = res.loss_sum, res.count
             # numpy arrays travel by value (a tensor would be passed as shared memory the exiting process takes along)
             runs[schedule] = {"flops": dict(counter.flops), "written_in_b": list(written["B"]),
                               "written_in_w": list(written["W"]), "loss": (loss_sum, count),
@@ -191,7 +192,7 @@ def zb_worker(rank, world, port, out):
         quiet = len(records)
         other = fp8_model(cfg)
         other.layers[2].mlp.experts.linear_fn = PlainGemms()
-        PipelineStep(other, mesh, cfg)
+        pipeline_step(other, cfg, mesh)
         out.put((rank, {"runs": runs, "quiet": quiet, "warnings": records[quiet:]}))
     except BaseException:
         out.put((rank, {"error": traceback.format_exc()}))

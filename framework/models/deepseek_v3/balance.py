@@ -17,6 +17,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from framework.models.capabilities import max_vio  # noqa: F401  (the metric, model-independent)
 from framework.models.deepseek_v3.moe import MoE, Router
 
 
@@ -64,13 +65,6 @@ def update_biases(model: nn.Module, loads: torch.Tensor, rate: float) -> None:
     for r, load in zip(rs, loads):
         load = load.to(r.e_score_correction_bias.device, torch.float32)
         r.e_score_correction_bias += rate * torch.sign(load.mean() - load)
-
-
-def max_vio(loads: torch.Tensor) -> torch.Tensor:
-    """MaxVio per layer = (max_i load_i - mean load) / mean load  (V3 §2.1.2 / arXiv 2408.15664). [L_moe, E] -> [L]."""
-    loads = loads.float()
-    mean = loads.mean(dim=-1)
-    return torch.where(mean > 0, (loads.amax(dim=-1) - mean) / mean.clamp_min(1e-12), torch.zeros_like(mean))
 
 
 def bias_update_rate(cfg, progress: float) -> float:

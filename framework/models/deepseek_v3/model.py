@@ -24,6 +24,7 @@ schedules/overlap.py, whose Tape they receive). Per MoE block:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from typing import Optional, Sequence
@@ -31,6 +32,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
+from framework.models.deepseek_v3 import balance
 from framework.models.deepseek_v3.balance import collect_aux_loss
 from framework.models.deepseek_v3.mla import MLA, LatentCache, RotaryTables
 from framework.models.deepseek_v3.moe import Experts, MoE, Router, Steps
@@ -135,6 +137,28 @@ class DeepSeekV3(nn.Module):
         """Training progress in [0, 1] -> MTP loss weight (V3 §4.2: 0.3 then 0.1)."""
         c = self.config
         self.mtp_lambda = c.mtp_loss_weight if fraction < c.mtp_weight_switch_fraction else c.mtp_loss_weight_late
+
+    # the rest of the training capabilities (framework/models/capabilities.py): auxiliary-loss-free balancing
+    def moe_layers(self) -> int:
+        return len(balance.routers(self))
+
+    def expert_loads(self) -> torch.Tensor:
+        """[MoE layers, experts] tokens routed by this process since the last update (main layers, then MTP)."""
+        return balance.expert_loads(self)
+
+    def update_balance(self, loads: torch.Tensor, step: int, steps: int) -> None:
+        """b += u * sign(mean - load) per layer from `loads` summed over all ranks; u = 0 once `step` reaches
+        bias_update_stop_fraction of `steps` (V3: the last 500B tokens). The counts restart."""
+        c = self.config
+        balance.update_biases(self, loads, c.bias_update_rate if step < c.bias_update_stop_fraction * steps else 0.0)
+        balance.reset_loads(self)
+
+    @contextlib.contextmanager
+    def tally_loads(self):
+        """Count the expert loads of the forwards run inside the block, in any mode, apart from the training counts;
+        yields a list that holds the [MoE layers, experts] counts once the block ends."""
+        with balance.tally_loads([self]) as out:
+            yield out
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed(input_ids)                                         # [B, T, C]

@@ -1,25 +1,36 @@
-"""Step functions: how one rank turns its micro-batches into gradients.
+"""Training step functions: how one rank turns its micro-batches into gradients. framework.parallelize builds them.
 
 The trainer only talks to this interface, so pipeline schedules plug in without touching the loop:
   named_parameters()              parameters this rank holds and updates (each once)
   state_tensors()                 {fully-qualified name: tensor} of this rank's model state, for checkpoints
-  forward_backward(micro_batches) -> (loss_sum, loss_count, metrics): gradients of the mean loss over the GLOBAL
-                                  batch are left in .grad, already reduced over every replica that must agree
+  forward_backward(micro_batches, trace=False) -> StepOutput: gradients of the mean loss over the GLOBAL batch are
+                                  left in .grad, already reduced over every replica that must agree; with trace, the
+                                  output carries this rank's action timeline (pipelines)
   evaluate(micro_batches)         -> (loss_sum, loss_count), no gradients
   grad_norm_sq()                  this rank's share of the squared global gradient norm (sum over ranks = total)
   models()                        the model modules on this rank (for balancing and metrics hooks)
-LocalStep is the whole model on every rank, data parallel only.
+LocalStep is the whole model on every rank, data parallel only; PipelineStep runs a schedule's action list.
 """
 from __future__ import annotations
 
-import logging
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
 from parallel.data_parallel import grad_norm_sq_share, reduce_gradients
 from parallel.mesh import Mesh
 
-log = logging.getLogger("duet")
+# (start time, [(start, end, what)]): perf_counter seconds of this rank's actions and waits in one step
+Timeline = tuple[float, list[tuple[float, float, str]]]
+
+
+@dataclass
+class StepOutput:
+    loss_sum: float                  # sum of the micro-batches' mean losses this rank computed (last stages only)
+    count: int                       # how many micro-batches that sum covers
+    metrics: dict = field(default_factory=dict)   # what the model reported, mean over those micro-batches
+    timeline: Optional[Timeline] = None           # when asked for (trace=True) and the step has one
 
 
 def merge_metrics(acc: dict, new: dict, weight: float) -> None:
@@ -41,7 +52,8 @@ class LocalStep:
     def models(self) -> list[torch.nn.Module]:
         return [self.model]
 
-    def forward_backward(self, micro_batches):
+    def forward_backward(self, micro_batches, trace: bool = False) -> StepOutput:
+        """`trace`: no timeline here (one process runs the whole model in order)."""
         n = len(micro_batches)
         loss_sum, metrics = 0.0, {}
         for x, y in micro_batches:
@@ -51,7 +63,7 @@ class LocalStep:
             loss_sum += loss.item()
             merge_metrics(metrics, m, 1.0 / n)
         reduce_gradients(self.named_parameters(), self.mesh)
-        return loss_sum, n, metrics
+        return StepOutput(loss_sum, n, metrics)
 
     @torch.no_grad()
     def evaluate(self, micro_batches):
@@ -67,56 +79,22 @@ class LocalStep:
 
 
 class PipelineStep:
-    """This rank's pipeline parts, driven by a schedule's action list through the executor.
+    """This rank's pipeline stages, driven by a schedule's action list through the executor.
 
     Every rank of a pipeline gets the same micro-batches from the sampler (they share a data-parallel rank) and
     passes the executor only what its stages need: token ids where a first stage is local, (token ids, labels) where
-    a last stage is. DualPipe's two copies of each part are summed by schedules.mirror, then replicas are averaged over
-    the data-parallel group.
+    a last stage is. DualPipe's two copies of each part are summed by `mirror` (schedules.mirror.MirrorExchange),
+    then replicas are averaged over the data-parallel group. framework.parallelize.pipeline_step builds it.
     """
 
-    def __init__(self, model: torch.nn.Module, mesh: Mesh, cfg):
-        from schedules import build, check_args, get_layout
-        from schedules.executor import PipelineExecutor
-        from schedules.stage import split_model
+    def __init__(self, model: torch.nn.Module, mesh: Mesh, layout, actions: list, stages: dict, executor,
+                 micro_batches: int, mirror=None):
         from schedules.verify import microbatches_of
-        from schedules.mirror import build_mirror_exchange, pipelines_of
-        from schedules.weight_grad import enable_weight_grad_split, undeferred_weights
 
-        p, t = cfg.parallel, cfg.train
-        self.model, self.mesh, self.n = model, mesh, t.micro_batches
-        check_args(p.schedule, mesh.pp, self.n)
-        self.layout = get_layout(p.schedule, mesh.pp)
-        self.actions = build(p.schedule, mesh.pp, self.n)[mesh.pp_rank]
-        parts = split_model(model, self.layout.num_parts, p.layers_per_part)
-        first_rank = self.layout.stage_to_rank[0]
-        last_ranks = {self.layout.stage_to_rank[s] for s in range(self.layout.num_stages) if self.layout.is_last(s)}
-        if len(getattr(model, "mtp", ())) and last_ranks != {self.layout.stage_to_rank[s] for s in range(self.layout.num_stages)
-                                                          if self.layout.is_first(s)}:
-            raise ValueError(f"parallel.schedule={p.schedule}: multi-token prediction needs the embedding on the last "
-                             f"stage's rank (use dualpipe or dualpipev, or model.num_nextn_predict_layers=0)")
-        self.stages = {s: parts[self.layout.stage_to_part[s]] for s in self.layout.stages_of(mesh.pp_rank)}
-        for part in self.stages.values():
-            enable_weight_grad_split(part)   # B computes input gradients, W the deferred weight gradients
-            part.loss_scale = 1.0 / self.n
-            part.overlap = p.overlap         # F&B pairs hide one chunk's all-to-all under the other's compute
-            part.recompute = p.recompute     # RMSNorm and SwiGLU outputs recomputed in backward (V3 §3.3)
-        # a weight whose layer cannot defer its gradient keeps it in B, which the schedule's bubble does not expect
-        stuck = undeferred_weights(model, [m for part in self.stages.values() for m in part.modules()])
-        if stuck:
-            log.warning(f"weight gradients computed in B, not deferred to W, on pipeline rank {mesh.pp_rank}: "
-                        f"{', '.join(stuck)}")
-        self.first_mbs = {mb for s in self.stages if self.layout.is_first(s)
-                          for mb in microbatches_of(self.layout, s, self.n)}
-        self.last_mbs = {mb for s in self.stages if self.layout.is_last(s)
-                         for mb in microbatches_of(self.layout, s, self.n)}
-        micro = t.global_batch_size // (mesh.dp * self.n)
-        dtype = next(model.parameters()).dtype
-        # DualPipe: each part's two copies are summed as soon as this rank's copy is final (schedules/mirror.py)
-        self.mirror = build_mirror_exchange(self.stages, self.layout, pipelines_of(mesh)) if mesh.distributed else None
-        self.executor = PipelineExecutor(self.layout, self.stages, group=mesh.pp_group,
-                                         p2p_shapes=[[micro, t.seq_len, model.config.hidden_size]], p2p_dtype=dtype,
-                                         device=mesh.device)
+        self.model, self.mesh, self.layout, self.actions = model, mesh, layout, actions
+        self.stages, self.executor, self.mirror, self.n = stages, executor, mirror, micro_batches
+        self.first_mbs = {mb for s in stages if layout.is_first(s) for mb in microbatches_of(layout, s, self.n)}
+        self.last_mbs = {mb for s in stages if layout.is_last(s) for mb in microbatches_of(layout, s, self.n)}
         seen, self._params = set(), []
         for part in self.stages.values():
             for prm in part.parameters():
@@ -126,10 +104,8 @@ class PipelineStep:
         # the copy that counts in the global gradient norm: direction 0's (DualPipe holds every part twice)
         self._norm_params = [prm for s, part in self.stages.items() if s < self.layout.num_parts
                              for prm in part.parameters() if prm.requires_grad]
-        names = {id(t_): n for n, t_ in model.state_dict(keep_vars=True).items()}
         held = {id(t_) for part in self.stages.values() for t_ in part.state_dict(keep_vars=True).values()}
         self._state_names = {n for n, t_ in model.state_dict(keep_vars=True).items() if id(t_) in held}
-        self._names = names
 
     def named_parameters(self):
         names = {id(p): n for n, p in self.model.named_parameters()}
@@ -150,15 +126,13 @@ class PipelineStep:
     def _last_parts(self):
         return [part for s, part in self.stages.items() if self.layout.is_last(s)]
 
-    def forward_backward(self, micro_batches):
+    def forward_backward(self, micro_batches, trace: bool = False) -> StepOutput:
+        """`trace`: record the step's action timeline (the dashboards' Gantt chart and measured bubble)."""
         for part in self._last_parts():
             part.metrics.clear()
         inputs, labels = self._feed(micro_batches)
-        # the trainer asks for a trace on dashboard steps (pipeline timeline and measured bubble)
-        result = self.executor.run(self.actions, self.n, inputs, labels, train=True,
-                                   trace=getattr(self, "trace_next", False),
+        result = self.executor.run(self.actions, self.n, inputs, labels, train=True, trace=trace,
                                    grads_ready=self.mirror.stage_done if self.mirror else None)
-        self.last_result = result
         if self.mirror is not None:
             self.mirror.finish()
         reduce_gradients(self.named_parameters(), self.mesh)
@@ -167,7 +141,8 @@ class PipelineStep:
         reported = [m for part in self._last_parts() for m in part.metrics]
         for m in reported:
             merge_metrics(metrics, m, 1.0 / len(reported))
-        return loss_sum, len(result.losses), metrics
+        timeline = (result.start_time, [(s, e, str(w)) for s, e, w in result.trace]) if trace else None
+        return StepOutput(loss_sum, len(result.losses), metrics, timeline)
 
     @torch.no_grad()
     def evaluate(self, micro_batches):
