@@ -1,6 +1,6 @@
 """The NCCL SM budget of the expert-parallel group, read back from the communicator, for `bash bench/gpu.sh`.
 
-One GPU cannot host two NCCL ranks, so this builds world-size-1 NCCL groups through parallel.comm.new_ep_group with
+One GPU cannot host two NCCL ranks, so this builds world-size-1 NCCL groups through parallel.mesh.new_ep_group with
 two budgets and reads what the communicator did with them from NCCL's own log (NCCL_DEBUG=INFO, INIT): the number of
 channels it opened (one CTA each). The check passes when the budgeted group opened at most `sm_budget` channels and a
 collective on it completes; the unbudgeted default is shown next to it. Reading back the options object we just built
@@ -25,7 +25,7 @@ def child(budget: int) -> None:
     import torch.distributed as dist
 
     sys.path.insert(0, str(ROOT))
-    from parallel.comm import new_ep_group
+    from parallel.mesh import new_ep_group
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("PORT", "29533"))
     dev = torch.device("cuda", 0)

@@ -4,7 +4,7 @@ Each process uses 1 thread; every configuration processes the same global tokens
 One step = forward + backward of one MoE layer (router, dispatch, grouped-GEMM experts, combine, shared expert).
 The configurations are measured in interleaved rounds (one step of each per round, ep=1 on rank 0 while rank 1
 waits), so the machine's load drifts over all of them alike; a step of ep=2 ends when its slower rank ends.
-The all-to-all share comes from the exchange traces (parallel/comm.py): "all-to-all" sums the exchanges' durations
+The all-to-all share comes from the exchange traces (parallel/exchanges.py): "all-to-all" sums the exchanges' durations
 (start to completion), "exposed" sums the time the layer sat in wait(); both per step, averaged over the ranks.
 
     python -m bench.moe_ep [--tokens 4096 --hidden 256 ...]
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import tempfile
 import time
 
@@ -63,7 +62,7 @@ def _worker(rank: int, port: int, a, outdir: str) -> None:
 
     import torch.distributed as dist
 
-    from parallel import comm
+    from parallel import exchanges
     from framework.models.expert_parallel import apply_expert_parallel
     from parallel.mesh import init_mesh
 
@@ -79,10 +78,10 @@ def _worker(rank: int, port: int, a, outdir: str) -> None:
     variants = [("ep=1 (local dispatch)", None, None), ("ep=2", False, None), ("ep=2, FP8 dispatch", True, None)]
     for spec in a.links:
         lat, gbps = (float(v) for v in spec.split(","))
-        variants.append(("ep=2, emulated link", False, comm.EmulatedLink(lat, gbps)))
+        variants.append(("ep=2, emulated link", False, exchanges.EmulatedLink(lat, gbps)))
     layers, recorders = [], []
     for name, fp8, link in variants:
-        recorders.append(comm.CommRecorder())
+        recorders.append(exchanges.CommRecorder())
         if fp8 is None:
             layers.append(build_layer(a))
         else:
@@ -150,7 +149,7 @@ def main(argv=None) -> str:
              "right after starting, so exposed ~ all-to-all (plus thread wake-up); on CPU most of it is waiting for "
              "the slower peer. The FP8 row pays for quantizing in plain torch on CPU; its payload is "
              f"{4 * a.hidden / fp8_row:.1f}x smaller than fp32 rows ({2 * a.hidden / fp8_row:.1f}x than bf16). "
-             "Emulated-link rows add latency + bytes/bandwidth to every exchange (parallel/comm.py EmulatedLink).")
+             "Emulated-link rows add latency + bytes/bandwidth to every exchange (parallel/exchanges.py EmulatedLink).")
     command = "python -m bench.moe_ep" + ("" if argv is None else " " + " ".join(argv))
     text = (f"## MoE layer: expert parallelism on CPU (bench/moe_ep.py)\n\n{head}" + "\n".join(table) + notes
             + f"\n\nCommand: `{command}`; machine: {machine()} per process.\n")

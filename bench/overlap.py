@@ -5,9 +5,9 @@ torch's ScheduleDualPipeV.
 
 4 processes (pp=2 x dp=2, ep=2: each pipeline rank's experts are split over its 2 data-parallel ranks), the tiny
 DeepSeek-V3 (conf/model/deepseek_v3_tiny.yaml with 5 layers, MTP off), fp32, one thread per process. Every expert
-exchange goes through an emulated interconnect (parallel/comm.py EmulatedLink: it completes no earlier than latency +
-bytes / bandwidth after its start, the delay lying on the communication side), set so that one all-to-all lasts
-about as long as a compute piece of a chunk (1 ms + 1 Gb/s: ~1.5 ms per exchange, against 1-4 ms per turn); on 2
+exchange goes through an emulated interconnect (parallel/exchanges.py EmulatedLink: it completes no earlier than
+latency + bytes / bandwidth after its start, the delay lying on the communication side), set so that one all-to-all
+lasts about as long as a compute piece of a chunk (1 ms + 1 Gb/s: ~1.5 ms per exchange, against 1-4 ms per turn); on 2
 cores shared by 4 processes gloo alone moves the rows through memory and there is little to hide. Each process is
 pinned to one core (--no-pin to leave placement to the OS), ranks that exchange data on different cores: a peer is
 then descheduled only while a rank it never talks to runs, not while its own partner does.
@@ -243,7 +243,7 @@ def _worker(rank: int, port: int, a, outdir: str) -> None:
 
     import torch.distributed as dist
 
-    from parallel import comm
+    from parallel import exchanges
     from parallel.mesh import init_mesh
 
     logging.getLogger("parallel.comm").setLevel(logging.ERROR)
@@ -262,9 +262,9 @@ def _worker(rank: int, port: int, a, outdir: str) -> None:
     dist.barrier()
     readings = {"intended": intended, "in_force": in_force, "block_alone_s": block_alone,
                 "overshoot_us": overshoot, "timer_slack_ns": slack}
-    link = comm.EmulatedLink(a.latency_us, a.gbps)
+    link = exchanges.EmulatedLink(a.latency_us, a.gbps)
     variants = [v for v in VARIANTS if (v[1] != "torch" or not a.no_torch) and (not a.only or v[0] in a.only)]
-    recorders = [comm.CommRecorder() for _ in variants]
+    recorders = [exchanges.CommRecorder() for _ in variants]
     steps = [build_variant(*v, mesh, a, link, rec) for v, rec in zip(variants, recorders)]
     g = torch.Generator().manual_seed(1 + mesh.dp_rank)   # each data-parallel replica its own tokens
     batches = [(torch.randint(0, a.vocab, (a.micro, a.seq), generator=g),
@@ -418,7 +418,7 @@ def main(argv=None) -> str:
             f"{PARTS['dualpipev']} for DualPipeV and torch (every part of an F&B pair holds as many MoE blocks as the "
             f"other), fp32, 1 thread per process, {pinned}, {a.chunks} micro-batches of {a.micro} x {a.seq} tokens "
             f"per replica and step ({tokens} tokens per chunk), median of {a.steps} interleaved steps after "
-            f"{a.warmup} warm-up. Emulated link on every expert exchange: {link} (parallel.comm.EmulatedLink). "
+            f"{a.warmup} warm-up. Emulated link on every expert exchange: {link} (parallel.exchanges.EmulatedLink). "
             f"Dispatch layouts (parallel.comm.dispatch): 'counts' exchanges the token counts, then the routed rows; "
             f"'padded' sends every token once to each ep rank in a message of fixed size, without a count "
             f"exchange.\n\n")

@@ -1,7 +1,7 @@
 """What each mechanism reports to the dashboards (W&B on rank 0, metrics.jsonl): per-step numbers and images.
 
 Every step (reduced over ranks before rank 0 logs them):
-  comm/*       exposed communication of the expert all-to-all (parallel.comm.TRACE: time waited vs time in flight)
+  comm/*       exposed communication of the expert all-to-all (parallel.exchanges.TRACE: time waited vs time in flight)
   fp8/*        FP8 saturation and underflow of the quantized GEMM operands (framework.fp8.metrics.fp8_metrics)
   mem/*        process resident memory, and the CUDA allocator's peak on GPUs (max over ranks)
 Every logging.dashboard_interval steps (and at step 1):
@@ -141,7 +141,7 @@ class Dashboards:
 
 def comm_scalars(since: float) -> dict:
     """Exposed-communication numbers of the exchanges that started after `since` (perf_counter seconds)."""
-    from parallel.comm import TRACE
+    from parallel.exchanges import TRACE
 
     recs = [r for r in TRACE.resolved() if r.start >= since]
     if not recs:
@@ -154,12 +154,8 @@ def comm_scalars(since: float) -> dict:
 
 def fp8_scalars(models) -> dict:
     """Per-role FP8 summary over this rank's layers, counters reset after the read."""
-    try:
-        from framework.fp8.metrics import fp8_metrics
-    except ImportError:                                # older layout: per-layer stats, keep the pooled keys only
-        from framework.fp8.linear import collect_fp8_stats
+    from framework.fp8.metrics import fp8_metrics
 
-        return {k: v for m in models for k, v in collect_fp8_stats(m, reset=True).items() if k.count("/") == 1}
     return fp8_metrics(list(models), reset=True)
 
 

@@ -95,7 +95,7 @@ def swap_linears(model: nn.Module, cfg) -> None:
         from framework.fp8 import convert_to_fp8
         convert_to_fp8(model, exclude=list(cfg.fp8.exclude), backend=cfg.fp8.backend, pow2=cfg.fp8.pow2_scales)
     elif cfg.train.dtype == "bf16_emulated":
-        from framework.fp8.emulate import convert_to_bf16_emulation
+        from framework.fp8.bf16_emulation import convert_to_bf16_emulation
         convert_to_bf16_emulation(model, exclude=list(cfg.fp8.exclude))
 
 

@@ -118,11 +118,6 @@ def expert_checkpoint_names(model: torch.nn.Module, named) -> dict[str, str]:
     return {n: expert_slice_key(n, ranges[id(p)]) for n, p in named if id(p) in ranges}
 
 
-def optimizer_tensors(opt, names: dict, like=None, convert: bool = False) -> dict[str, torch.Tensor]:
-    """The optimizer's state keyed by parameter name, as stored (a format change on load needs convert=True)."""
-    return opt.sharded_state_dict(like=like, convert=convert)
-
-
 def _rng_state_b64() -> str:
     return base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
 
@@ -191,7 +186,7 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def _checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {f"model/{self.ckpt_names.get(k, k)}": v for k, v in self.step_fn.state_tensors().items()}
-        tensors.update(optimizer_tensors(self.optimizer, self.param_names))
+        tensors.update(self.optimizer.sharded_state_dict())
         return tensors
 
     def _maybe_resume(self) -> int:
@@ -202,7 +197,7 @@ class Trainer:
         check_data(meta, self.data_identity, self.cfg.train.resume_allow_data_change, folder)
         tensors = {f"model/{self.ckpt_names.get(k, k)}": v for k, v in self.step_fn.state_tensors().items()}
         convert = self.cfg.optim.convert_state
-        optim_sd = optimizer_tensors(self.optimizer, self.param_names, like=folder, convert=convert)
+        optim_sd = self.optimizer.sharded_state_dict(like=folder, convert=convert)
         meta = Checkpointer.load(folder, {**tensors, **optim_sd}, verified=meta)
         self.optimizer.load_sharded_state_dict(optim_sd, convert=convert)
         self.sampler.load_state_dict(meta["sampler"])

@@ -103,13 +103,3 @@ def grad_norm_sq_share(named_params, mesh) -> torch.Tensor:
         if owner:
             total += p.grad.double().pow(2).sum().cpu()
     return total
-
-
-@torch.no_grad()
-def reduce_expert_loads(loads: torch.Tensor, mesh) -> torch.Tensor:
-    """[L_moe, E] per-rank token counts -> counts over the global batch (sum over dp_group), for the bias update of
-    aux-loss-free balancing (V3 §2.1.2 counts loads over the whole batch). Returns a new tensor."""
-    total = loads.clone()
-    if _group_size(mesh.dp_group) > 1:
-        dist.all_reduce(total, group=mesh.dp_group)
-    return total

@@ -51,13 +51,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from parallel import comm
+from framework.fp8.quantize import dequantize_act, quantize_act   # FP8 dispatch payloads
+from parallel import exchanges
 from parallel.dispatch import Dispatcher, weighted_sum
-
-try:  # FP8 payloads need the quantizer of framework/fp8
-    from framework.fp8.quantize import dequantize_act, quantize_act
-except ImportError:  # pragma: no cover - only without framework/fp8
-    quantize_act = dequantize_act = None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -71,8 +67,8 @@ class _Route:
     in_splits: list[int]
     group: object
     name: str
-    link: Optional[comm.EmulatedLink]
-    recorder: Optional[comm.CommRecorder]
+    link: Optional[exchanges.EmulatedLink]
+    recorder: Optional[exchanges.CommRecorder]
     fp8: bool = False
     pow2: bool = True
 
@@ -93,10 +89,10 @@ def _from_fp8_rows(rows: torch.Tensor, C: int, dtype: torch.dtype) -> torch.Tens
     return dequantize_act(rq, rs, dtype=dtype)
 
 
-def _start(x: torch.Tensor, route: _Route, out: torch.Tensor) -> comm.Exchange:
+def _start(x: torch.Tensor, route: _Route, out: torch.Tensor) -> exchanges.Exchange:
     """Start moving the rows of x [sum(in_splits), C] along `route` into out [sum(out_splits), C]."""
     if not route.fp8:
-        return comm.all_to_all(out, x.contiguous(), route.out_splits, route.in_splits, route.group, route.name,
+        return exchanges.all_to_all(out, x.contiguous(), route.out_splits, route.in_splits, route.group, route.name,
                                route.link, route.recorder)
     C = x.shape[1]
     payload = _fp8_rows(x, route.pow2)                                         # [M, C + 4G]
@@ -107,7 +103,7 @@ def _start(x: torch.Tensor, route: _Route, out: torch.Tensor) -> comm.Exchange:
             out.detach().copy_(_from_fp8_rows(received, C, out.dtype))
         return out
 
-    return comm.all_to_all(received, payload, route.out_splits, route.in_splits, route.group, route.name,
+    return exchanges.all_to_all(received, payload, route.out_splits, route.in_splits, route.group, route.name,
                            route.link, route.recorder, finish=unpack)
 
 
@@ -150,7 +146,7 @@ class CountsInFlight:
 class Pending:
     """A dispatch or combine in flight: wait() blocks until its exchange is done and returns the result."""
 
-    def __init__(self, exchange: comm.Exchange, finish):
+    def __init__(self, exchange: exchanges.Exchange, finish):
         self.exchange, self._finish, self._result, self._done = exchange, finish, None, False
 
     def is_completed(self) -> bool:
@@ -184,12 +180,13 @@ class ExpertParallelDispatcher(Dispatcher):
 
     fp8: send the dispatch payload as E4M3 1x128 tiles (+ fp32 scales, power-of-two when pow2), dequantized on
     arrival; the combine stays in the activations' precision (V3 §3.3). link: an EmulatedLink that delays every
-    exchange (CPU benchmarks). recorder: where exchanges are traced (comm.TRACE by default). On NCCL the exchanges run on
-    the communicator's own high-priority stream, limited to parallel.comm.sm_budget CTAs (parallel/comm.py).
+    exchange (CPU benchmarks). recorder: where exchanges are traced (exchanges.TRACE by default). On NCCL the
+    exchanges run on the communicator's own high-priority stream, limited to parallel.comm.sm_budget CTAs
+    (parallel/nccl.py).
     """
 
     def __init__(self, n_experts: int, ep_group, fp8: bool = False, pow2_scales: bool = True,
-                 link: Optional[comm.EmulatedLink] = None, recorder: Optional[comm.CommRecorder] = None,
+                 link: Optional[exchanges.EmulatedLink] = None, recorder: Optional[exchanges.CommRecorder] = None,
                  name: str = "moe", layout: str = "counts",
                  capacity: Optional[int] = None):
         if layout not in LAYOUTS:
@@ -202,8 +199,6 @@ class ExpertParallelDispatcher(Dispatcher):
         self.ep_rank = dist.get_rank(ep_group)
         if n_experts % self.ep:
             raise ValueError(f"model.n_routed_experts={n_experts}: must be a multiple of parallel.ep={self.ep}")
-        if fp8 and quantize_act is None:
-            raise ValueError("fp8.dispatch=true: framework.fp8.quantize is not available; set fp8.dispatch=false")
         self.n_experts, self.n_local = n_experts, n_experts // self.ep
         self.fp8, self.pow2, self.link, self.recorder = fp8, pow2_scales, link, recorder
         self.name = name
@@ -257,7 +252,7 @@ class ExpertParallelDispatcher(Dispatcher):
         # counts: recv_counts[j, e] = rows rank j sends to my local expert e; .tolist() is the host sync
         recv_counts = torch.empty_like(send_counts)
         counts_route = self._route("counts", [E_local] * ep, [E_local] * ep)
-        exchange = comm.all_to_all(recv_counts, send_counts, counts_route.out_splits, counts_route.in_splits,
+        exchange = exchanges.all_to_all(recv_counts, send_counts, counts_route.out_splits, counts_route.in_splits,
                                    self.group, counts_route.name, self.link, self.recorder)
         return CountsInFlight(lambda: self._start_rows(x, x_send, exchange, recv_counts, send_counts, token, weight,
                                                        N))
@@ -302,7 +297,7 @@ class ExpertParallelDispatcher(Dispatcher):
         message = torch.cat([message, message.new_zeros(cap - N, message.shape[1])]) if cap > N else message
         message = torch.cat([message, choices.view(torch.uint8)], dim=1)      # [cap, B]
         received = torch.empty(ep * cap, message.shape[1], dtype=torch.uint8, device=x.device)
-        exchange = comm.all_to_all(received, message.repeat(ep, 1), [cap] * ep, [cap] * ep, self.group,
+        exchange = exchanges.all_to_all(received, message.repeat(ep, 1), [cap] * ep, [cap] * ep, self.group,
                                    f"{self.name}.dispatch", self.link, self.recorder)
 
         def select():
@@ -346,7 +341,7 @@ class ExpertParallelDispatcher(Dispatcher):
         rank, y_back [M_send, C] in the order the rows were sent (finish with weighted_sum)."""
         y_recv = y_sorted.detach().index_select(0, ctx.unsort)                 # [M_recv, C] in [source][expert]
         y_back = y_recv.new_empty(sum(ctx.send_splits), y_recv.shape[1])      # [M_send, C]
-        exchange = comm.all_to_all(y_back, y_recv, ctx.send_splits, ctx.recv_splits, self.group,
+        exchange = exchanges.all_to_all(y_back, y_recv, ctx.send_splits, ctx.recv_splits, self.group,
                                    f"{self.name}.combine", self.link, self.recorder)
         return Pending(exchange, lambda: y_back)
 
@@ -359,7 +354,7 @@ class ExpertParallelDispatcher(Dispatcher):
         each token's gradient [N, C], the sum over the rows it was copied into."""
         g_recv = g_sorted.index_select(0, ctx.unsort)                          # [M_recv, C], [source][expert]
         g_send = g_recv.new_empty(sum(ctx.send_splits), g_recv.shape[1])       # [M_send, C]
-        exchange = comm.all_to_all(g_send, g_recv, ctx.send_splits, ctx.recv_splits, self.group,
+        exchange = exchanges.all_to_all(g_send, g_recv, ctx.send_splits, ctx.recv_splits, self.group,
                                    f"{self.name}.dispatch.backward", self.link, self.recorder)
         return Pending(exchange, lambda: g_send.new_zeros(ctx.n_tokens, g_send.shape[1]).index_add_(0, ctx.token,
                                                                                                    g_send))
@@ -368,13 +363,9 @@ class ExpertParallelDispatcher(Dispatcher):
         """Send the gradients of the rows back home, g_back [M_send, C], to the ranks that ran their experts (a
         dispatch-direction exchange); wait() gives the expert-output gradients [M_recv, C] in expert order."""
         g_recv = g_back.new_empty(sum(ctx.recv_splits), g_back.shape[1])       # [M_recv, C], [source][expert]
-        exchange = comm.all_to_all(g_recv, g_back.contiguous(), ctx.recv_splits, ctx.send_splits, self.group,
+        exchange = exchanges.all_to_all(g_recv, g_back.contiguous(), ctx.recv_splits, ctx.send_splits, self.group,
                                    f"{self.name}.combine.backward", self.link, self.recorder)
         return Pending(exchange, lambda: torch.empty_like(g_recv).index_copy_(0, ctx.unsort, g_recv))
-
-    # the names the overlap code uses
-    dispatch_async = start_dispatch
-    combine_async = start_combine
 
     def dispatch(self, x, topk_idx, topk_weight):
         return self.start_dispatch(x, topk_idx, topk_weight).wait()

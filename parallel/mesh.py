@@ -8,6 +8,7 @@ mesh for groups and ranks (`pipeline_ranks`, `mirror_groups`) instead of re-deri
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -15,6 +16,11 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+
+from parallel.nccl import nccl_options, sm_budget_note
+
+log = logging.getLogger(__name__)
+_said_not_applicable = False   # the SM-budget line is said once per process
 
 
 @dataclass
@@ -150,8 +156,6 @@ def init_mesh(pp: int, dp: Optional[int], ep: int, device: str = "auto", backend
         g = dist.new_group(ranks)
         if d == mesh.dp_rank:
             mesh.pp_group = g
-    from parallel.comm import new_ep_group
-
     for p in range(pp):
         for s in range(dp // ep):
             # the all-to-all group: on NCCL its communicator is limited to sm_budget SMs (V3 §3.2.2)
@@ -165,6 +169,22 @@ def init_mesh(pp: int, dp: Optional[int], ep: int, device: str = "auto", backend
                 mesh.edp_group = g
     mesh.mirror_groups(mirror_pairs or {})
     return mesh
+
+def new_ep_group(ranks: Sequence[int], backend: Optional[str] = None, sm_budget: int = 20):
+    """dist.new_group for an expert-parallel group; on NCCL it gets the SM budget of `nccl_options`.
+
+    The decision follows the backend actually used by the group (not whether this torch build has NCCL): gloo on a
+    CUDA build logs the not-applicable line once, like a CPU build. Every rank of the world must call it with the same
+    arguments, in the same order.
+    """
+    global _said_not_applicable
+    backend = backend or dist.get_backend()
+    note = sm_budget_note(backend, sm_budget)
+    if note is not None and not _said_not_applicable:
+        log.info(note)
+        _said_not_applicable = True
+    opts = nccl_options(sm_budget) if note is None else None
+    return dist.new_group(list(ranks), backend=backend, pg_options=opts)
 
 
 def free_port() -> int:

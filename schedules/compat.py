@@ -14,7 +14,8 @@ DualPipe (V3 §3.2.1), PP even, num_chunks even and >= 2*PP. Rank r holds `modul
 DualPipeV, any PP >= 1, num_chunks >= 2*PP. Rank r holds `modules = (part r, part 2*PP-1-r)` of a 2*PP-part
   model; rank 0 gets all inputs and labels and returns all losses and outputs.
 Each chunk's loss is back-propagated with gradient 1 (scale inside the criterion to average), and each local
-copy keeps its own gradient: with DualPipe the caller sums the two copies of a part (see executor.mirror_grads).
+copy keeps its own gradient: with DualPipe the caller sums the two copies of a part (schedules/mirror.py's
+MirrorExchange does it under the step).
 Training or inference is chosen by torch.is_grad_enabled(), as in the library.
 """
 from __future__ import annotations

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 
 from .actions import Action, Layout, dualpipe_layout
-from .gpipe import recv_backward_of, recv_forward_of, send_backward_of, send_forward_of
+from .p2p import recv_backward_of, recv_forward_of, send_backward_of, send_forward_of
 
 
 def layout(pp: int) -> Layout:

@@ -13,7 +13,7 @@ rank's list once per training step:
       done (its autograd graph stays, to run backward with the gradient that comes back).
 
 Neighbouring stages on the same rank (DualPipeV's turn) hand tensors over directly, with no communication action.
-`mirror_grads` sums the gradients of DualPipe's two copies of each model part (V3 §3.2.1: rank r holds part r of
+schedules/mirror.py sums the gradients of DualPipe's two copies of each model part (V3 §3.2.1: rank r holds part r of
 one direction and part PP-1-r of the other, so every part lives on two ranks).
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .actions import COMM_OPS, Action, Layout
-from .mirror import flat_grads, last_backward_index, used_parameters, write_grads
+from .mirror import last_backward_index, used_parameters
 from .weight_grad import WeightGradStore
 
 Shapes = Sequence[Sequence[int]]
@@ -610,52 +610,3 @@ class PipelineExecutor:
         """Mark where a computation starts, after the waits for its data (those are traced on their own)."""
         if self._start is None:
             self._start = self._now()
-
-
-def mirror_grads(stage_modules: dict[int, nn.Module], layout: Layout, group=None,
-                 rank_mapping: Optional[Sequence[int]] = None) -> None:
-    """Sum the gradients of every model part held twice (DualPipe) so both copies hold the sum.
-
-    DualPipe runs part p on rank p (direction 0) and on rank PP-1-p (direction 1); each copy sees half of the
-    micro-batches, so the true gradient is the sum of the two. Each rank exchanges its copies' flattened
-    gradients with the mirror rank (one send and one receive per pair and dtype) and adds: a + b == b + a in
-    floating point, so both copies end bitwise equal and a step of the same optimizer keeps them equal.
-    No-op for layouts without duplicated parts. A missing .grad counts as zeros.
-    """
-    size = dist.get_world_size(group)
-    if rank_mapping is None:
-        rank_mapping = list(range(size))
-    rank = rank_mapping[dist.get_rank(group)]
-    group_rank_of = {p: g for g, p in enumerate(rank_mapping)}
-    # peer rank -> this rank's stages whose part also lives there, ordered by part (the same order on both sides)
-    by_peer: dict[int, list[int]] = {}
-    for s in sorted(stage_modules, key=lambda s: layout.stage_to_part[s]):
-        part = layout.stage_to_part[s]
-        for t in range(layout.num_stages):
-            if t != s and layout.stage_to_part[t] == part:
-                peer = layout.stage_to_rank[t]
-                if peer == rank:
-                    raise ValueError(f"layout puts two copies of part {part} on pipeline rank {rank}: "
-                                     f"nothing to mirror")
-                by_peer.setdefault(peer, []).append(s)
-    ops, pending = [], []
-    for peer, stages in sorted(by_peer.items()):
-        peer_global = dist.get_global_rank(group, group_rank_of[peer]) if group is not None else group_rank_of[peer]
-        # a parameter shared by two local parts (tied weights) is summed once: deduplicated in first-seen order,
-        # the same order on both sides since both walk the same parts
-        params = list({id(p): p for s in stages for p in stage_modules[s].parameters() if p.requires_grad}.values())
-        by_dtype: dict = {}
-        for p in params:
-            by_dtype.setdefault(p.dtype, []).append(p)
-        for dtype, ps in by_dtype.items():
-            mine = flat_grads(ps)
-            theirs = torch.empty_like(mine)
-            ops += [dist.P2POp(dist.isend, mine, peer_global, group),
-                    dist.P2POp(dist.irecv, theirs, peer_global, group)]
-            pending.append((ps, mine, theirs))
-    if not ops:
-        return
-    for w in dist.batch_isend_irecv(ops):
-        w.wait()
-    for ps, mine, theirs in pending:
-        write_grads(ps, mine + theirs)

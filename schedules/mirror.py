@@ -2,8 +2,8 @@
 
 DualPipe holds part p on rank p (direction 0) and on rank PP-1-p (direction 1); each copy sees half of the
 micro-batches, so before the optimizer step both copies must hold the sum of their gradients (V3 §3.2.1: the
-parameters are duplicated, the gradients reduced). `executor.mirror_grads` does that after the step, blocking: on a
-small model that exchange is as long as several micro-batches' compute and nothing runs under it.
+parameters are duplicated, the gradients reduced). Done after the step, blocking, that exchange is as long as several
+micro-batches' compute on a small model, and nothing runs under it.
 
 `MirrorExchange` starts each part's exchange as soon as this rank's copy has its final gradient, i.e. right after the
 part's last backward action in the rank's list (a W, B, BW or the backward half of an FB), bucket by bucket while that
@@ -13,7 +13,7 @@ has a two-rank process group of its own (created by parallel.mesh from `duplicat
 meet the pipeline's activation traffic nor each other, whatever order the two ranks reach them in, on gloo as on NCCL.
 
 The sum is an all-reduce of two: every element is a + b computed once and copied to both ranks, so both copies stay
-bitwise equal (and equal to mirror_grads' result: a + b == b + a in floating point).
+bitwise equal (a + b == b + a in floating point, so whichever rank adds, the sum is the same).
 """
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ class MirrorExchange:
 
     Per step: the executor reports final gradients (`PipelineExecutor.run(..., grads_ready=exchange.stage_done)`):
     a whole stage after its last backward action, or single parameters while that action is a W; `finish()` then
-    waits before the optimizer. `finish()` alone (no reports) is mirror_grads with the exchanges in flight together.
+    waits before the optimizer. `finish()` alone (no reports) sums every part after the step, the exchanges in flight together.
 
     A part's parameters are cut into buckets of about `bucket_elems` elements, in reverse order (the order a backward,
     and so a W, produces them); the buckets of a part start strictly in that order, so both ranks of a pair issue the

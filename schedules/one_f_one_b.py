@@ -9,7 +9,7 @@ Any N >= 1 is accepted; with N < PP the warm-up is cut short and the bubble is n
 from __future__ import annotations
 
 from .actions import Action, Layout, linear_layout
-from .gpipe import recv_backward_of, recv_forward_of, send_backward_of, send_forward_of
+from .p2p import recv_backward_of, recv_forward_of, send_backward_of, send_forward_of
 
 
 def layout(pp: int) -> Layout:

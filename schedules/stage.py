@@ -9,7 +9,7 @@ Parts hold references to the model's own modules, so parameter names (and so che
 the pipeline layout. DualPipe places the first and last parts on the same ranks (rank r holds part r of one direction
 and part PP-1-r of the other), which is how DeepSeek-V3 shares the embedding between the main model and the MTP
 module physically (V3 §2.2): the last part reaches the embedding through the model without registering it, so each
-parameter belongs to exactly one part and mirror_grads sums it once.
+parameter belongs to exactly one part and its two copies are summed once (schedules/mirror.py).
 
 A part also offers its training forward as sub-stages (`forward_steps`, cut at the MoE all-to-alls) and the
 deepseek-ai/DualPipe `overlapped_forward_backward` hook built on them, so the executor's F&B actions run one chunk's

@@ -290,7 +290,7 @@ def test_dict_valued_overrides_are_applied(world):
     from framework.models import build_model
     from launch.train import check_overrides
     from omegaconf import OmegaConf
-    from parallel.comm import EmulatedLink
+    from parallel.exchanges import EmulatedLink
 
     yarn = "{type: yarn, factor: 4, original_max_position_embeddings: 32, mscale: 1, mscale_all_dim: 1}"
     cfg = check_overrides(TINY + world["data"] + MOE + [f"model.rope_scaling={yarn}",

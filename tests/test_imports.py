@@ -1,4 +1,4 @@
-"""Which package may import which (DESIGN.md, "Import rules").
+"""Which package may import which (docs/ARCHITECTURE.md).
 
 Every .py file of the shipped packages is parsed with `ast`; every import counts, at the top of a file or inside a
 function, relative ones resolved against the file's package, and `importlib.import_module("...")` with a literal

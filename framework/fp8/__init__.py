@@ -15,7 +15,7 @@ from .linear import (
     iter_fp8_stats,
     resolve_backend,
 )
-from .emulate import Bf16ExpertGemms, bf16_grouped, convert_to_bf16_emulation
+from .bf16_emulation import Bf16ExpertGemms, bf16_grouped, convert_to_bf16_emulation
 from .memory import SavedBytes, saved_tensor_bytes
 from .metrics import fp8_metrics
 from .quantize import (

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .emulate import Bf16EmulatedLinear
+from .bf16_emulation import Bf16EmulatedLinear
 from .linear import Fp8Linear
 from .quantize import BLOCK
 

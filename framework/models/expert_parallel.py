@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from framework.models.deepseek_v3.moe import Experts
-from parallel import comm
+from parallel import exchanges
 from parallel.expert import ExpertParallelDispatcher, local_expert_range
 
 
@@ -24,7 +24,8 @@ def mark_expert_params(module: nn.Module) -> None:
 
 
 def apply_expert_parallel(model: nn.Module, mesh, cfg=None, fp8_dispatch: Optional[bool] = None,
-                          link: Optional[comm.EmulatedLink] = None, recorder: Optional[comm.CommRecorder] = None,
+                          link: Optional[exchanges.EmulatedLink] = None,
+                          recorder: Optional[exchanges.CommRecorder] = None,
                           layout: Optional[str] = None) -> nn.Module:
     """Shard every MoE layer of `model` over mesh.ep_group, in place; returns the model.
 
@@ -38,7 +39,7 @@ def apply_expert_parallel(model: nn.Module, mesh, cfg=None, fp8_dispatch: Option
     pow2 = True
     if cfg is not None:
         fp8_dispatch = bool(cfg.fp8.dispatch) if fp8_dispatch is None else fp8_dispatch
-        link = link if link is not None else comm.EmulatedLink.from_config(cfg.parallel.comm.emulate_link)
+        link = link if link is not None else exchanges.EmulatedLink.from_config(cfg.parallel.comm.emulate_link)
         layout = layout or getattr(cfg.parallel.comm, "dispatch", None)
     fp8_dispatch, layout = bool(fp8_dispatch), layout or "counts"
     if mesh.ep > 1:

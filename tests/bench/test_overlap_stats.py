@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from bench.overlap import exchange_kind, exchange_stats
-from parallel.comm import ExchangeRecord
+from parallel.exchanges import ExchangeRecord
 
 
 def rec(name, start, end, wait_start, waited):

@@ -8,7 +8,7 @@ import torch
 from framework.dashboards import PANELS, comm_scalars, draw_expert_load, optimizer_bytes, rss_bytes
 from framework.models.deepseek_v3.balance import max_vio
 from framework.trainer import Trainer
-from parallel.comm import TRACE, ExchangeRecord
+from parallel.exchanges import TRACE, ExchangeRecord
 from parallel.mesh import init_mesh
 from tests.conftest import ROOT
 

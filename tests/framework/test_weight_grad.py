@@ -141,7 +141,7 @@ def tiny_model(dtype, precision="full", **extra):
         from framework.fp8 import convert_to_fp8
         assert convert_to_fp8(model, backend="torch")
     elif precision == "bf16_emulated":
-        from framework.fp8.emulate import convert_to_bf16_emulation
+        from framework.fp8.bf16_emulation import convert_to_bf16_emulation
         assert convert_to_bf16_emulation(model)
     assert enable_weight_grad_split(model) > 0
     assert undeferred_weights(model) == []

@@ -38,7 +38,7 @@ def data_parallel_checks(mesh) -> dict:
     import torch.distributed as dist
 
     from framework.models.deepseek_v3.balance import expert_loads, reset_loads, update_biases
-    from parallel.data_parallel import average_gradients, grad_norm_sq_share, reduce_expert_loads, reduce_gradients
+    from parallel.data_parallel import average_gradients, grad_norm_sq_share, reduce_gradients
     from framework.models.expert_parallel import apply_expert_parallel
     from tests.parallel.test_expert import moe_cfg
 
@@ -79,7 +79,8 @@ def data_parallel_checks(mesh) -> dict:
         out[f"{tag}.norm_sq"] = abs(float(share) - want_sq) / want_sq
         # aux-loss-free balancing (V3 §2.1.2) on global loads: same bias on every rank, equal to the reference's
         if tag == "fp64":
-            total = reduce_expert_loads(expert_loads(net), mesh)
+            total = expert_loads(net).clone()          # the global batch's loads: summed over the dp group
+            dist.all_reduce(total, group=mesh.dp_group)
             update_biases(net, total, rate=1e-3)
             update_biases(ref, expert_loads(ref), rate=1e-3)
             bias = net.moe.gate.e_score_correction_bias

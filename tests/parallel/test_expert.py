@@ -143,8 +143,7 @@ def layout_checks(mesh) -> dict:
     counts per rank (padded up to a capacity) and a rank without tokens. Its trace: no counts, a dispatch of
     (ep-1) * capacity slots of (row + K int32 choices), and the same routed rows as the counts layout on the way
     back."""
-    from parallel import comm
-
+    from parallel import exchanges
     out = {}
     top1 = dict(num_experts_per_tok=1, norm_topk_prob=False)
     for tag, cfg, dtype, fp8, tokens in (("fp32", moe_cfg(), torch.float32, False, (6, 5)),
@@ -158,7 +157,7 @@ def layout_checks(mesh) -> dict:
             _, moe = build_pair(mesh, cfg, dtype, fp8=fp8)
             d = moe.dispatcher
             d.layout, d.capacity = layout, max(tokens)
-            d.recorder = comm.CommRecorder()
+            d.recorder = exchanges.CommRecorder()
             g = torch.Generator().manual_seed(21 + mesh.ep_rank)
             x = torch.randn(1, tokens[mesh.ep_rank], C, generator=g).to(dtype).requires_grad_()
             y = moe(x)
@@ -190,8 +189,7 @@ def layout_checks(mesh) -> dict:
 def trace_checks(mesh) -> dict:
     """One layer forward+backward records counts, dispatch, combine and both backward exchanges, with the bytes this
     rank sends to / receives from its peer (fp32 rows; FP8 rows are C bytes + one fp32 scale per 128 channels)."""
-    from parallel import comm
-
+    from parallel import exchanges
     out = {}
     for fp8 in (False, True):
         ref, moe = build_pair(mesh, moe_cfg(), torch.float32, fp8=fp8)
@@ -201,7 +199,7 @@ def trace_checks(mesh) -> dict:
         me = mesh.ep_rank
         sent = int((owner[me] != me).sum())
         received = sum(int((owner[j] == me).sum()) for j in range(mesh.ep) if j != me)
-        recorder = comm.CommRecorder()
+        recorder = exchanges.CommRecorder()
         moe.dispatcher.recorder = recorder
         moe(xs[me][None].requires_grad_()).sum().backward()
         tag = "fp8" if fp8 else "fp32"
@@ -217,13 +215,12 @@ def trace_checks(mesh) -> dict:
 
 def link_checks(mesh) -> dict:
     """An emulated link changes no number and makes every exchange last at least its modeled time."""
-    from parallel import comm
-
+    from parallel import exchanges
     _, moe = build_pair(mesh, moe_cfg(), torch.float32)
     x = torch.randn(1, 6, C, generator=torch.Generator().manual_seed(mesh.ep_rank)).requires_grad_()
     plain = moe(x)
-    link = comm.EmulatedLink(latency_us=20_000, gbps=0.05)
-    recorder = comm.CommRecorder()
+    link = exchanges.EmulatedLink(latency_us=20_000, gbps=0.05)
+    recorder = exchanges.CommRecorder()
     moe.dispatcher.link, moe.dispatcher.recorder = link, recorder
     linked = moe(x)
     linked.sum().backward()
@@ -472,7 +469,7 @@ def test_ranks_per_token():
 
 
 def test_emulated_link_model_and_bad_values():
-    from parallel.comm import EmulatedLink
+    from parallel.exchanges import EmulatedLink
 
     link = EmulatedLink(latency_us=10, gbps=8)
     assert link.seconds(1_000_000) == pytest.approx(10e-6 + 1e-3, rel=1e-12)

@@ -1,4 +1,4 @@
-"""Process groups of parallel/mesh.py on 4 gloo ranks, and parallel/comm.py's NCCL options on a CPU build.
+"""Process groups of parallel/mesh.py on 4 gloo ranks, and parallel/exchanges.py's NCCL options on a CPU build.
 
 This file also owns the spawning used by every test in tests/parallel: one group of 2 ranks (test_expert.py) and
 one of 4 ranks (this file, test_data_parallel.py and the ep=4 part of test_expert.py), each spawned once per pytest
@@ -66,7 +66,7 @@ def four_rank_checks(rank: int) -> dict:
     """Everything that needs 4 ranks: meshes pp2/dp2/ep2 and dp4/ep2, data-parallel reduction, ep=4."""
     import torch.distributed as dist
 
-    from parallel.comm import new_ep_group
+    from parallel.mesh import new_ep_group
     from parallel.mesh import init_mesh
     from tests.parallel.test_data_parallel import data_parallel_checks
     from tests.parallel.test_expert import ep4_checks
@@ -162,23 +162,23 @@ def test_new_ep_group_carries_collectives():
 
 
 def test_sm_budget_follows_the_backend_in_use(monkeypatch, caplog):
-    from parallel import comm
+    from parallel import mesh, nccl
 
-    assert comm.sm_budget_note("nccl", 20) is None
+    assert nccl.sm_budget_note("nccl", 20) is None
     # gloo is not applicable even on a torch build that has NCCL: the group's backend decides, not the build
-    assert comm.sm_budget_note("gloo", 20) == ("parallel.comm.sm_budget=20: not applicable (gloo): only NCCL "
+    assert nccl.sm_budget_note("gloo", 20) == ("parallel.comm.sm_budget=20: not applicable (gloo): only NCCL "
                                                "communicators take CTA limits")
-    monkeypatch.setattr(comm, "_said_not_applicable", False)
-    monkeypatch.setattr(comm.dist, "new_group", lambda ranks, backend, pg_options: (ranks, backend, pg_options))
-    with caplog.at_level(logging.INFO, logger="parallel.comm"):
-        assert comm.new_ep_group([0, 1], "gloo", 20) == ([0, 1], "gloo", None)
-        assert comm.new_ep_group([2, 3], "gloo", 20) == ([2, 3], "gloo", None)
-    lines = [r.getMessage() for r in caplog.records if r.name == "parallel.comm"]
-    assert lines == [comm.sm_budget_note("gloo", 20)]                       # once per process
+    monkeypatch.setattr(mesh, "_said_not_applicable", False)
+    monkeypatch.setattr(mesh.dist, "new_group", lambda ranks, backend, pg_options: (ranks, backend, pg_options))
+    with caplog.at_level(logging.INFO, logger="parallel.mesh"):
+        assert mesh.new_ep_group([0, 1], "gloo", 20) == ([0, 1], "gloo", None)
+        assert mesh.new_ep_group([2, 3], "gloo", 20) == ([2, 3], "gloo", None)
+    lines = [r.getMessage() for r in caplog.records if r.name == "parallel.mesh"]
+    assert lines == [nccl.sm_budget_note("gloo", 20)]                       # once per process
 
 
 def test_exchange_clock_chooses_by_device_and_backend():
-    from parallel.comm import exchange_clock
+    from parallel.exchanges import exchange_clock
 
     assert exchange_clock("cpu", "gloo") == "host"
     assert exchange_clock(torch.device("cuda", 0), "gloo") == "host"         # gloo's wait() blocks the host
@@ -212,7 +212,7 @@ class _FakeWork:
 def test_cuda_event_exchange_measures_the_compute_stream_stall():
     import contextlib
 
-    from parallel.comm import CommRecorder, Exchange
+    from parallel.exchanges import CommRecorder, Exchange
 
     # GPU clock (ms): launched at 0, data moved at 7; compute reached wait() at 5 and resumed at 7.5
     script = [0.0, 7.0, 5.0, 7.5]
@@ -235,7 +235,7 @@ def test_cuda_event_exchange_measures_the_compute_stream_stall():
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, None])
 def test_nccl_options_rejects_bad_budget(bad):
-    from parallel.comm import nccl_options
+    from parallel.nccl import nccl_options
 
     with pytest.raises(ValueError, match="parallel.comm.sm_budget"):
         nccl_options(bad)

@@ -3,7 +3,7 @@
 One spawned gloo group of 2 ranks and one of 4 run every check inside: for each schedule (gpipe, 1f1b, zb1p,
 dualpipe, dualpipev) a training step must give the reference's per-micro-batch losses and every parameter's
 gradient (after the mirror sum for DualPipe), a forward-only step its losses and outputs, and DualPipe's two
-copies of a part must stay bitwise equal after mirror_grads and an SGD step.
+copies of a part must stay bitwise equal after their gradients are summed and an SGD step.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from schedules.actions import Action
-from schedules.executor import PipelineExecutor, mirror_grads
+from schedules.executor import PipelineExecutor
 from schedules.registry import build, get_layout
 from schedules.weight_grad import WeightGradStore, enable_weight_grad_split
 from parallel.mesh import free_port as _free_port
@@ -182,7 +182,7 @@ def check_schedule(name, pp, rank, tri=False, loss_in_stage=False):
     for mb, loss in res.losses.items():
         assert abs(loss.item() - ref_losses[mb].item()) <= 1e-12, f"{what}: loss of micro-batch {mb}"
     if name == "dualpipe":
-        mirror_grads(stages, layout)
+        sum_copies(stages, layout)
     for s, m in stages.items():
         assert_grads(m, ref_grads[layout.stage_to_part[s]], f"{what} stage {s}")
     if cls is HookBlock:
@@ -211,8 +211,25 @@ def check_schedule(name, pp, rank, tri=False, loss_in_stage=False):
         check_mirror_step(ex, actions, n, inputs, labels, layout, stages, rank, what)
 
 
+def sum_copies(stages, layout) -> None:
+    """The reference for DualPipe's two copies of a part: every rank's gradients gathered, each part's copies added,
+    written back. (Two terms: a + b == b + a in floating point, so the order does not matter.)"""
+    import torch.distributed as dist
+
+    mine = {layout.stage_to_part[s]: torch.cat([p.grad.flatten() for p in m.parameters()]) for s, m in stages.items()}
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    for s, m in stages.items():
+        copies = [g[layout.stage_to_part[s]] for g in every if layout.stage_to_part[s] in g]
+        assert len(copies) == 2, f"part {layout.stage_to_part[s]}: {len(copies)} copies"
+        total, i = copies[0] + copies[1], 0
+        for p in m.parameters():
+            p.grad.copy_(total[i:i + p.numel()].view_as(p))
+            i += p.numel()
+
+
 def check_mirror_step(ex, actions, n, inputs, labels, layout, stages, rank, what):
-    """MirrorExchange (each part's sum started right after its last backward action) gives mirror_grads' gradients
+    """MirrorExchange (each part's sum started right after its last backward action) gives sum_copies' gradients
     bit for bit; after one SGD step both copies of each part are still bitwise equal."""
     from parallel.mesh import pair_groups
     from schedules.mirror import build_mirror_exchange, duplicated_parts, last_backward_index
@@ -233,10 +250,10 @@ def check_mirror_step(ex, actions, n, inputs, labels, layout, stages, rank, what
     for m in stages.values():
         m.zero_grad(set_to_none=True)
     ex.run(actions, n, inputs, labels, train=True)
-    mirror_grads(stages, layout)
+    sum_copies(stages, layout)
     for s, m in stages.items():
         for p in m.parameters():
-            assert torch.equal(p.grad, early[id(p)]), f"{what}: MirrorExchange differs from mirror_grads (stage {s})"
+            assert torch.equal(p.grad, early[id(p)]), f"{what}: MirrorExchange differs from the reference sum (stage {s})"
     with torch.no_grad():  # plain SGD, written out: torch.optim's first use imports torch._dynamo (seconds)
         for m in stages.values():
             for p in m.parameters():

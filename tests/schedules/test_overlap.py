@@ -20,9 +20,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import ROOT, compose_cfg
+from tests.conftest import compose_cfg
 
-pytestmark = pytest.mark.skipif(not (ROOT / "conf/model/deepseek_v3_tiny.yaml").exists(), reason="no tiny model")
 
 TOL = {torch.float32: 1e-6, torch.float64: 1e-12}
 
@@ -64,7 +63,7 @@ def fb_pair(cfg, dtype, mesh, mode: str, recompute: bool, pairing: int, data) ->
     the backward of chunk b on part 0 (from its output gradient). The remaining backwards finish the step.
 
     mode: plain (no sub-stages, the exchanges blocking inside autograd: the reference) or fb (the overlap hook)."""
-    from parallel import comm
+    from parallel import exchanges
     from schedules.stage import ModelPart, split_model
 
     model = build(cfg, dtype, mesh)
@@ -85,7 +84,7 @@ def fb_pair(cfg, dtype, mesh, mode: str, recompute: bool, pairing: int, data) ->
         ha_in = ha.detach().requires_grad_()
         args = ([ha_in, xa, ya], (lambda loss: loss), [], parts[0], None, [hb], [hb_in.grad])
     module0 = parts[pairing]
-    comm.TRACE.clear()  # the exchanges of the pair only
+    exchanges.TRACE.clear()  # the exchanges of the pair only
     if mode == "fb":
         outputs0, loss0 = ModelPart.overlapped_forward_backward(module0, *args)
         out0 = outputs0[0]
@@ -95,7 +94,7 @@ def fb_pair(cfg, dtype, mesh, mode: str, recompute: bool, pairing: int, data) ->
             loss_b.backward()
         else:
             torch.autograd.backward([hb], [hb_in.grad])
-    order = [r.name for r in sorted(comm.TRACE.records, key=lambda r: r.start)]
+    order = [r.name for r in sorted(exchanges.TRACE.records, key=lambda r: r.start)]
     # finish the step: the other half of each chunk
     if pairing == 0:
         torch.autograd.backward([out0, hb], [torch.ones_like(out0), hb_in.grad])

@@ -25,8 +25,6 @@ schedules/overlap.py, whose Tape they receive). Per MoE block:
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
 from typing import Optional, Sequence
 
 import torch
@@ -273,13 +271,3 @@ def count_parameters(cfg, include_mtp: bool = False) -> tuple[int, int]:
     total = sum(p.numel() for name, p in model.named_parameters() if include_mtp or not name.startswith("mtp."))
     activated = model.activated_parameters(include_embedding=False, include_mtp=include_mtp)
     return total, int(round(activated))
-
-
-def config_replace(cfg, **changes):
-    """A copy of a ModelConfig dataclass or DictConfig with some fields changed."""
-    if dataclasses.is_dataclass(cfg):
-        return dataclasses.replace(cfg, **changes)
-    out = copy.deepcopy(cfg)
-    for k, v in changes.items():
-        setattr(out, k, v)
-    return out

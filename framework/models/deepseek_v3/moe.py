@@ -179,9 +179,6 @@ class Experts(nn.Module):
             return self._grouped(x_sorted, tokens_per_expert)
         return self._loop(x_sorted, tokens_per_expert)
 
-    # an expert-parallel rank calls the same function on the rows it received for its own experts
-    forward_local = forward
-
     def forward_recomputed(self, x_sorted: torch.Tensor, tokens_per_expert) -> torch.Tensor:
         """forward(), keeping the grouped GEMMs' outputs and recomputing the SwiGLU product in backward. Experts with
         custom GEMM numerics (linear_fn, e.g. FP8) run as they are."""

@@ -10,7 +10,7 @@ from framework.fp8 import (Bf16ExpertGemms, Fp8ExpertGemms, Fp8Linear, collect_f
                            convert_to_fp8, fp8_metrics)
 from framework.fp8 import quantize as Q
 from tests.framework.fp8.errors import frob, rel
-from framework.fp8.emulate import Bf16EmulatedLinear
+from framework.fp8.bf16_emulation import Bf16EmulatedLinear
 from framework.models.deepseek_v3 import DeepSeekV3
 from framework.models.deepseek_v3.moe import Experts, LocalDispatcher, MoE
 

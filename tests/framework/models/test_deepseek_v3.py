@@ -153,7 +153,7 @@ def test_moe_equals_per_token_reference_and_expert_slices():
     part = Experts(cfg, local_experts=range(4, 8)).double()
     part.gate_up_proj.data.copy_(ex.gate_up_proj[4:]), part.down_proj.data.copy_(ex.down_proj[4:])
     first = int(counts[:4].sum())
-    torch.testing.assert_close(part.forward_local(x_sorted[first:], counts[4:]), y_sorted[first:], rtol=0, atol=1e-12)
+    torch.testing.assert_close(part(x_sorted[first:], counts[4:]), y_sorted[first:], rtol=0, atol=1e-12)
     partial = MoE(cfg, local_experts=range(4, 8))
     with pytest.raises(ValueError, match="local_experts"):
         partial(x.float())

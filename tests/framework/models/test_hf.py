@@ -2,6 +2,8 @@
 transformers' MtpModel, exact load/save round trips, FP8 block dequantization, config errors."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import os
@@ -57,8 +59,7 @@ def add_mtp_shard(folder: str, n_layers: int) -> None:
     ours = from_pretrained(folder, num_nextn_predict_layers=0)
     cfg = ours.config
     from framework.models.deepseek_v3 import DeepSeekV3
-    from framework.models.deepseek_v3.model import config_replace
-    donor = DeepSeekV3(config_replace(cfg, num_nextn_predict_layers=1, initializer_range=0.15))
+    donor = DeepSeekV3(dataclasses.replace(cfg, num_nextn_predict_layers=1, initializer_range=0.15))
     with torch.no_grad():
         for n, b in donor.named_buffers():
             if "e_score_correction_bias" in n:

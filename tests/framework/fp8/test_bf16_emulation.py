@@ -1,9 +1,9 @@
-"""The emulated-bf16 baseline (framework/fp8/emulate.py) against float64 products of bf16-rounded operands."""
+"""The emulated-bf16 baseline (framework/fp8/bf16_emulation.py) against float64 products of bf16-rounded operands."""
 import pytest
 import torch
 from torch import nn
 
-from framework.fp8.emulate import Bf16EmulatedLinear, bf16_grouped, convert_to_bf16_emulation
+from framework.fp8.bf16_emulation import Bf16EmulatedLinear, bf16_grouped, convert_to_bf16_emulation
 
 
 def rel(a, b):

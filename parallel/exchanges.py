@@ -1,13 +1,5 @@
-"""Communication plumbing for expert parallelism: the NCCL SM budget, an emulated link for CPU benchmarks, and the
-trace every exchange leaves behind.
-
-There is no communication stream of our own: an asynchronous NCCL collective already runs on the communicator's
-internal stream, made high-priority and limited to `sm_budget` CTAs by the options below, and its Work.wait() orders
-the compute stream after it. A stream of ours in front of it would only add an event hop.
-
-DeepSeek-V3 gives 20 of the H800's 132 SMs to all communication and the rest to compute (V3 §3.2.2). NCCL takes that
-limit as CTAs per communicator (`max_ctas`/`min_ctas`), set when the process group is created: `new_ep_group` builds
-the expert-parallel group with it. On CPU (gloo) nothing of the sort exists, and we say so once instead of pretending.
+"""Asynchronous exchanges (all-to-all) for expert parallelism, an emulated link for CPU benchmarks, and the trace
+every exchange leaves behind.
 
 Exposed communication = the time compute spent waiting for an exchange; the rest of the exchange ran under compute.
 Every exchange records (start, completion, waited) in `TRACE`, so overlap schedules can report both. How that time is
@@ -17,66 +9,15 @@ stream (resolved lazily, when the trace is read, so that timing never synchroniz
 """
 from __future__ import annotations
 
-from collections import deque
-import logging
 import math
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-
-log = logging.getLogger(__name__)
-
-_said_not_applicable = False
-
-
-def _check_sm_budget(sm_budget) -> None:
-    if not isinstance(sm_budget, int) or isinstance(sm_budget, bool) or sm_budget < 1:
-        raise ValueError(f"parallel.comm.sm_budget={sm_budget!r}: must be a positive int "
-                         f"(SMs / CTAs for communication)")
-
-
-def nccl_options(sm_budget: int):
-    """ProcessGroupNCCL.Options that cap NCCL at `sm_budget` CTAs on a high-priority stream (None without NCCL).
-
-    max_ctas = min_ctas = sm_budget pins the communicator's footprint (V3 §3.2.2: 20 SMs), so the remaining SMs are
-    guaranteed to compute. Not yet measured on a GPU: whether NCCL honours the limit is what bench/gpu_nccl.py checks.
-    """
-    _check_sm_budget(sm_budget)
-    if not dist.is_nccl_available():
-        return None
-    opts = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
-    opts.config.max_ctas = sm_budget
-    opts.config.min_ctas = sm_budget
-    return opts
-
-
-def sm_budget_note(backend: str, sm_budget: int) -> Optional[str]:
-    """None where the SM budget applies (NCCL), else the one line that says why it does not."""
-    _check_sm_budget(sm_budget)
-    if backend == "nccl":
-        return None
-    return f"parallel.comm.sm_budget={sm_budget}: not applicable ({backend}): only NCCL communicators take CTA limits"
-
-
-def new_ep_group(ranks: Sequence[int], backend: Optional[str] = None, sm_budget: int = 20):
-    """dist.new_group for an expert-parallel group; on NCCL it gets the SM budget of `nccl_options`.
-
-    The decision follows the backend actually used by the group (not whether this torch build has NCCL): gloo on a
-    CUDA build logs the not-applicable line once, like a CPU build. Every rank of the world must call it with the same
-    arguments, in the same order.
-    """
-    global _said_not_applicable
-    backend = backend or dist.get_backend()
-    note = sm_budget_note(backend, sm_budget)
-    if note is not None and not _said_not_applicable:
-        log.info(note)
-        _said_not_applicable = True
-    opts = nccl_options(sm_budget) if note is None else None
-    return dist.new_group(list(ranks), backend=backend, pg_options=opts)
 
 
 def exchange_clock(device: torch.device | str, backend: str) -> str:
