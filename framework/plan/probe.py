@@ -3,10 +3,10 @@
 `measure(processes)` starts that many processes (one thread each, as torchrun sets OMP_NUM_THREADS=1), joined in
 one gloo group, and has them measure together:
   gemm, memory, op   a 1024^2 fp32 GEMM, an elementwise multiply of 16 MB tensors and the host time of one small
-                     autograd operator, all processes at the same time (they share the machine's cores as the
+                     autograd operator (medians of single calls), all processes at the same time (they share the machine's cores as the
                      ranks will); the slowest process's figures, since a pipeline goes at its slowest rank's pace
-  p2p                a ping-pong between ranks 0 and 1 with 4-byte and 1 MiB messages: latency (half a round trip
-                     of the small message) and bandwidth (the large message's extra time)
+  p2p                a ping-pong between ranks 0 and 1 with 4-byte and 1 MiB messages: latency (half the median
+                     round trip of the small message) and bandwidth (the large message's extra time)
   action             the pipeline executor's own time per action: a DualPipe step over all processes
                      (schedules.compat, the executor the trainer runs) whose modules compute next to nothing; the
                      per-action time h for which schedules.simulate, with the measured p2p latency, gives the
@@ -43,9 +43,17 @@ def action_overhead(step_s: float, pp: int, chunks: int, p2p_s: float) -> float:
     return (lo + hi) / 2
 
 
-def _rate(fn, seconds: float) -> float:
-    from framework.plan.devices import _rate as rate
-    return rate(fn, seconds)
+def _median(fn, seconds: float) -> float:
+    """Median seconds per call of fn over about `seconds` of calls (at least 5) after a warm-up. A median, as the
+    run's step time is compared by its median: on a shared machine a process is at times descheduled for far longer
+    than a call takes, and a mean would carry those pauses into every figure."""
+    fn()
+    times, start = [], time.perf_counter()
+    while len(times) < 5 or time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def _worker(rank: int, world: int, store: str, out: str, chunks: int) -> None:
@@ -67,27 +75,27 @@ def _worker(rank: int, world: int, store: str, out: str, chunks: int) -> None:
             z = z * 1.0001
         z.sum().backward()
     dist.barrier()
-    res["flops"] = 2 * n**3 / _rate(lambda: a @ a, 0.5)
+    res["flops"] = 2 * n**3 / _median(lambda: a @ a, 0.5)
     dist.barrier()
-    res["hbm"] = 3 * x.numel() * 4 / _rate(lambda: torch.mul(x, y), 0.25)
+    res["hbm"] = 3 * x.numel() * 4 / _median(lambda: torch.mul(x, y), 0.25)
     dist.barrier()
-    res["op_s"] = _rate(ops, 0.25) / 101               # 50 forward + 50 backward nodes + the sum
+    res["op_s"] = _median(ops, 0.25) / 101               # 50 forward + 50 backward nodes + the sum
     dist.barrier()
 
     for size in (SMALL, LARGE):                         # ranks 0 and 1 bounce a message; the others wait
         buf = torch.zeros(size // 4)
         if rank < 2:
-            peer = 1 - rank
+            peer, trips = 1 - rank, []
             for i in range(PINGS + 10):
-                if i == 10:
-                    t0 = time.perf_counter()
+                t0 = time.perf_counter()
                 if rank == 0:
                     dist.send(buf, peer)
                     dist.recv(buf, peer)
                 else:
                     dist.recv(buf, peer)
                     dist.send(buf, peer)
-            res[f"oneway_{size}"] = (time.perf_counter() - t0) / (2 * PINGS)
+                trips.append(time.perf_counter() - t0)
+            res[f"oneway_{size}"] = statistics.median(trips[10:]) / 2     # rank 0's round trips
         dist.barrier()
 
     if world % 2 == 0:
