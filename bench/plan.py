@@ -1,6 +1,6 @@
 """The planner against published and measured figures; writes bench/out/plan.md.
 
-    .venv/bin/python -m bench.plan [--steps N] [--skip-cpu]
+    .venv/bin/python -m bench.plan [--steps N] [--skip-cpu] [--cpu-terms]
 
 1. DeepSeek-V3's pre-training setup (V3 §3.1-3.3: 2048 H800, PP16 DualPipe, EP64 over 8 nodes, ZeRO-1 DP, FP8,
    4K sequences, batch 15360) planned with the device data of framework/plan/devices.py, against the paper's
@@ -151,11 +151,50 @@ def _cpu_section(steps: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cpu_terms() -> str:
+    """What each measured term moves in make train's plan, from one start-up: the device as one process measures
+    it alone (latency 50 us, no executor time), then the probe's figures added one at a time."""
+    import torch
+
+    from framework.plan import devices
+    from framework.plan.estimate import Planner
+    from framework.plan.run import configured_layout, setting_from_config
+    from launch.train import check_overrides
+
+    cfg = check_overrides(["parallel=dualpipe"])
+    new = devices.get_device("cpu", processes=2, wandb_mode=cfg.logging.wandb.mode)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        old = devices._measure_cpu(2, None, new.runtime_bytes, cfg.logging.wandb.mode)
+    finally:
+        torch.set_num_threads(threads)
+    rows = [("before: one process measures alone, latency 50 us, no executor time", old),
+            ("+ GEMM / bandwidth / operator time measured by 2 processes at once",
+             replace(new, link_latency_s=old.link_latency_s, nvlink_bytes_s=old.nvlink_bytes_s,
+                     ib_bytes_s=old.ib_bytes_s, action_overhead_s=0.0)),
+            ("+ gloo p2p latency and bandwidth measured (median ping-pong)", replace(new, action_overhead_s=0.0)),
+            ("+ executor time per action (the plan)", new)]
+    lines = [f"load (1 min) {os.getloadavg()[0]:.1f}", "",
+             "| cpu device | planned step s | matmul GFLOP/s | p2p latency us | executor us / action |",
+             "|---|---|---|---|---|"]
+    for name, dev in rows:
+        planner = Planner(cfg.model, dev, setting_from_config(cfg))
+        step = planner.plan(configured_layout(cfg, planner)).step_s
+        lines.append(f"| {name} | {step:.3f} | {dev.bf16_flops / 1e9:.1f} | {dev.link_latency_s * 1e6:.0f} | "
+                     f"{dev.action_overhead_s * 1e6:.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--skip-cpu", action="store_true", help="only the V3 section (no training run)")
+    ap.add_argument("--cpu-terms", action="store_true", help="only what each measured cpu term adds to the plan")
     args = ap.parse_args()
+    if args.cpu_terms:
+        print(cpu_terms())
+        return
     parts = ["## Planner (framework/plan, bench/plan.py)", "", _v3_section()]
     if not args.skip_cpu:
         parts.append(_cpu_section(args.steps))
