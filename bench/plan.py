@@ -1,6 +1,6 @@
 """The planner against published and measured figures; writes bench/out/plan.md.
 
-    .venv/bin/python -m bench.plan [--steps N] [--skip-cpu]
+    .venv/bin/python -m bench.plan [--steps N] [--skip-cpu] [--cpu-terms]
 
 1. DeepSeek-V3's pre-training setup (V3 §3.1-3.3: 2048 H800, PP16 DualPipe, EP64 over 8 nodes, ZeRO-1 DP, FP8,
    4K sequences, batch 15360) planned with the device data of framework/plan/devices.py, against the paper's
@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import json
 import os
 import statistics
@@ -29,15 +30,16 @@ V3 = ["model=deepseek_v3_671b", "cluster=v3_h800", "train.seq_len=4096", "train.
       "train.micro_batches=120"]
 PAPER_GPU_HOURS_PER_T = 2664e3 / 14.8       # V3 Table 1: 180K
 CPU_READING = (
-    'The cpu device is measured when the planner starts (a 1024^2 fp32 GEMM, an elementwise multiply, the'
-    ' host time of one autograd operator, one thread per process as torchrun sets it) and a fresh process'
-    ' measures what a trainer holds before its model (imports, gloo, torch.optim, matplotlib, wandb). On '
-    "this shared 2-core machine those speeds swing by 2x within minutes with the other jobs' load, so the"
-    " two plans bracket the run and each is compared with the run's median step. The memory terms "
-    '(weights, gradients, moments, activations of the in-flight micro-batches, workspace) are checked '
-    'exactly against the optimizer manager and autograd in tests/framework/plan; the step time has no '
-    "such check: what the eager timing leaves out (the executor's Python, gloo's point-to-point waits, "
-    "the trainer's per-step bookkeeping) shows as a plan below the measurement on a quiet machine."
+    "The cpu device is measured when the planner starts, by as many processes as the run has, at the same time"
+    " (framework/plan/probe.py): a 1024^2 fp32 GEMM, an elementwise multiply and the host time of one autograd"
+    " operator (one thread each, as torchrun sets it; the slowest process's figures), gloo's p2p latency and"
+    " bandwidth (a ping-pong of 4 B and 1 MiB messages), and the pipeline executor's own time per action: a"
+    " DualPipe step through schedules.compat whose stages compute next to nothing, and the per-action time for"
+    " which schedules.simulate, with the measured latency, lasts as long. A fresh process measures what a trainer"
+    " holds before its model (imports, gloo, torch.optim, matplotlib, wandb). The memory terms are checked exactly"
+    " against the optimizer manager and autograd in tests/framework/plan. Not modelled: the trainer's per-step"
+    " bookkeeping outside the pipeline and the optimizer (metrics, router bias updates, loss all-reduce). The"
+    " machine is shared: its load (1 min) is in the table, and the two plans bracket the run."
 )
 
 
@@ -64,8 +66,13 @@ def _v3_section() -> str:
         "|---|---|---|---|---|---|---|---|---|",
         f"| paper (V3 Table 1: 2664K GPU-h / 14.8T) | {PAPER_GPU_HOURS_PER_T:,.0f} | | | yes | | | | |",
     ]
-    for name, p in (("plan: V3 layout, planner's balanced layers " + str(list(sizes)), mine),
-                    ("plan: V3 layout, launch.train's default split", default)):
+    rows = [("plan: V3 layout, planner's balanced layers " + str(list(sizes)), mine),
+            ("plan: V3 layout, launch.train's default split", default)]
+    planner = Planner(cfg.model, DEVICES["h800"], setting_from_config(cfg))
+    for v, why in ((0.04, "the paper's converged MaxVio_global"), (0.0, "no imbalance")):
+        skewed = Planner(cfg.model, DEVICES["h800"], replace(setting_from_config(cfg), expert_imbalance=v))
+        rows.append((f"plan: balanced layers, expert imbalance {v} ({why})", skewed.plan(mine.layout)))
+    for name, p in rows:
         lines.append(f"| {name} | {p.gpu_hours_per_T:,.0f} | {p.gpu_hours_per_T / PAPER_GPU_HOURS_PER_T - 1:+.1%} | "
                      f"{p.memory.total / 2**30:.1f} GiB of {gib80:.1f} | {'yes' if p.fits else 'no'} | "
                      f"{p.step_s:.2f} | {p.bubble:.1%} | {p.a2a_exposed:.2f} of {p.a2a_total:.2f} s | "
@@ -77,10 +84,15 @@ def _v3_section() -> str:
               "(DeepGEMM's grouped MoE figures on H800, 1093-1297 TFLOPS), BF16 GEMMs 0.60, attention 0.75 forward "
               "(FlashAttention-3) and 0.50 backward, 20 of 132 SMs lent to communication while experts are "
               "parallel (V3 §3.2.2), NVLink 0.78 and InfiniBand 0.9 of their rates (DeepEP); activations as V3 "
-              "keeps them (FP8 linear inputs, RMSNorm and MLA up-projections recomputed). Not modelled, each of "
-              "which can only slow the real run down: expert load imbalance within a batch (the busiest GPU sets "
-              "the pace of every all-to-all), kernels below their published efficiency at V3's shapes, imperfect "
-              "overlap inside F&B pairs, stage imbalance beyond the slowest part, stragglers and restarts. The "
+              "keeps them (FP8 linear inputs, RMSNorm and MLA up-projections recomputed). Expert load imbalance: "
+              f"the busiest ep rank receives and computes (1 + MaxVio) x the mean rows, MaxVio = "
+              f"{planner.s.expert_imbalance} as measured for loss-free balancing by bench/balance.py (the busiest "
+              "expert's excess over 200 steps of deepseek_v3_tiny: an upper bound for V3's 4 experts per rank); "
+              "the rows with 0.04 (the paper's converged global figure) and 0 show what the term weighs. F&B "
+              "pairs: each MoE block's exchanges hide only under the turns schedules/overlap.py interleaves "
+              "(framework/plan/overlap.py), not under the pair's whole compute. Not modelled: kernels below "
+              "their published efficiency at V3's shapes, stragglers and restarts (each would slow the real run "
+              "down); every rank is timed as the slowest one (pessimistic where parts differ). The "
               "default split of launch.train (remainder layers to the middle parts) leaves the head and MTP on a "
               "full part: the plan says it does not fit, which is why the planner writes its balanced "
               "`layers_per_part` into train_plan.yaml.", ""]
@@ -93,17 +105,26 @@ def _plan_cpu(overrides):
     from framework.plan.run import make_plans
     from launch.train import check_overrides
 
-    plans, _, dev = make_plans(check_overrides(overrides), search=False)
+    from framework.plan.estimate import Planner
+    from framework.plan.run import setting_from_config
+
+    cfg = check_overrides(overrides)
+    plans, _, dev = make_plans(cfg, search=False)
     p = plans[0]
+    # the same plan without the executor's time per action: what that term adds
+    bare = Planner(cfg.model, replace(dev, action_overhead_s=0.0), setting_from_config(cfg)).plan(p.layout)
     return {"step_s": p.step_s, "rss_gib": p.memory.total / GiB, "runtime_gib": p.memory.runtime / GiB,
             "model_gib": (p.memory.total - p.memory.runtime) / GiB, "gflops": dev.bf16_flops / 1e9,
-            "op_us": dev.op_overhead_s * 1e6, "load": os.getloadavg()[0]}
+            "op_us": dev.op_overhead_s * 1e6, "p2p_us": dev.link_latency_s * 1e6,
+            "action_us": dev.action_overhead_s * 1e6, "host_s": p.step_s - bare.step_s, "load": os.getloadavg()[0]}
 
 
 def _cpu_section(steps: int) -> str:
     overrides = ["parallel=dualpipe", f"train.steps={steps}"]
     before = _plan_cpu(overrides)
     run_id = f"plan-check-{int(time.time())}"
+    # as `make train` does: the corpus and tokenizer are prepared before the run, not inside its measured process
+    subprocess.run([sys.executable, "-m", "launch.prepare_data"], cwd=ROOT, check=True)
     cmd = [str(ROOT / ".venv/bin/torchrun"), "--standalone", "--nproc-per-node=2", "-m", "launch.train", *overrides,
            "logging.console=none"]
     subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "DUET_RUN_ID": run_id})
@@ -116,22 +137,64 @@ def _cpu_section(steps: int) -> str:
     lines = ["### `make train` on this machine (cluster.gpu=cpu)", "",
              "```", "python -m bench.plan   # plans, runs and plans again:", "python -m launch.plan parallel=dualpipe",
              "torchrun --standalone --nproc-per-node=2 -m launch.train parallel=dualpipe", "```", "",
-             "| | step time s | peak RSS GiB (model terms + trainer runtime) | matmul GFLOP/s | host us / op | load (1 min) |",
-             "|---|---|---|---|---|---|"]
+             "| | step time s | of which executor time per action | peak RSS GiB (model terms + trainer runtime) "
+             "| matmul GFLOP/s (2 processes at once) | host us / op | p2p latency us | executor us / action "
+             "| load (1 min) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, p in (("plan before the run", before), ("plan after the run", after), ("plan, mean of the two", mean)):
-        lines.append(f"| {name} | {p['step_s']:.3f} ({p['step_s'] / measured - 1:+.0%}) | {p['rss_gib']:.3f} "
-                     f"({p['rss_gib'] / rss - 1:+.0%}; {p['model_gib']:.3f} + {p['runtime_gib']:.3f}) | "
-                     f"{p['gflops']:.1f} | {p['op_us']:.1f} | {p['load']:.1f} |")
-    lines.append(f"| measured ({steps} steps) | {measured:.3f} (median of {len(times)}) | {rss:.3f} | | | |")
+        lines.append(f"| {name} | {p['step_s']:.3f} ({p['step_s'] / measured - 1:+.0%}) | {p['host_s']:.3f} | "
+                     f"{p['rss_gib']:.3f} ({p['rss_gib'] / rss - 1:+.0%}; {p['model_gib']:.3f} + "
+                     f"{p['runtime_gib']:.3f}) | {p['gflops']:.1f} | {p['op_us']:.1f} | {p['p2p_us']:.0f} | "
+                     f"{p['action_us']:.0f} | {p['load']:.1f} |")
+    lines.append(f"| measured ({steps} steps) | {measured:.3f} (median of {len(times)}) | | {rss:.3f} | | | | | |")
     lines += ["", CPU_READING]
     return "\n".join(lines) + "\n"
+
+
+def cpu_terms() -> str:
+    """What each measured term moves in make train's plan, from one start-up: the device as one process measures
+    it alone (latency 50 us, no executor time), then the probe's figures added one at a time."""
+    import torch
+
+    from framework.plan import devices
+    from framework.plan.estimate import Planner
+    from framework.plan.run import configured_layout, setting_from_config
+    from launch.train import check_overrides
+
+    cfg = check_overrides(["parallel=dualpipe"])
+    new = devices.get_device("cpu", processes=2, wandb_mode=cfg.logging.wandb.mode)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        old = devices._measure_cpu(2, None, new.runtime_bytes, cfg.logging.wandb.mode)
+    finally:
+        torch.set_num_threads(threads)
+    rows = [("before: one process measures alone, latency 50 us, no executor time", old),
+            ("+ GEMM / bandwidth / operator time measured by 2 processes at once",
+             replace(new, link_latency_s=old.link_latency_s, nvlink_bytes_s=old.nvlink_bytes_s,
+                     ib_bytes_s=old.ib_bytes_s, action_overhead_s=0.0)),
+            ("+ gloo p2p latency and bandwidth measured (median ping-pong)", replace(new, action_overhead_s=0.0)),
+            ("+ executor time per action (the plan)", new)]
+    lines = [f"load (1 min) {os.getloadavg()[0]:.1f}", "",
+             "| cpu device | planned step s | matmul GFLOP/s | p2p latency us | executor us / action |",
+             "|---|---|---|---|---|"]
+    for name, dev in rows:
+        planner = Planner(cfg.model, dev, setting_from_config(cfg))
+        step = planner.plan(configured_layout(cfg, planner)).step_s
+        lines.append(f"| {name} | {step:.3f} | {dev.bf16_flops / 1e9:.1f} | {dev.link_latency_s * 1e6:.0f} | "
+                     f"{dev.action_overhead_s * 1e6:.0f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--skip-cpu", action="store_true", help="only the V3 section (no training run)")
+    ap.add_argument("--cpu-terms", action="store_true", help="only what each measured cpu term adds to the plan")
     args = ap.parse_args()
+    if args.cpu_terms:
+        print(cpu_terms())
+        return
     parts = ["## Planner (framework/plan, bench/plan.py)", "", _v3_section()]
     if not args.skip_cpu:
         parts.append(_cpu_section(args.steps))

@@ -18,6 +18,7 @@ Sources (spec sheets, read 2024-2025):
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field, replace
 
@@ -65,6 +66,9 @@ class Device:
     fused_kernels: bool               # flash attention, fused cross-entropy, V3's FP8 caching; False = the eager
                                       # torch modules of this project (what runs on cpu)
     op_overhead_s: float = 0.0        # host time per eager operator (cpu: measured; GPUs launch asynchronously)
+    action_overhead_s: float = 0.0    # the pipeline executor's own host time per action, p2p waits' bookkeeping
+                                      # included (cpu: measured; on GPUs the host queues an action's kernels while
+                                      # the device runs the previous one, ~1 ms of Python under ~100 ms actions)
     runtime_bytes: float = 0.0        # memory a trainer process holds before any model tensor (cpu: measured)
     eff: Efficiencies = field(default_factory=Efficiencies)
     measured: bool = False
@@ -88,6 +92,9 @@ DEVICES: dict[str, Device] = {
                    fused_kernels=True, runtime_bytes=2.0 * GB),
 }
 DEVICE_NAMES = tuple(DEVICES) + ("cpu",)
+
+
+_MEASURED = Efficiencies(gemm_fp8=1.0, gemm_bf16=1.0, attn_fwd=1.0, attn_bwd=1.0, hbm=1.0, nvlink=1.0, ib=1.0)
 
 
 def _rate(fn, seconds: float = 0.25) -> float:
@@ -143,10 +150,23 @@ def measure_cpu(processes: int = 1, memory_bytes: float | None = None, runtime_b
     OMP_NUM_THREADS=1 when it starts several): a square fp32 GEMM (as the trainer's MFU does), an elementwise
     multiply of 16 MB tensors (memory bandwidth), the host time of one small autograd operator, and (unless given)
     the memory a trainer process holds before its model (`trainer_runtime_bytes`).
-    Links between processes on one machine (gloo over loopback) are not measured: latency 50 us and the copy
-    bandwidth are used (assumption)."""
+    With several processes these run in that many processes at once, which also measure gloo's p2p latency and
+    bandwidth and the pipeline executor's time per action (framework/plan/probe.py). One process has no links:
+    latency 50 us and the copy bandwidth stand in (assumption), and no executor time."""
     import torch
 
+    if processes > 1:
+        from framework.plan.probe import measure
+
+        m = measure(processes)
+        if memory_bytes is None:
+            memory_bytes = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        return Device("cpu", bf16_flops=m["flops"], fp8_flops=None, hbm_bytes_s=m["hbm"], memory_bytes=memory_bytes,
+                      nvlink_bytes_s=m["p2p_bytes_s"], ib_bytes_s=m["p2p_bytes_s"],
+                      link_latency_s=m["p2p_latency_s"], sms=0, gpus_per_node=1 << 30, fused_kernels=False,
+                      op_overhead_s=m["op_s"], action_overhead_s=m["action_s"],
+                      runtime_bytes=trainer_runtime_bytes(wandb_mode) if runtime_bytes is None else runtime_bytes,
+                      eff=_MEASURED, measured=True)
     threads = torch.get_num_threads()
     if processes > 1:
         torch.set_num_threads(1)
@@ -173,14 +193,12 @@ def _measure_cpu(processes: int, memory_bytes: float | None, runtime_bytes: floa
         z.sum().backward()
     op_s = _rate(ops) / 101                           # 50 forward + 50 backward nodes + the sum
     if memory_bytes is None:
-        import os
         memory_bytes = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     return Device("cpu", bf16_flops=flops, fp8_flops=None, hbm_bytes_s=hbm, memory_bytes=memory_bytes,
                   nvlink_bytes_s=hbm / 2, ib_bytes_s=hbm / 2, link_latency_s=50e-6, sms=0, gpus_per_node=1 << 30,
                   fused_kernels=False, op_overhead_s=op_s,
                   runtime_bytes=trainer_runtime_bytes(wandb_mode) if runtime_bytes is None else runtime_bytes,
-                  eff=Efficiencies(gemm_fp8=1.0, gemm_bf16=1.0, attn_fwd=1.0, attn_bwd=1.0, hbm=1.0, nvlink=1.0,
-                                   ib=1.0), measured=True)
+                  eff=_MEASURED, measured=True)
 
 
 def get_device(name: str, memory_gb: float | None = None, gpus_per_node: int | None = None,

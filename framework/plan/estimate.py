@@ -10,9 +10,14 @@ per-token costs of the layers (layers.py) and a device model (devices.py):
             `topk_group` nodes its experts live on, then forwarded over NVLink to its K experts; with expert
             parallelism inside one node only NVLink is used. Dispatch FP8 (with fp8.dispatch), combine BF16; the
             backward moves the same rows in BF16 both ways.
+  imbalance with expert parallelism the busiest rank of an exchange receives (1 + MaxVio) x the mean rows and runs
+            its experts on them; every rank waits for it at the combine (EXPERT_MAXVIO_BATCH below)
   overlap   DualPipe / DualPipeV with parallel.overlap run an F&B pair's all-to-all under the other chunk's
-            compute: the pair costs max(compute, communication); other actions wait for their own exchanges.
-  step      the schedule's makespan from schedules.simulate (uniform per-stage costs: the slowest part's), plus the
+            compute, turn by turn as schedules/overlap.py interleaves them (framework/plan/overlap.py): what the
+            turns cannot cover is exposed; other actions wait for their own exchanges.
+  host      on cpu, the executor's own time per action (measured at start-up, framework/plan/probe.py) is added
+            to every action, and the p2p latency is the one measured between the processes
+  step      the schedule's makespan from schedules.simulate (uniform per-stage costs: the slowest rank's), plus the
             gradient exchange after the pipeline (mirror copies and data parallel, not overlapped) and the optimizer.
 """
 from __future__ import annotations
@@ -26,6 +31,14 @@ from framework.plan.devices import Device
 from framework.plan.layers import LayerCost, block_cost, embedding_cost, head_cost, is_moe_layer
 
 GiB = 2.0**30
+
+# Expert load imbalance inside one exchange: MaxVio_batch = (max load - mean) / mean, measured for
+# auxiliary-loss-free balancing (u = 1e-3, V3 §2.1.2) by bench/balance.py on deepseek_v3_tiny: 0.380, the mean over
+# the last quarter of 200 steps (docs/BENCHMARKS.md, "Expert balance"). It is the busiest EXPERT's excess; an ep rank
+# holding several experts averages over them, so for V3's 4 experts per rank it is an upper bound, and the tiny run's
+# bias had not converged (it moves at most 200 x u = 0.2 in 200 steps). The lower end of what is published is the
+# paper's converged global figure, MaxVio_global 0.04 (arXiv 2408.15664 Table 2); bench/plan.py reports both.
+EXPERT_MAXVIO_BATCH = 0.380
 
 
 def moment_bytes(fmt: str, block: int = 128) -> float:
@@ -109,6 +122,7 @@ class Setting:
     moments: tuple[str, str]
     overlap: bool
     comm_sms: int
+    expert_imbalance: float = EXPERT_MAXVIO_BATCH   # busiest ep rank's excess load in one exchange (MaxVio)
 
 
 def balanced_parts(costs: list[float], parts: int) -> tuple[int, ...]:
@@ -145,6 +159,8 @@ class Planner:
         act_bytes = 2 if fused else a
         self.blocks = [block_cost(model_cfg, is_moe_layer(model_cfg, i), setting.seq_len, act_bytes, fused, setting.fp8)
                        for i in range(model_cfg.num_hidden_layers)]
+        # one MoE block (the MTP depths' blocks are MoE too): the shape of every F&B turn of a part
+        self.moe_block = block_cost(model_cfg, True, setting.seq_len, act_bytes, fused, setting.fp8)
         self.embed = embedding_cost(model_cfg)
         self.head = head_cost(model_cfg, setting.seq_len, act_bytes, fused, setting.fp8,
                               bool(getattr(model_cfg, "tie_word_embeddings", False)))
@@ -188,7 +204,7 @@ class Planner:
         gemm, bf16, attn_f, attn_b = self._rates(ep)
         d = self.dev
         bw = d.hbm_bytes_s * d.eff.hbm
-        lin = c.gemm_flops / gemm + c.bf16_flops / bf16
+        lin = (c.gemm_flops + self._excess(ep) * c.expert_flops) / gemm + c.bf16_flops / bf16
         # attention backward: dQ, dK, dV (2x the forward's matmuls), plus recomputing the scores in a flash kernel
         attn_bwd_factor = 2.5 if d.fused_kernels else 2.0
         # elementwise traffic (every non-matmul operator's inputs and outputs), in units of the bytes kept for
@@ -204,6 +220,11 @@ class Planner:
              + 1.2 * c.ops * d.op_overhead_s)
         W = tokens * lin + 0.4 * c.ops * d.op_overhead_s
         return F, B, W
+
+    def _excess(self, ep: int) -> float:
+        """The busiest ep rank's share of routed rows above the mean (none without expert parallelism: one rank
+        runs every expert on every token)."""
+        return self.s.expert_imbalance if ep > 1 else 0.0
 
     def all_to_all(self, c: LayerCost, tokens: float, ep: int) -> tuple[float, float]:
         """(forward, backward) seconds of the MoE exchanges of part `c` for `tokens` tokens."""
@@ -221,14 +242,42 @@ class Planner:
         else:
             ib_rows, nv_rows = 0.0, K * (ep - 1) / ep
 
+        rows = tokens * (1 + self._excess(ep))      # the busiest rank's rows set every exchange's pace
+
         def exchange(bytes_per_value: float) -> float:
             ib = ib_rows * C * bytes_per_value / (d.ib_bytes_s * d.eff.ib)
             nv = nv_rows * C * bytes_per_value / (d.nvlink_bytes_s * d.eff.nvlink)
-            return tokens * max(ib, nv) + 2 * d.link_latency_s
+            return rows * max(ib, nv) + 2 * d.link_latency_s
 
         fwd = exchange(dispatch) + exchange(wide)
         bwd = 2 * exchange(wide)
         return moe_layers * fwd, moe_layers * bwd
+
+    def exchanges(self, c: LayerCost, tokens: float, ep: int) -> tuple[float, float, float, float, float]:
+        """One MoE block's (dispatch, combine, dispatch backward, combine backward, counts) seconds; all_to_all
+        sums the first four over a part's MoE blocks."""
+        one = LayerCost(moe=True, moe_blocks=1)
+        fwd, bwd = self.all_to_all(one, tokens, ep)
+        if fwd == 0.0:
+            return 0.0, 0.0, 0.0, 0.0, 0.0
+        combine = bwd / 2                                     # BF16 rows, as each backward exchange
+        return fwd - combine, combine, combine, combine, 2 * self.dev.link_latency_s
+
+    def block_turns(self, c: LayerCost, tokens: float, ep: int):
+        """One MoE block's F&B turns (framework/plan/overlap.py): the shared and routed experts' pieces are their
+        matmul time (input gradient = forward FLOPs, weight gradient the same again); the attention pieces hold the
+        rest of the block's F, B and W (attention, router, norms, elementwise traffic, recomputation)."""
+        from framework.plan.overlap import BlockTurns
+
+        F, B, W = self._compute(c, tokens, ep)
+        gemm = self._rates(ep)[0]
+        experts = tokens * c.expert_flops * (1 + self._excess(ep)) / gemm
+        shared = tokens * c.shared_flops / gemm
+        dispatch, combine, dispatch_b, combine_b, counts = self.exchanges(c, tokens, ep)
+        return BlockTurns(attn_f=F - shared - experts, shared_f=shared, mlp_f=experts,
+                          attn_b=B - shared - experts, shared_b=2 * shared, mlp_b=2 * experts,
+                          attn_w=W - shared - experts, dispatch_f=dispatch, combine_f=combine,
+                          dispatch_b=dispatch_b, combine_b=combine_b, counts=counts)
 
     # -- memory -----------------------------------------------------------------------------------------------------
     def memory(self, lay: Layout, parts: list[LayerCost], held: list[list[int]], peak: list[int]) -> Memory:
@@ -285,7 +334,8 @@ class Planner:
         costs = [self._compute(c, tokens, lay.ep) for c in parts]
         comms = [self.all_to_all(c, tokens, lay.ep) for c in parts]
         overlap = s.overlap and lay.schedule in ("dualpipe", "dualpipev")
-        pair = [max(c[0] + c[1], a[0] + a[1]) if overlap else c[0] + c[1] + a[0] + a[1] for c, a in zip(costs, comms)]
+        exposed = [self._pair_exposed(c, tokens, lay.ep) if overlap else a[0] + a[1] for c, a in zip(parts, comms)]
+        pair = [c[0] + c[1] + e for c, e in zip(costs, exposed)]
         # simulate() takes one cost per action for every stage: a rank's mean over the parts it holds (a DualPipe
         # rank runs as many chunks of each), and the busiest rank's, since the pipeline goes at its pace
         def per_rank(values):
@@ -298,13 +348,16 @@ class Planner:
         cross_node = s.gpus > d.gpus_per_node
         link = d.ib_bytes_s * d.eff.ib if cross_node else d.nvlink_bytes_s * d.eff.nvlink
         p2p = d.link_latency_s + act_msg / link if lay.pp > 1 else 0.0
+        # the executor's own time per action (cpu: measured; a GPU's host queues kernels ahead of the device)
+        h = d.action_overhead_s
+        F, B, W, FB = F + h, B + h, W + h, FB + h
         plan.F, plan.B, plan.W, plan.FB = F, B, W, FB
         sim = simulate(actions, sched, Costs(F=F, B=B, W=W, FB=FB, p2p=p2p))
         plan.sim = sim
         plan.pipeline_s = sim.makespan
         worst = max(range(lay.pp), key=lambda r: sim.bubble[r])
         plan.bubble = sim.bubble_ratio[worst]
-        plan.a2a_total, plan.a2a_exposed = self._a2a_per_step(actions[worst], comms, costs, overlap)
+        plan.a2a_total, plan.a2a_exposed = self._a2a_per_step(actions[worst], comms, max(exposed))
         plan.grad_sync_s = self._grad_sync(lay, parts, held)
         plan.optimizer_s = self._optimizer(lay, parts, held)
         plan.step_s = plan.pipeline_s + plan.grad_sync_s + plan.optimizer_s
@@ -315,11 +368,17 @@ class Planner:
         plan.gpu_hours_per_T = s.gpus * 1e12 / plan.tokens_per_s / 3600.0
         return plan
 
-    def _a2a_per_step(self, actions, comms, costs, overlap: bool) -> tuple[float, float]:
+    def _pair_exposed(self, c: LayerCost, tokens: float, ep: int) -> float:
+        """Seconds of part `c`'s exchanges an F&B pair leaves exposed (framework/plan/overlap.py, counts layout)."""
+        from framework.plan.overlap import exposed
+
+        if c.moe_blocks == 0 or ep <= 1:
+            return 0.0
+        return exposed(c.moe_blocks, self.block_turns(self.moe_block, tokens, ep))
+
+    def _a2a_per_step(self, actions, comms, pair_exposed: float) -> tuple[float, float]:
         aF = max(a[0] for a in comms)
         aB = max(a[1] for a in comms)
-        cF = max(c[0] for c in costs)
-        cB = max(c[1] for c in costs)
         total = exposed = 0.0
         for act in actions:
             if act.op == "F":
@@ -328,7 +387,7 @@ class Planner:
                 total, exposed = total + aB, exposed + aB
             elif act.op == "FB":
                 total += aF + aB
-                exposed += max(0.0, aF + aB - cF - cB) if overlap else aF + aB
+                exposed += pair_exposed
         return total, exposed
 
     def _grad_sync(self, lay: Layout, parts, held) -> float:

@@ -49,6 +49,8 @@ class LayerCost:
     blocks: int = 0            # decoder blocks (MLA layers) in it
     moe_blocks: int = 0        # of which MoE: each dispatches and combines once per pass
     up_proj_flops: float = 0.0  # forward FLOPs per token of the MLA up-projections (recomputed in a fused backward)
+    expert_flops: float = 0.0  # of gemm_flops: the routed experts' (they run where the tokens were dispatched)
+    shared_flops: float = 0.0  # of gemm_flops: the shared experts' (MoE blocks)
 
     def __add__(self, other: "LayerCost") -> "LayerCost":
         return LayerCost(self.params + other.params, self.expert_params + other.expert_params,
@@ -57,7 +59,8 @@ class LayerCost:
                          self.recompute_bytes + other.recompute_bytes, self.moe or other.moe, self.ops + other.ops,
                          self.tensors + other.tensors, self.small_params + other.small_params,
                          self.fp32_params + other.fp32_params, self.blocks + other.blocks,
-                         self.moe_blocks + other.moe_blocks, self.up_proj_flops + other.up_proj_flops)
+                         self.moe_blocks + other.moe_blocks, self.up_proj_flops + other.up_proj_flops,
+                         self.expert_flops + other.expert_flops, self.shared_flops + other.shared_flops)
 
 
 def is_moe_layer(m, i: int) -> bool:
@@ -112,7 +115,8 @@ def block_cost(m, moe: bool, seq_len: int, dtype_bytes: int, fused: bool, fp8: b
         expert_params = 3 * C * Im * E
         small += _small(E * C)                                             # the router
         fp32 = E * C
-        gemm += 2.0 * (3 * C * Ish + K * 3 * C * Im)
+        expert_flops, shared_flops = 2.0 * K * 3 * C * Im, 2.0 * 3 * C * Ish
+        gemm += expert_flops + shared_flops
         bf16 += 2.0 * E * C                                                # the router stays high precision
         if fused:
             act += 2 * C + 4 + _fp8_bytes(C, fp8) + 4 * E + 12 * K         # residual, rstd, input, scores, top-k
@@ -127,6 +131,7 @@ def block_cost(m, moe: bool, seq_len: int, dtype_bytes: int, fused: bool, fp8: b
     else:
         params += 3 * C * I
         expert_params = 0
+        expert_flops = shared_flops = 0.0
         gemm += 2.0 * 3 * C * I
         if fused:
             act += 2 * C + 4 + _fp8_bytes(C, fp8) + _fp8_bytes(2 * I, fp8)
@@ -139,7 +144,8 @@ def block_cost(m, moe: bool, seq_len: int, dtype_bytes: int, fused: bool, fp8: b
                      attn_flops=attn_flops, act_bytes=act, recompute_bytes=recompute, moe=moe, ops=ops,
                      tensors=tensors, small_params=small,
                      fp32_params=fp32, blocks=1, moe_blocks=int(moe),
-                     up_proj_flops=2.0 * ((q or C) * H * (dn + dr) + r * H * (dn + dv)))
+                     up_proj_flops=2.0 * ((q or C) * H * (dn + dr) + r * H * (dn + dv)),
+                     expert_flops=expert_flops, shared_flops=shared_flops)
 
 
 def embedding_cost(m) -> LayerCost:

@@ -115,7 +115,9 @@ def assumptions(dev) -> str:
                             "this project's eager torch modules (what runs on cpu)")
              + "; MFU against the dense BF16 peak; gradient exchange after the pipeline counted as not overlapped"]
     if dev.measured:
-        lines.append(f"host time per eager operator {dev.op_overhead_s * 1e6:.3g} us; runtime memory "
+        lines.append(f"host time per eager operator {dev.op_overhead_s * 1e6:.3g} us, per pipeline action "
+                     f"{dev.action_overhead_s * 1e6:.3g} us; p2p latency {dev.link_latency_s * 1e6:.3g} us, bandwidth "
+                     f"{dev.nvlink_bytes_s / 1e9:.3g} GB/s; runtime memory "
                      f"{dev.runtime_bytes / GiB:.3g} GiB (a trainer process without its model, measured)")
     return "\n".join(lines)
 
@@ -144,7 +146,9 @@ def plan_from_config(cfg) -> str:
     setting = setting_from_config(cfg)
     best = plans[0]
     text = [f"# Plan: {cfg.model.name} ({c.gpus} x {dev.name}), {setting.global_batch_size} x {setting.seq_len} "
-            f"tokens per step", "", table(plans, given, c.top), "", assumptions(dev)]
+            f"tokens per step", "", table(plans, given, c.top), "", assumptions(dev),
+            f"expert imbalance: the busiest ep rank gets (1 + {setting.expert_imbalance}) x the mean routed rows "
+            f"(MaxVio_batch of loss-free balancing, framework/plan/estimate.py)"]
     if c.train_tokens:
         hours = c.train_tokens / 1e12 * best.gpu_hours_per_T
         text.append(f"whole run: {c.train_tokens:.4g} tokens = {hours:,.0f} GPU-hours "

@@ -1,0 +1,142 @@
+"""The cpu device measured the way a run's processes will experience it: all of them at once, over gloo.
+
+`measure(processes)` starts that many processes (one thread each, as torchrun sets OMP_NUM_THREADS=1), joined in
+one gloo group, and has them measure together:
+  gemm, memory, op   a 1024^2 fp32 GEMM, an elementwise multiply of 16 MB tensors and the host time of one small
+                     autograd operator (medians of single calls), all processes at the same time (they share the machine's cores as the
+                     ranks will); the slowest process's figures, since a pipeline goes at its slowest rank's pace
+  p2p                a ping-pong between ranks 0 and 1 with 4-byte and 1 MiB messages: latency (half the median
+                     round trip of the small message) and bandwidth (the large message's extra time)
+  action             the pipeline executor's own time per action: a DualPipe step over all processes
+                     (schedules.compat, the executor the trainer runs) whose modules compute next to nothing; the
+                     per-action time h for which schedules.simulate, with the measured p2p latency, gives the
+                     step's measured time (`action_overhead`)
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+
+SMALL, LARGE = 4, 2**20       # ping-pong message bytes
+PINGS = 200
+
+
+def action_overhead(step_s: float, pp: int, chunks: int, p2p_s: float) -> float:
+    """The per-action host time h with which simulate() of DualPipe (pp ranks, `chunks` micro-batches, every
+    compute action costing h, messages p2p_s) lasts step_s; 0 if the messages alone already take that long."""
+    from schedules import build, get_layout
+    from schedules.simulate import Costs, simulate
+
+    actions, layout = build("dualpipe", pp, chunks), get_layout("dualpipe", pp)
+
+    def makespan(h: float) -> float:
+        return simulate(actions, layout, Costs(F=h, B=h, W=h, FB=h, p2p=p2p_s)).makespan
+    lo, hi = 0.0, step_s
+    if makespan(lo) >= step_s:
+        return 0.0
+    for _ in range(50):          # makespan grows with h: bisect to well below a microsecond
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if makespan(mid) < step_s else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _median(fn, seconds: float) -> float:
+    """Median seconds per call of fn over about `seconds` of calls (at least 5) after a warm-up. A median, as the
+    run's step time is compared by its median: on a shared machine a process is at times descheduled for far longer
+    than a call takes, and a mean would carry those pauses into every figure."""
+    fn()
+    times, start = [], time.perf_counter()
+    while len(times) < 5 or time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _worker(rank: int, world: int, store: str, out: str, chunks: int) -> None:
+    import torch
+    import torch.distributed as dist
+    import torch.nn as nn
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
+    res = {}
+    n = 1024
+    a = torch.randn(n, n)
+    x, y = torch.randn(4 * 2**20), torch.randn(4 * 2**20)
+    w = torch.ones(8, requires_grad=True)
+
+    def ops():
+        z = w
+        for _ in range(50):
+            z = z * 1.0001
+        z.sum().backward()
+    dist.barrier()
+    res["flops"] = 2 * n**3 / _median(lambda: a @ a, 0.5)
+    dist.barrier()
+    res["hbm"] = 3 * x.numel() * 4 / _median(lambda: torch.mul(x, y), 0.25)
+    dist.barrier()
+    res["op_s"] = _median(ops, 0.25) / 101               # 50 forward + 50 backward nodes + the sum
+    dist.barrier()
+
+    for size in (SMALL, LARGE):                         # ranks 0 and 1 bounce a message; the others wait
+        buf = torch.zeros(size // 4)
+        if rank < 2:
+            peer, trips = 1 - rank, []
+            for i in range(PINGS + 10):
+                t0 = time.perf_counter()
+                if rank == 0:
+                    dist.send(buf, peer)
+                    dist.recv(buf, peer)
+                else:
+                    dist.recv(buf, peer)
+                    dist.send(buf, peer)
+                trips.append(time.perf_counter() - t0)
+            res[f"oneway_{size}"] = statistics.median(trips[10:]) / 2     # rank 0's round trips
+        dist.barrier()
+
+    if world % 2 == 0:
+        from schedules.compat import DualPipe, set_p2p_tensor_dtype, set_p2p_tensor_shapes
+
+        torch.manual_seed(0)
+        pipe = DualPipe((nn.Linear(4, 4), nn.Linear(4, 4)))
+        set_p2p_tensor_shapes([(1, 4)])
+        set_p2p_tensor_dtype(torch.float32)
+        first, last = pipe.is_first_rank, pipe.is_last_rank
+        half = chunks // 2
+        inputs = torch.randn(half, 4) if first or last else None
+        labels = (torch.randn(half, 4),) if first or last else ()
+        times = []
+        for i in range(25):
+            dist.barrier()
+            t0 = time.perf_counter()
+            pipe.step(inputs, num_chunks=chunks, criterion=lambda o, t: (o - t).pow(2).mean(), labels=labels)
+            times.append(time.perf_counter() - t0)
+        res["pipeline_step_s"] = statistics.median(times[5:])
+    dist.barrier()
+    with open(os.path.join(out, f"{rank}.json"), "w") as f:
+        json.dump(res, f)
+    dist.destroy_process_group()
+
+
+def measure(processes: int, chunks: int = 4) -> dict:
+    """The figures of the module docstring, from `processes` (>= 2) processes started now."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as d:
+        mp.start_processes(_worker, args=(processes, os.path.join(d, "store"), d, max(chunks, 2 * processes)),
+                           nprocs=processes, join=True, start_method="spawn")
+        ranks = [json.load(open(os.path.join(d, f"{r}.json"))) for r in range(processes)]
+    latency = ranks[0]["oneway_4"]
+    extra = max(ranks[0][f"oneway_{LARGE}"] - latency, 1e-9)
+    out = {"flops": min(r["flops"] for r in ranks), "hbm": min(r["hbm"] for r in ranks),
+           "op_s": max(r["op_s"] for r in ranks), "p2p_latency_s": latency, "p2p_bytes_s": LARGE / extra,
+           "action_s": 0.0}
+    if processes % 2 == 0:
+        step = max(r["pipeline_step_s"] for r in ranks)
+        out["pipeline_step_s"] = step
+        out["action_s"] = action_overhead(step, processes, max(chunks, 2 * processes), latency)
+    return out
