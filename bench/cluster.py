@@ -202,7 +202,7 @@ class Job:
         cpu = time.process_time() - cpu
         t0 = res.start_time
         return dict(spans=[(t0 + s, t0 + e, a) for s, e, a in res.compute_spans], cpu_s=cpu,
-                    waits=[(t0 + s, t0 + e, w) for s, e, w in res.comm_waits],
+                    waits=[(t0 + s, t0 + e, w) for s, e, w in res.trace if isinstance(w, str)],
                     sleeps=SleepLog.take(),
                     grads={s: m.weight.grad.clone() for s, m in self.stages.items()},
                     losses={mb: float(v) for mb, v in res.losses.items()})

@@ -66,7 +66,7 @@ def _worker(rank: int, port: int, a, outdir: str) -> None:
     from framework.models.expert_parallel import apply_expert_parallel
     from parallel.mesh import init_mesh
 
-    logging.getLogger("parallel.comm").setLevel(logging.ERROR)
+    logging.getLogger("parallel.mesh").setLevel(logging.ERROR)
     mesh = init_mesh(1, 2, 2, device="cpu", backend="gloo")
     g = torch.Generator().manual_seed(1)
     x_all = torch.randn(1, a.tokens, a.hidden, generator=g)

@@ -246,7 +246,7 @@ def _worker(rank: int, port: int, a, outdir: str) -> None:
     from parallel import exchanges
     from parallel.mesh import init_mesh
 
-    logging.getLogger("parallel.comm").setLevel(logging.ERROR)
+    logging.getLogger("parallel.mesh").setLevel(logging.ERROR)
     mesh = init_mesh(2, 2, 2, device="cpu", backend="gloo")
     from bench.validity import median_time, set_timer_slack_ns, sleep_overshoot_us
 

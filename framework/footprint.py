@@ -2,7 +2,7 @@
 
 The estimate is deliberately simple and stated in the message, so a user can check it:
   parameters  counted exactly by building the model on the meta device (no memory); routed experts are split over
-              parallel.ep, layers over parallel.pp; DualPipe holds two parts per rank (RECIPE: 2x parameters)
+              parallel.ep, layers over parallel.pp; DualPipe holds two parts per rank (V3 §3.2.1, Table 2: 2x parameters)
   per param   weights + gradients (4 B each in float32, 2 B in bfloat16), AdamW's two moments (4 | 2 | 2.06 B each
               for fp32 | bf16 | fp8, divided by dp under optim.zero), an fp32 master copy when weights are bf16
   activations Korthikanti et al. (2022): about (34 h + 5 a s) bytes per token per layer at 2-byte precision (twice that

@@ -77,7 +77,7 @@ def check_pipeline(model: nn.Module, cfg, mesh: Mesh) -> None:
     check_args(p.schedule, mesh.pp, cfg.train.micro_batches)
     layout = get_layout(p.schedule, mesh.pp)
     ranks_of = lambda test: {layout.stage_to_rank[s] for s in range(layout.num_stages) if test(s)}  # noqa: E731
-    if len(getattr(model, "mtp", ())) and ranks_of(layout.is_last) != ranks_of(layout.is_first):
+    if model.head_reads_embedding() and ranks_of(layout.is_last) != ranks_of(layout.is_first):
         raise ConfigError(f"parallel.schedule={p.schedule}: multi-token prediction needs the embedding on the last "
                           f"stage's rank (use dualpipe or dualpipev, or model.num_nextn_predict_layers=0)")
 

@@ -24,6 +24,7 @@ from framework.data.prepare import prepare
 from framework.metrics import build_metrics, redact
 from framework.models import build_model
 from framework.models.capabilities import max_vio
+from framework.models.expert_parallel import expert_ranges
 from framework.optim.lr import make_scheduler
 from framework.parallelize import parallelize
 from framework.resume import apply_schedule, check_data, data_identity, decide
@@ -111,13 +112,6 @@ def build_optimizer(cfg, named_params, mesh=None):
                                  expert_dp_group=mesh.edp_group if zero else None, average_grads=False)
 
 
-def expert_checkpoint_names(model: torch.nn.Module, named) -> dict[str, str]:
-    """{parameter name: checkpoint name} for the parameters of modules holding a slice of the experts (`expert_ids`)."""
-    ranges = {id(p): m.expert_ids for m in model.modules() if isinstance(getattr(m, "expert_ids", None), range)
-              for p in m.parameters(recurse=False)}
-    return {n: expert_slice_key(n, ranges[id(p)]) for n, p in named if id(p) in ranges}
-
-
 def _rng_state_b64() -> str:
     return base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
 
@@ -158,10 +152,10 @@ class Trainer:
             load_init_from(self.model, cfg.model.init_from)
         self.step_fn = parallelize(self.model, cfg, mesh)   # experts, FP8, pipeline: this rank's step function
         named = self.step_fn.named_parameters()
-        self.param_names = {p: n for n, p in named}
         self.params = [p for _, p in named]
         # checkpoint names: an ep rank's stacked experts carry their expert range (checkpoint.expert_slice_key)
-        self.ckpt_names = expert_checkpoint_names(self.model, named) if mesh.ep > 1 else {}
+        ranges = expert_ranges(self.model, named) if mesh.ep > 1 else {}
+        self.ckpt_names = {n: expert_slice_key(n, r) for n, r in ranges.items()}
         self.optimizer = build_optimizer(cfg, [(self.ckpt_names.get(n, n), p) for n, p in named], mesh)
         self.scheduler = make_scheduler(self.optimizer, t.steps, cfg.optim.schedule, cfg.optim.warmup_steps,
                                         cfg.optim.min_lr_ratio, cfg.optim.decay_fraction)

@@ -59,10 +59,6 @@ class StepResult:
     def compute_spans(self) -> list[Span]:
         return [s for s in self.trace if isinstance(s[2], Action)]
 
-    @property
-    def comm_waits(self) -> list[Span]:
-        return [s for s in self.trace if isinstance(s[2], str)]
-
 
 def _as_tuple(out) -> tuple:
     if isinstance(out, torch.Tensor):

@@ -63,8 +63,8 @@ class ModelPart(nn.Module):
         self.layers = nn.ModuleList(model.layers[start:stop])
         if last:
             self.norm, self.lm_head = model.norm, model.lm_head
-            if len(getattr(model, "mtp", ())):
-                self.mtp = model.mtp
+            for name, module in model.head_modules().items():   # e.g. DeepSeek-V3's multi-token prediction
+                setattr(self, name, module)
         self.loss_scale = 1.0
         self.metrics: list[dict] = []               # what final() reported, one dict per micro-batch
         # training forward as sub-stages (schedules/overlap.py): cut at the MoE all-to-alls so that an F&B pair can
@@ -77,7 +77,7 @@ class ModelPart(nn.Module):
         """Parameters this part's backward writes: its own, plus the embedding the multi-token prediction of a
         last part reads through the model (registered by the first part)."""
         extra = []
-        if self.last and not self.first and len(getattr(self, "mtp", ())):
+        if self.last and not self.first and self._model[0].head_reads_embedding():
             extra = list(self._model[0].embed.parameters())
         return list(self.parameters()) + extra
 

@@ -67,6 +67,7 @@ RULES = {
     "framework.fp8 -> framework.models": ("framework.fp8", ("framework.models",), ()),
     "framework.models -> schedules": ("framework.models", ("schedules",), ()),
     "framework, parallel, schedules -> launch, bench": ("", ("launch", "bench"), ("launch", "bench")),
+    "launch -> bench": ("launch", ("bench",), ()),
 }
 
 

@@ -1,4 +1,4 @@
-"""FP8 health per training step, summarized for the metrics sink (DESIGN principle 6: FP8 saturation is reported).
+"""FP8 health per training step, summarized for the metrics sink (saturation and underflow are reported, never silent).
 
 Every FP8 GEMM site (an Fp8Linear, or one projection of FP8 experts) counts, for each quantized role (x: inputs,
 w: weights, dy: output gradients), the largest |value| and the elements that saturated or underflowed (see

@@ -6,6 +6,8 @@
                                          since the last update
   update_balance(loads, step, steps)     the auxiliary-loss-free bias update (V3 §2.1.2) from `loads` summed over
                                          every rank, after optimizer step `step` of `steps`; the counts restart
+  head_modules()                         {name: module} a pipeline's last part holds besides norm and lm_head
+  head_reads_embedding()                 whether the last part reads the embedding (so it must share its rank)
   tally_loads()                          a context manager: the loads of the forwards run inside it (evaluation
                                          included), counted apart from the training counts; yields a list that
                                          holds the [moe_layers, experts] counts once the block ends
@@ -30,12 +32,17 @@ class TrainingCapabilities(Protocol):
 
     def update_balance(self, loads: torch.Tensor, step: int, steps: int) -> None: ...
 
+    def head_modules(self) -> dict: ...
+
+    def head_reads_embedding(self) -> bool: ...
+
     def tally_loads(self) -> ContextManager[list]: ...
 
 
 def check_capabilities(model) -> None:
     """A model the trainer cannot drive fails here, naming what it lacks."""
-    missing = [name for name in ("set_progress", "moe_layers", "expert_loads", "update_balance", "tally_loads")
+    missing = [name for name in ("set_progress", "moe_layers", "expert_loads", "update_balance", "tally_loads",
+                                 "head_modules", "head_reads_embedding")
                if not callable(getattr(model, name, None))]
     if missing:
         raise ValueError(f"model {type(model).__name__}: lacks {', '.join(missing)} "

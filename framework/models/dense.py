@@ -174,6 +174,12 @@ class DenseLM(nn.Module):
     def update_balance(self, loads: torch.Tensor, step: int, steps: int) -> None:
         pass
 
+    def head_modules(self) -> dict[str, nn.Module]:
+        return {}
+
+    def head_reads_embedding(self) -> bool:
+        return False
+
     @contextlib.contextmanager
     def tally_loads(self):
         yield [torch.zeros(0, 0, dtype=torch.int64)]

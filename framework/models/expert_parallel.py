@@ -58,3 +58,11 @@ def apply_expert_parallel(model: nn.Module, mesh, cfg=None, fp8_dispatch: Option
                                                               name=name or "moe", layout=layout))
         mark_expert_params(moe)
     return model
+
+
+def expert_ranges(model: nn.Module, named) -> dict[str, range]:
+    """{parameter name: the experts it holds} for the (name, parameter) pairs of `named` that belong to a module holding
+    a slice of the experts, so that a checkpoint can key each rank's slice by its range."""
+    ranges = {id(p): m.expert_ids for m in model.modules() if isinstance(getattr(m, "expert_ids", None), range)
+              for p in m.parameters(recurse=False)}
+    return {n: ranges[id(p)] for n, p in named if id(p) in ranges}

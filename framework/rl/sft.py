@@ -104,17 +104,11 @@ class Updater:
                                            foreach=False)
         self.scheduler = make_scheduler(self.optimizer, max(total_steps, 1), schedule, warmup,
                                         optim_cfg.min_lr_ratio, optim_cfg.decay_fraction)
-        self.routers = []
-        if hasattr(model, "hidden_states"):
-            from framework.models.deepseek_v3.balance import routers
-            self.routers = routers(model)
+        self.balanced = model.moe_layers() > 0     # auxiliary-loss-free balancing (framework/models/capabilities.py)
         self.steps = 0
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        if self.routers:
-            from framework.models.deepseek_v3.balance import reset_loads
-            reset_loads(self.model)
 
     def step(self) -> dict:
         """Average, clip, step. Returns lr, grad_norm (before clipping) and whether the step was applied."""
@@ -133,19 +127,17 @@ class Updater:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.steps += 1
-        if self.routers:
+        if self.balanced:
             self._update_biases()
         return {"lr": lr, "grad_norm": norm, "skipped": float(not applied)}
 
     def _update_biases(self) -> None:
         """Aux-loss-free balancing (V3 §2.1.2) on the loads of this step's training forwards, summed over ranks."""
-        from framework.models.deepseek_v3 import balance
-
-        loads = balance.expert_loads(self.model)
+        loads = self.model.expert_loads()
         if dist.is_initialized() and dist.get_world_size(self.group) > 1:
             dist.all_reduce(loads, group=self.group)
-        balance.update_biases(self.model, loads, self.model.config.bias_update_rate)
-        balance.reset_loads(self.model)
+        # at the full rate throughout: the model's stop fraction is pre-training's (V3: its last 500B tokens)
+        self.model.update_balance(loads, 0, 1)   # the counts restart
 
 
 # ---------------------------------------------------------------------------------------------------------------------

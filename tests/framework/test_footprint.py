@@ -1,4 +1,4 @@
-"""The memory estimate: parameters counted without allocating them, bytes per parameter as in RECIPE's table."""
+"""The memory estimate: parameters counted without allocating them, bytes per parameter as V3 §3.3.3 counts them."""
 import pytest
 import torch
 from omegaconf import OmegaConf

@@ -1,6 +1,6 @@
 """Simulated timing against the DualPipe README / V3 Table 2 and the exact values of the reference schedules.
 
-Notation of the table (RECIPE "Pipeline parallelism"): B = full backward, F&B = a forward overlapped with a full
+Notation of V3's Table 2: B = full backward, F&B = a forward overlapped with a full
 backward; `Costs.from_table` takes that notation. Zero communication latency unless said otherwise.
 """
 from fractions import Fraction as Fr
@@ -82,7 +82,7 @@ def test_dualpipe_worst_rank_equals_table_when_b_minus_w_equals_f(F, W, FB):
 
 
 def test_dualpipe_off_the_regime():
-    # RECIPE: PP=8, F=1, B=2, W=0.5, F&B=3 gives 9.5 on every rank, against the table's 10.5 (B-W > F: below)
+    # PP=8, F=1, B=2, W=0.5, F&B=3 gives 9.5 on every rank, against the table's 10.5 (B-W > F: below)
     costs = Costs.from_table(1, 2, Fr(1, 2), 3)
     res = _sim("dualpipe", 8, 16, costs)
     assert res.bubble_exact == [Fr(19, 2)] * 8

@@ -17,7 +17,6 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from framework.models.capabilities import max_vio  # noqa: F401  (the metric, model-independent)
 from framework.models.deepseek_v3.moe import MoE, Router
 
 
@@ -67,9 +66,9 @@ def update_biases(model: nn.Module, loads: torch.Tensor, rate: float) -> None:
         r.e_score_correction_bias += rate * torch.sign(load.mean() - load)
 
 
-def bias_update_rate(cfg, progress: float) -> float:
-    """u for the current fraction of training: model.bias_update_rate, 0 after model.bias_update_stop_fraction."""
-    return cfg.bias_update_rate if progress < cfg.bias_update_stop_fraction else 0.0
+def bias_update_rate(cfg, step: int, steps: int) -> float:
+    """u after optimizer step `step` of `steps`: model.bias_update_rate, 0 from model.bias_update_stop_fraction on."""
+    return cfg.bias_update_rate if step < cfg.bias_update_stop_fraction * steps else 0.0
 
 
 def collect_aux_loss(module: nn.Module) -> Optional[torch.Tensor]:

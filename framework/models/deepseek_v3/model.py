@@ -148,8 +148,16 @@ class DeepSeekV3(nn.Module):
         """b += u * sign(mean - load) per layer from `loads` summed over all ranks; u = 0 once `step` reaches
         bias_update_stop_fraction of `steps` (V3: the last 500B tokens). The counts restart."""
         c = self.config
-        balance.update_biases(self, loads, c.bias_update_rate if step < c.bias_update_stop_fraction * steps else 0.0)
+        balance.update_biases(self, loads, balance.bias_update_rate(c, step, steps))
         balance.reset_loads(self)
+
+    def head_modules(self) -> dict[str, nn.Module]:
+        """Modules a pipeline's last part holds besides norm and lm_head: the multi-token prediction depths."""
+        return {"mtp": self.mtp} if len(self.mtp) else {}
+
+    def head_reads_embedding(self) -> bool:
+        """Whether the last part reads the embedding (the MTP depths embed their shifted tokens, V3 §2.2)."""
+        return len(self.mtp) > 0
 
     @contextlib.contextmanager
     def tally_loads(self):

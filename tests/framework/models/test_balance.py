@@ -5,8 +5,9 @@ import torch
 
 from framework.config import ModelConfig
 from framework.models.deepseek_v3 import DeepSeekV3
-from framework.models.deepseek_v3.balance import (bias_update_rate, collect_aux_loss, expert_loads, max_vio,
-                                                  reset_loads, update_biases)
+from framework.models.capabilities import max_vio
+from framework.models.deepseek_v3.balance import (bias_update_rate, collect_aux_loss, expert_loads, reset_loads,
+                                                  update_biases)
 from framework.models.deepseek_v3.moe import MoE, Router
 
 
@@ -30,7 +31,7 @@ def test_max_vio_and_bias_update_formulas():
         want = 0.01 * torch.sign(row.mean() - row)                          # overloaded down, underloaded up
         assert torch.equal(r.e_score_correction_bias, want)
     c = cfg_(bias_update_rate=1e-3, bias_update_stop_fraction=0.9)
-    assert bias_update_rate(c, 0.5) == 1e-3 and bias_update_rate(c, 0.95) == 0.0
+    assert bias_update_rate(c, 50, 100) == 1e-3 and bias_update_rate(c, 95, 100) == 0.0
 
 
 def test_bias_update_balances_a_skewed_router():

@@ -62,7 +62,7 @@ def test_memory_terms_match_the_optimizer_manager(dtype, formats):
     assert mem.master == pytest.approx(report["master"], **exact)
     # fp8 moments pad each tensor to whole blocks of 128 values
     assert mem.moments == pytest.approx(report["moments"], rel=0.01 if "fp8" in formats else 1e-12, abs=1e-6)
-    assert mem.peak_inflight == 4   # outer DualPipe rank: PP in flight (RECIPE, schedules.verify)
+    assert mem.peak_inflight == 4   # outer DualPipe rank: PP in flight (V3 Table 2, schedules.verify)
 
 
 def test_zero_shards_state_over_data_parallel_and_experts_over_dp_over_ep():
