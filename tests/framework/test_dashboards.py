@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from framework.dashboards import PANELS, comm_scalars, draw_expert_load, optimizer_bytes, rss_bytes
-from framework.models.deepseek_v3.balance import max_vio
+from framework.models.capabilities import max_vio
 from framework.trainer import Trainer
 from parallel.exchanges import TRACE, ExchangeRecord
 from parallel.mesh import init_mesh
