@@ -97,6 +97,32 @@ DEVICE_NAMES = tuple(DEVICES) + ("cpu",)
 _MEASURED = Efficiencies(gemm_fp8=1.0, gemm_bf16=1.0, attn_fwd=1.0, attn_bwd=1.0, hbm=1.0, nvlink=1.0, ib=1.0)
 
 
+def compute_speeds(seconds_per_call, between=lambda: None) -> dict[str, float]:
+    """This CPU's GEMM FLOP/s (a 1024^2 fp32 matmul), memory bytes/s (an elementwise multiply: two reads and a
+    write) and host seconds per autograd operator, each timed by `seconds_per_call(fn, budget_s)`; `between()` runs
+    before each measurement (the probe's processes line up there, so they measure together)."""
+    import torch
+
+    n = 1024
+    a = torch.randn(n, n)
+    x, y = torch.randn(4 * 2**20), torch.randn(4 * 2**20)
+    w = torch.ones(8, requires_grad=True)
+
+    def ops():
+        z = w
+        for _ in range(50):
+            z = z * 1.0001
+        z.sum().backward()
+
+    between()
+    flops = 2 * n**3 / seconds_per_call(lambda: a @ a, 0.5)
+    between()
+    hbm = 3 * x.numel() * 4 / seconds_per_call(lambda: torch.mul(x, y), 0.25)
+    between()
+    op_s = seconds_per_call(ops, 0.25) / 101             # 50 forward + 50 backward nodes + the sum
+    return dict(flops=flops, hbm=hbm, op_s=op_s)
+
+
 def _rate(fn, seconds: float = 0.25) -> float:
     """Seconds per call of fn, averaged over about `seconds` of calls after a warm-up. An average, not a best
     time: on a shared machine a run gets the share of the cores that is left, and so does the plan."""
@@ -177,21 +203,8 @@ def measure_cpu(processes: int = 1, memory_bytes: float | None = None, runtime_b
 
 
 def _measure_cpu(processes: int, memory_bytes: float | None, runtime_bytes: float | None, wandb_mode: str) -> Device:
-    import torch
-
-    n = 1024
-    a = torch.randn(n, n)
-    flops = 2 * n**3 / _rate(lambda: a @ a)
-    x, y = torch.randn(4 * 2**20), torch.randn(4 * 2**20)
-    hbm = 3 * x.numel() * 4 / _rate(lambda: torch.mul(x, y))      # an elementwise op: two reads and a write
-    w = torch.ones(8, requires_grad=True)
-
-    def ops():
-        z = w
-        for _ in range(50):
-            z = z * 1.0001
-        z.sum().backward()
-    op_s = _rate(ops) / 101                           # 50 forward + 50 backward nodes + the sum
+    m = compute_speeds(_rate)
+    flops, hbm, op_s = m["flops"], m["hbm"], m["op_s"]
     if memory_bytes is None:
         memory_bytes = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     return Device("cpu", bf16_flops=flops, fp8_flops=None, hbm_bytes_s=hbm, memory_bytes=memory_bytes,

@@ -61,25 +61,11 @@ def _worker(rank: int, world: int, store: str, out: str, chunks: int) -> None:
     import torch.distributed as dist
     import torch.nn as nn
 
+    from framework.plan.devices import compute_speeds
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
-    res = {}
-    n = 1024
-    a = torch.randn(n, n)
-    x, y = torch.randn(4 * 2**20), torch.randn(4 * 2**20)
-    w = torch.ones(8, requires_grad=True)
-
-    def ops():
-        z = w
-        for _ in range(50):
-            z = z * 1.0001
-        z.sum().backward()
-    dist.barrier()
-    res["flops"] = 2 * n**3 / _median(lambda: a @ a, 0.5)
-    dist.barrier()
-    res["hbm"] = 3 * x.numel() * 4 / _median(lambda: torch.mul(x, y), 0.25)
-    dist.barrier()
-    res["op_s"] = _median(ops, 0.25) / 101               # 50 forward + 50 backward nodes + the sum
+    res = compute_speeds(_median, between=dist.barrier)
     dist.barrier()
 
     for size in (SMALL, LARGE):                         # ranks 0 and 1 bounce a message; the others wait
