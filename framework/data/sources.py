@@ -17,6 +17,7 @@ configuration gives the same bytes. Validation is every source's held-out docume
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -203,9 +204,20 @@ def _publish(tmp: Path, folder: Path) -> None:
         os.replace(tmp, folder)
 
 
-def _open_tmp(folder: Path) -> Path:
+@contextlib.contextmanager
+def _staged(folder: Path):
+    """A temporary folder next to `folder` to write a cache entry into, with the entry's meta dict: on success the
+    meta is written and the folder published (_publish); on any failure it is removed, nothing half-written stays."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    meta: dict = {}
+    try:
+        yield tmp, meta
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        _publish(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _token_dtype(vocab_size: int, requested: str) -> str:
@@ -252,8 +264,7 @@ def prepare_source(path: Optional[str], cache_dir: str, tokenizer: Optional[str]
     tdtype = _token_dtype(max(vocab, vocab_size if hf is None else 0), dtype)
     every = max(2, round(1 / val_fraction))
     total = min(max_bytes, sum(f.stat().st_size for f in files))
-    tmp = _open_tmp(folder)
-    try:
+    with _staged(folder) as (tmp, meta):
         out = {"train": _TokenFile(tmp, "train", tdtype), "val": _TokenFile(tmp, "val", tdtype)}
         n_docs, batch = 0, []
 
@@ -283,17 +294,12 @@ def prepare_source(path: Optional[str], cache_dir: str, tokenizer: Optional[str]
                 shutil.copy(f, tmp / f.name)
         else:
             bpe.save(str(tmp / "tokenizer.json"))
-        meta = {"vocab_size": vocab if hf is not None else vocab_size, "tokenizer_vocab_size": vocab,
-                "dtype": tdtype, "eot_id": eos, "bos_id": hf.bos_id if hf else None,
-                "num_train_tokens": out["train"].count, "num_val_tokens": out["val"].count,
-                "max_id": max(out["train"].max_id, out["val"].max_id), "num_documents": n_docs,
-                "source": "stdlib" if path is None else str(path), "text_field": text_field,
-                "tokenizer": str(tokenizer) if tokenizer is not None else "bpe"}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        _publish(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        meta.update({"vocab_size": vocab if hf is not None else vocab_size, "tokenizer_vocab_size": vocab,
+                      "dtype": tdtype, "eot_id": eos, "bos_id": hf.bos_id if hf else None,
+                      "num_train_tokens": out["train"].count, "num_val_tokens": out["val"].count,
+                      "max_id": max(out["train"].max_id, out["val"].max_id), "num_documents": n_docs,
+                      "source": "stdlib" if path is None else str(path), "text_field": text_field,
+                      "tokenizer": str(tokenizer) if tokenizer is not None else "bpe"})
     return load_prepared(folder)
 
 
@@ -333,8 +339,7 @@ def prepare_mix(mix, cache_dir: str, tokenizer: str, text_field: str, val_fracti
     metas = [json.loads((p.folder / "meta.json").read_text()) for p in parts]
     dtypes = {p.dtype for p in parts}
     tdtype = "uint32" if "uint32" in dtypes else "uint16"
-    tmp = _open_tmp(folder)
-    try:
+    with _staged(folder) as (tmp, meta):
         train = _TokenFile(tmp, "train", tdtype)
         ends = [_doc_ends(p.folder, "train") for p in parts]
         starts = [np.concatenate(([0], e[:-1])) for e in ends]
@@ -352,14 +357,10 @@ def prepare_mix(mix, cache_dir: str, tokenizer: str, text_field: str, val_fracti
         val.close()
         shutil.copytree(parts[0].folder, tmp, dirs_exist_ok=True,
                         ignore=lambda d, names: [n for n in names if n.endswith((".bin", ".idx")) or n == "meta.json"])
-        meta = {**{k: metas[0][k] for k in ("vocab_size", "tokenizer_vocab_size", "eot_id", "bos_id", "tokenizer")},
-                "dtype": tdtype, "num_train_tokens": train.count, "num_val_tokens": val.count,
-                "max_id": max(m["max_id"] for m in metas),
-                "mix": [{"source": m["source"], "weight": w, "train_tokens": n, "share": n / max(1, train.count)}
-                        for m, w, n in zip(metas, weights, per_source)]}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        _publish(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        shared = ("vocab_size", "tokenizer_vocab_size", "eot_id", "bos_id", "tokenizer")
+        meta.update({**{k: metas[0][k] for k in shared},
+                      "dtype": tdtype, "num_train_tokens": train.count, "num_val_tokens": val.count,
+                      "max_id": max(m["max_id"] for m in metas),
+                      "mix": [{"source": m["source"], "weight": w, "train_tokens": n, "share": n / max(1, train.count)}
+                              for m, w, n in zip(metas, weights, per_source)]})
     return load_prepared(folder)
