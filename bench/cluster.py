@@ -210,24 +210,9 @@ class Job:
 
 def p2p_latency_us(rounds: int = 60) -> float:
     """One-way time of one activation between ranks 0 and 1 (half a ping-pong, median), the others waiting."""
-    import torch.distributed as dist
+    from parallel.exchanges import ping_pong_s
 
-    rank, buf, times = dist.get_rank(), torch.zeros(1, WIDTH), []
-    for _ in range(rounds + 5):
-        if rank > 1:
-            continue
-        t = time.perf_counter()
-        if rank == 0:
-            dist.send(buf, 1)
-            dist.recv(buf, 1)
-        else:
-            dist.recv(buf, 0)
-            dist.send(buf, 0)
-        times.append((time.perf_counter() - t) / 2)
-    dist.barrier()
-    lat = [statistics.median(times[5:]) * 1e6 if times else 0.0]
-    dist.broadcast_object_list(lat, src=0)
-    return lat[0]
+    return ping_pong_s(torch.zeros(1, WIDTH), rounds) * 1e6
 
 
 def _worker(rank: int, pp: int, port: int, plan: dict, out_path: str) -> None:

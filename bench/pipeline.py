@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from bench._pipeline_peers import PEER_NAMES, PEERS, Timed, build_peer
 from bench.common import OUT, machine, write_report
+from parallel.exchanges import ping_pong_s
 from parallel.mesh import free_port
 
 OURS = ("1f1b", "zb1p", "dualpipe", "dualpipev")
@@ -134,24 +135,6 @@ class Ours(Timed):
 
 
 # ---------------------------------------------------------------- the measured run (2 processes)
-def _p2p_latency(shape, rounds: int = 20) -> float:
-    """One-way time of one micro-batch activation between the two ranks: half a ping-pong, median of `rounds`."""
-    import torch.distributed as dist
-
-    rank, buf, times = dist.get_rank(), torch.zeros(shape), []
-    for _ in range(rounds + 2):
-        dist.barrier()
-        t = time.perf_counter()
-        if rank == 0:
-            dist.send(buf, 1)
-            dist.recv(buf, 1)
-        else:
-            dist.recv(buf, 0)
-            dist.send(buf, 0)
-        times.append((time.perf_counter() - t) / 2)
-    return statistics.median(times[2:])
-
-
 def _worker(rank: int, port: int, a, out_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank), LOCAL_SIZE="2")
@@ -160,7 +143,7 @@ def _worker(rank: int, port: int, a, out_path: str) -> None:
 
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=a.timeout))
     blocks, micro_batches = make_blocks(a), make_micro_batches(a)
-    p2p_s = _p2p_latency(micro_batches[0][0].shape)
+    p2p_s = ping_pong_s(torch.zeros(micro_batches[0][0].shape), rounds=20, warmup=2)
 
     specs = [("ours", s) for s in OURS] + ([] if a.no_peers else list(PEERS))
     if a.only:

@@ -251,3 +251,27 @@ def all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: Sequence[int], 
     work = dist.all_to_all_single(out, inp, list(out_splits), list(in_splits), group=group, async_op=True)
     clock = exchange_clock(inp.device, dist.get_backend(group))
     return Exchange(name, work, max(sent, received), finish or (lambda: out), link, recorder, clock, inp.device)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Point-to-point latency
+# --------------------------------------------------------------------------------------------------------------------
+
+def ping_pong_s(buf: torch.Tensor, rounds: int, warmup: int = 5, group=None) -> float:
+    """One-way seconds of `buf` between ranks 0 and 1 of `group` (half a round trip, median of `rounds` after
+    `warmup`) while the other ranks wait; every rank calls it and gets rank 0's figure."""
+    rank, times = dist.get_rank(group), []
+    if rank < 2:
+        peer = dist.get_global_rank(group, 1 - rank) if group is not None else 1 - rank
+        for _ in range(warmup + rounds):
+            t = time.perf_counter()
+            if rank == 0:
+                dist.send(buf, peer, group=group)
+                dist.recv(buf, peer, group=group)
+            else:
+                dist.recv(buf, peer, group=group)
+                dist.send(buf, peer, group=group)
+            times.append((time.perf_counter() - t) / 2)
+    out = [sorted(times[warmup:])[rounds // 2] if times else 0.0]
+    dist.broadcast_object_list(out, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    return out[0]

@@ -101,6 +101,15 @@ def four_rank_checks(rank: int) -> dict:
     t = torch.tensor([float(rank)])
     dist.all_reduce(t, group=g)
     out["new_ep_group_sum"] = float(t)
+    # latency probe: ranks 0 and 1 of a group bounce rank 0's buffer, every member gets rank 0's figure
+    from parallel.exchanges import ping_pong_s
+
+    buf = torch.full((4,), float(rank + 1))
+    out["ping_world"] = (ping_pong_s(buf, rounds=3), buf.tolist())
+    sub = dist.new_group([1, 3])
+    if rank in (1, 3):
+        buf = torch.full((2,), float(rank + 1))
+        out["ping_sub"] = (ping_pong_s(buf, rounds=3, group=sub), buf.tolist())
     out.update(data_parallel_checks(mesh))           # the dp=4, ep=2 mesh (the loop's last)
     out.update(ep4_checks(init_mesh(1, 4, 4, device="cpu", backend="gloo", timeout_s=120)))
     from tests.framework.test_checkpoint import resume_decision_checks
@@ -155,6 +164,16 @@ def test_mirror_groups_of_dualpipe_pp4():
         r = results[rank]["pp4_dualpipe"]
         assert r["mirror"] == want and r["distinct"], rank
         assert r["sum"] == {0: 1 + 4, 1: 2 + 3, 2: 2 + 3, 3: 1 + 4}[rank], rank   # the group carries a collective
+
+
+def test_ping_pong_bounces_rank0s_buffer_and_shares_its_figure():
+    results = four_rank_results()
+    world = [r["ping_world"] for r in results]
+    assert len({t for t, _ in world}) == 1 and world[0][0] > 0
+    assert [b for _, b in world] == [[1.0] * 4, [1.0] * 4, [3.0] * 4, [4.0] * 4]   # 2 and 3 only waited
+    sub = {rank: results[rank]["ping_sub"] for rank in (1, 3)}
+    assert sub[1][0] == sub[3][0] > 0 and sub[1][1] == sub[3][1] == [2.0, 2.0]
+    assert "ping_sub" not in results[0] and "ping_sub" not in results[2]
 
 
 def test_new_ep_group_carries_collectives():
