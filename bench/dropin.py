@@ -8,10 +8,11 @@ reference library) DualPipe's two copies of a part keep their own gradients: not
                      both ranks run it at once, each on its own core, as the pipelines do (the reference)
     limit, alone     the same on rank 0 while rank 1 idles: no second process shares the memory bus or the caches
     duet DualPipe    schedules.DualPipe: rank r holds (part r, part 1-r) of 2 parts
-    duet DualPipeV   schedules.DualPipeV: rank r holds (part r, part 3-r) of 4 parts
-      + split        the same after one line, `schedules.weight_grad.enable_weight_grad_split(module)`: its
-                     nn.Linear layers defer their weight gradients to the W actions (zero bubble), as torch's
-                     ScheduleDualPipeV does for any module
+    duet DualPipeV   schedules.DualPipeV: rank r holds (part r, part 3-r) of 4 parts. Both as constructed by
+                     default (weight_grad_split=True): the blocks' nn.Linear layers defer their weight gradients to
+                     the schedule's W actions (zero bubble), as torch's ScheduleDualPipeV does for any module
+      weight_grad_split=False  DualPipeV with the reference library's timing: only layers that hand their closure
+                     to WeightGradStore defer (none here), so every backward computes its weight gradients at once
     torch            torch.distributed.pipelining ScheduleDualPipeV and Schedule1F1B
     DeepSpeed        deepspeed.pipe.PipelineModule (1F1B)
 
@@ -19,7 +20,9 @@ Efficiency = limit / step, taken round by round (every contender steps once per 
 ranks lined up by a barrier) so the drift of a shared machine's load cancels; the report gives its median and the
 spread over rounds. Both ranks run the limit at the same time, each on its own core, as the pipelines do.
 
-`--profile` adds where our executor's time goes (see `profile_rows`).
+`--profile` adds where our executor's time goes (see `profile_rows`). After the timed rounds every duet schedule
+steps once more from fresh weights with weight_grad_split True and False: the report gives each rank's peak
+allocation during that step (torch.profiler's memory events) and checks that losses and gradients are bitwise equal.
 
     python -m bench.dropin [--rounds 30] [--profile] [--only duet-dualpipe limit ...]
 """
@@ -52,7 +55,7 @@ CONTENDERS = {            # key -> name in the report
     "limit-alone": "one process / 2, the other core idle",
     "duet-dualpipe": "duet DualPipe",
     "duet-dualpipev": "duet DualPipeV",
-    "duet-dualpipev-split": "duet DualPipeV, enable_weight_grad_split",
+    "duet-dualpipev-nosplit": "duet DualPipeV, weight_grad_split=False (the reference's timing)",
     "torch-dualpipev": "torch ScheduleDualPipeV",
     "torch-1f1b": "torch Schedule1F1B",
     "deepspeed-1f1b": "DeepSpeed 1F1B",
@@ -82,22 +85,18 @@ class Limit:
 class Duet:
     """schedules.DualPipe / DualPipeV used exactly as deepseek-ai/DualPipe's example uses its classes."""
 
-    def __init__(self, kind: str, blocks, micro_batches, split: bool = False):
+    def __init__(self, kind: str, blocks, micro_batches, split: bool = True):
         import torch.distributed as dist
 
         import schedules
-        from schedules.weight_grad import enable_weight_grad_split
 
         rank, pp, n = dist.get_rank(), dist.get_world_size(), len(micro_batches)
         parts = 2 * pp if kind == "dualpipev" else pp
         held = (rank, parts - 1 - rank)
         per = len(blocks) // parts
         modules = tuple(nn.Sequential(*(copy.deepcopy(b) for b in blocks[p * per:(p + 1) * per])) for p in held)
-        if split:
-            for m in modules:
-                enable_weight_grad_split(m)
         cls = schedules.DualPipeV if kind == "dualpipev" else schedules.DualPipe
-        self.pipe = cls(modules)
+        self.pipe = cls(modules) if split else cls(modules, weight_grad_split=False)
         schedules.set_p2p_tensor_shapes([tuple(micro_batches[0][0].shape)])
         schedules.set_p2p_tensor_dtype(torch.float32)
         self.opt = torch.optim.SGD(self.pipe.parameters(), lr=LR)
@@ -115,8 +114,12 @@ class Duet:
             elif rank == pp - 1:
                 self.args, self.labels = (xs[1],), (ys[0],)
 
+    def pipe_step(self):
+        """The pipeline's part of a step: (losses on this rank or None, outputs)."""
+        return self.pipe.step(*self.args, num_chunks=self.n, criterion=self.criterion, labels=self.labels)
+
     def step(self) -> None:
-        self.pipe.step(*self.args, num_chunks=self.n, criterion=self.criterion, labels=self.labels)
+        self.pipe_step()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
@@ -147,12 +150,74 @@ class Duet:
                     main_cpu=main2 - main0, other_threads_cpu=(proc2 - proc0) - (main2 - main0))
 
 
+def live_bytes(fn, marker: str):
+    """Run fn() under torch.profiler's memory events (every allocation and free of torch's CPU allocator, on every
+    thread). Returns (the most bytes allocated during fn above what was allocated when it started, the same live
+    bytes at the start of each `record_function(marker)` range fn opens, fn's result)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    events = prof.profiler.kineto_results.events()
+    starts = sorted(e.start_ns() for e in events if e.name() == marker)
+    live = peak = 0
+    at: list[int] = []
+    for e in sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+        while len(at) < len(starts) and starts[len(at)] <= e.start_ns():
+            at.append(live)
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak, at + [live] * (len(starts) - len(at)), result
+
+
+def allocations(duet: "Duet"):
+    """live_bytes of one pipeline step of `duet`, marked at the start of each W action."""
+    from torch.profiler import record_function
+
+    ex = duet.pipe._executor
+    do_w = ex._do_W
+
+    def marked_w(a):
+        with record_function("W action"):
+            do_w(a)
+
+    ex._do_W = marked_w
+    try:
+        return live_bytes(duet.pipe_step, "W action")
+    finally:
+        del ex._do_W
+
+
+def split_memory(blocks, micro_batches) -> dict:
+    """Each duet schedule steps once from fresh weights with weight_grad_split True and with False, on this rank:
+    the peak allocation during each pipeline step; what the split holds until W (the most, over this rank's W
+    actions, by which the live bytes at a W's start exceed those at the same W without the split); whether losses
+    and gradients are bitwise the same."""
+    import torch.distributed as dist
+
+    out = {}
+    for kind in ("dualpipe", "dualpipev"):
+        runs = {}
+        for split in (True, False):
+            duet = Duet(kind, blocks, micro_batches, split=split)
+            dist.barrier()
+            peak, at_w, (loss, _) = allocations(duet)
+            runs[split] = (peak, at_w, loss, [p.grad for p in duet.pipe.parameters()])
+        (peak_t, at_w_t, loss_t, grads_t), (peak_f, at_w_f, loss_f, grads_f) = runs[True], runs[False]
+        same_loss = loss_t is None and loss_f is None or (
+            loss_t is not None and loss_f is not None and torch.equal(loss_t, loss_f))
+        same_grads = len(grads_t) == len(grads_f) and all(torch.equal(x, y) for x, y in zip(grads_t, grads_f))
+        held = max((t - f for t, f in zip(at_w_t, at_w_f)), default=0)
+        out[kind] = dict(peak_split=peak_t, peak_nosplit=peak_f, held_for_w=held, bitwise=same_loss and same_grads)
+    return out
+
+
 def build(key: str, blocks, micro_batches):
     if key.startswith("limit"):
         return Limit(blocks, micro_batches)
-    framework, schedule, *split = key.split("-")
+    framework, schedule, *variant = key.split("-")
     if framework == "duet":
-        return Duet(schedule, blocks, micro_batches, split=bool(split))
+        return Duet(schedule, blocks, micro_batches, split=variant != ["nosplit"])
     return build_peer(framework, schedule, blocks, micro_batches, LR, optimizer="sgd")
 
 
@@ -191,6 +256,8 @@ def _worker(rank: int, port: int, a, out_path: str) -> None:
             for _ in range(a.profile):
                 dist.barrier()
                 times[f"profile:{key}"].append(contenders[key].profiled_step())
+    if any(key.startswith("duet-") for key in keys):
+        times["memory"] = split_memory(blocks, micro_batches)
     gathered = [None, None]
     dist.all_gather_object(gathered, times)
     if rank == 0:
@@ -249,16 +316,35 @@ def report(a, gathered: list[dict], checks: list, load: tuple) -> str:
                      + ("yes" if not slower else "no, slower than " + ", ".join(slower)))
     ok, why = validity.verdict(checks)
     profile = profile_rows(gathered, secs.get("limit"))
+    memory = memory_rows(gathered)
     lines = ["## Drop-in pipeline efficiency (bench/dropin.py)\n",
              f"2 processes x 1 thread, gloo, {machine()}. {a.blocks} residual MLP blocks (hidden {a.hidden}, ffn "
              f"{a.ffn}), {a.microbatches} micro-batches of [{a.batch}, {a.seq}, {a.hidden}], SGD after every step; "
              f"DualPipe's copies keep their own gradients. {a.rounds} timed rounds after {a.warmup} warm-up, every "
              f"contender once per round in a rotating order. Load average {load[0]:.2f} before, {load[1]:.2f} after.\n",
              "```", "python -m bench.dropin " + " ".join(a.argv), "```", "", *rows, "", *goals, "",
-             *profile, validity.checks_table(checks), ""]
+             *memory, *profile, validity.checks_table(checks), ""]
     if not ok:
         lines.append(f"**The run is not valid**: {why}. The figures above are kept for reference only.\n")
     return "\n".join(lines)
+
+
+def memory_rows(gathered: list[dict]) -> list[str]:
+    """What weight_grad_split costs in memory, and that it changes no result (`split_memory`), per rank."""
+    if "memory" not in gathered[0]:
+        return []
+    mib = 2 ** 20
+    rows = ["weight_grad_split True vs False, one step from the same fresh weights (torch.profiler memory events; "
+            "peak = most bytes allocated during the pipeline step above its start; held until W = the most by which "
+            "the live bytes at the start of a W action exceed those at the same W without the split):\n",
+            "| schedule | rank | peak MiB, False | peak MiB, True | held until W, MiB | losses and gradients |",
+            "|---|---|---|---|---|---|"]
+    for kind, name in (("dualpipe", "duet DualPipe"), ("dualpipev", "duet DualPipeV")):
+        for rank, g in enumerate(gathered):
+            m = g["memory"][kind]
+            rows.append(f"| {name} | {rank} | {m['peak_nosplit'] / mib:.2f} | {m['peak_split'] / mib:.2f} | "
+                        f"{m['held_for_w'] / mib:.2f} | {'bitwise equal' if m['bitwise'] else 'DIFFER'} |")
+    return rows + [""]
 
 
 def profile_rows(gathered: list[dict], limit) -> list[str]:

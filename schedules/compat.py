@@ -17,6 +17,21 @@ Each chunk's loss is back-propagated with gradient 1 (scale inside the criterion
 copy keeps its own gradient: with DualPipe the caller sums the two copies of a part (schedules/mirror.py's
 MirrorExchange does it under the step).
 Training or inference is chosen by torch.is_grad_enabled(), as in the library.
+
+One addition, `weight_grad_split=True` (keyword only, after the library's arguments): at construction every plain
+nn.Linear and nn.Embedding inside both modules becomes its deferring subclass in place (SplitLinear, SplitEmbedding,
+by schedules.weight_grad.enable_weight_grad_split), so its weight gradient waits for the schedule's W action instead
+of running inside B, as the bubble formulas of V3 Table 2 assume (the -3W of DualPipe and DualPipeV, V3 §3.2.1) and
+as torch's ScheduleDualPipeV does for any module. In the library only layers that hand their closure to
+WeightGradStore defer: `weight_grad_split=False` keeps that timing. Layers that declare their own split (subclasses,
+e.g. a user's WeightGradStore linear or an FP8 linear) are left alone.
+  Changes: timing (DualPipeV at PP=2 with 8 chunks: 7.7% bubble without, 4.0% with, by schedules.simulate) and
+  memory: a deferred layer keeps its input and output gradient from B until W, about 2.5 MiB per block and chunk on
+  bench/dropin.py's workload (blocks of 256/1024, chunks of [4, 64, 256]): at most 9.75 MiB (DualPipe) and 4.75 /
+  10 MiB (DualPipeV, ranks 0 / 1) wait for a W, after the step's peak, which stays 46.0 and 33.8 / 34.5 MiB.
+  Does not change: losses and gradients, bit for bit those of weight_grad_split=False (the same kernels, and W adds
+  a part's chunks in the order its B ran). Exception: a linear called twice in one chunk (a tied weight) adds its two
+  contributions to .grad one after the other instead of summed first, which may differ in the last bit.
 """
 from __future__ import annotations
 
@@ -28,7 +43,7 @@ import torch.nn as nn
 
 from .executor import PipelineExecutor
 from .registry import build, get_layout
-from .weight_grad import WeightGradStore, run_backward
+from .weight_grad import WeightGradStore, enable_weight_grad_split, run_backward
 
 __all__ = ["DualPipe", "DualPipeV", "set_p2p_tensor_shapes", "set_p2p_tensor_dtype", "WeightGradStore",
            "run_backward"]
@@ -69,10 +84,14 @@ class _BidirectionalPipe(nn.Module):
     schedule = ""
 
     def __init__(self, modules: Tuple[nn.Module, nn.Module], batch_dim: int = 0,
-                 process_group: Optional[dist.ProcessGroup] = None, rank_mapping: Optional[List[int]] = None):
+                 process_group: Optional[dist.ProcessGroup] = None, rank_mapping: Optional[List[int]] = None, *,
+                 weight_grad_split: bool = True):
         super().__init__()
         if len(modules) != 2:
             raise ValueError(f"modules: {type(self).__name__} takes exactly 2 modules per rank, got {len(modules)}")
+        if not isinstance(weight_grad_split, bool):
+            raise ValueError(f"weight_grad_split={weight_grad_split!r}: must be True (plain nn.Linear / nn.Embedding "
+                             f"defer their weight gradient to W) or False (the reference library's timing)")
         self.module = nn.ModuleList(modules)
         self.overlapped_forward_backward = (type(modules[0]) is type(modules[1])
                                             and hasattr(type(modules[0]), "overlapped_forward_backward"))
@@ -90,6 +109,9 @@ class _BidirectionalPipe(nn.Module):
         self._executor = PipelineExecutor(self.layout, {held[0]: modules[0], held[1]: modules[1]},
                                           group=process_group, rank_mapping=rank_mapping)
         self._actions: dict[int, list] = {}
+        # last, once every argument has been accepted: a refused pipe leaves the caller's modules as they were
+        self.weight_grad_split = weight_grad_split
+        self.split_layers = sum(enable_weight_grad_split(m) for m in modules) if weight_grad_split else 0
 
     # ---- what differs between DualPipe and DualPipeV
     def _check_num_ranks(self) -> None:

@@ -5,6 +5,10 @@ when it is enabled) with an overlapped_forward_backward classmethod. Losses must
 reference bit for bit, outputs too, and gradients (after the user sums DualPipe's mirror copies) match in
 float64 to a cosine distance < 1e-13. One spawned group of 4 gloo ranks runs everything: sub-groups give
 DualPipe on 2 and 4 ranks and DualPipeV on 1, 2, 3 and 4, plus a reversed rank_mapping.
+
+weight_grad_split (the default) on a stage with one plain nn.Linear and one user WeightGradStore linear: losses and
+every gradient equal weight_grad_split=False's bit for bit, the plain linear's weight gradient is computed in the
+schedule's W actions and nowhere else (closures counted against the action list), the user's layer is left alone.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import torch.nn.functional as F
 from schedules import compat
 from schedules.compat import (DualPipe, DualPipeV, WeightGradStore, set_p2p_tensor_dtype,
                               set_p2p_tensor_shapes)
+from schedules.weight_grad import SplitLinear
 from parallel.mesh import free_port as _free_port
 from tests.schedules.hooks import sequential_overlapped_forward_backward
 
@@ -186,10 +191,144 @@ def check_dualpipev(group, pp, rank, rank_mapping=None):
         assert loss is None and outputs is None, what
 
 
+class MixedStage(nn.Module):
+    """A residual MLP block with one plain nn.Linear (deferred only by weight_grad_split) and one UserLinear (defers
+    through WeightGradStore by itself, whatever the switch says)."""
+    hook_calls = 0
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(HIDDEN, 4 * HIDDEN)
+        self.down = UserLinear(4 * HIDDEN, HIDDEN, bias=False)
+
+    def forward(self, x):
+        return x + self.down(F.gelu(self.up(x)))
+
+    @classmethod
+    def overlapped_forward_backward(cls, *args):
+        cls.hook_calls += 1
+        return sequential_overlapped_forward_backward(*args)
+
+
+class DeferredCount:
+    """Counts the weight-gradient closures layers hand to WeightGradStore during a step, and the ones that ran
+    outside a W action of `executor`; records, for every plain B action, whether it changed the .grad of `watched`."""
+
+    def __init__(self, executor, watched):
+        self.ex, self.watched = executor, list(watched)
+        self.put = self.ran = self.outside_w = 0
+        self.b_changed: list[bool] = []
+        self._in_w = False
+
+    def __enter__(self):
+        self._put = WeightGradStore.__dict__["put"]
+        do_w, do_b, bound_put = self.ex._do_W, self.ex._do_B, WeightGradStore.put
+
+        def put(func):
+            self.put += 1
+
+            def counted():
+                self.ran += 1
+                self.outside_w += not self._in_w
+                func()
+            counted.__dict__.update(func.__dict__)    # keeps the parameters a closure declares it writes
+            bound_put(counted)
+
+        def w_action(a):
+            self._in_w = True
+            try:
+                do_w(a)
+            finally:
+                self._in_w = False
+
+        def b_action(a):
+            before = [None if p.grad is None else p.grad.clone() for p in self.watched]
+            do_b(a)
+            self.b_changed.append(any((g is None) != (p.grad is None) or (g is not None and not torch.equal(g, p.grad))
+                                      for g, p in zip(before, self.watched)))
+
+        WeightGradStore.put, self.ex._do_W, self.ex._do_B = put, w_action, b_action
+        return self
+
+    def __exit__(self, *exc):
+        WeightGradStore.put = self._put
+        del self.ex._do_W, self.ex._do_B
+
+
+def split_backwards(actions) -> int:
+    """How many backward computations of this rank's action list leave their weight gradients to a W."""
+    return sum(a.op == "B" or (a.op == "FB" and not a.full) for a in actions)
+
+
+def check_weight_grad_split(group, pp, rank, kind):
+    """weight_grad_split=True (the default) against False: the same losses and gradients bit for bit, with the plain
+    linear's weight gradient moved from B to W."""
+    dualpipe = kind is DualPipe
+    parts = pp if dualpipe else 2 * pp
+    chunks = 2 * pp + 2
+    torch.manual_seed(7)
+    full = nn.Sequential(*[MixedStage() for _ in range(parts)]).double()
+    x = torch.randn(chunks * MICRO_BATCH, SEQ, HIDDEN, dtype=torch.float64)
+    labels = torch.randn(chunks * MICRO_BATCH, SEQ, HIDDEN, dtype=torch.float64)
+    loss_ref, out_ref = ref_step(x, labels, full, chunks)
+    idx = (rank, parts - 1 - rank)
+    first, last = rank == 0, rank == pp - 1
+    if dualpipe:
+        px = x.chunk(2)[0] if first else x.chunk(2)[1] if last else None
+        pl = labels.chunk(2)[1] if first else labels.chunk(2)[0] if last else None
+        ref = loss_ref.chunk(2)[1] if first else loss_ref.chunk(2)[0] if last else None
+    else:
+        px, pl, ref = (x, labels, loss_ref) if first else (None, None, None)
+    what = f"{kind.__name__} pp={pp} rank={rank}"
+
+    runs = {}
+    for split in (True, False):
+        local = nn.Sequential(*[MixedStage() for _ in idx]).double()
+        for m, i in zip(local, idx):
+            m.load_state_dict(full[i].state_dict())
+        pipe = kind(local, process_group=group) if split else kind(local, process_group=group,
+                                                                    weight_grad_split=False)
+        assert pipe.weight_grad_split is split and pipe.split_layers == (2 if split else 0), what
+        assert all(type(m.up) is (SplitLinear if split else nn.Linear) and type(m.down) is UserLinear
+                   for m in local), f"{what}: only the plain nn.Linear is swapped"
+        MixedStage.hook_calls = 0
+        with DeferredCount(pipe._executor, [m.up.weight for m in local]) as count:
+            loss, _ = pipe.step(px, num_chunks=chunks, criterion=criterion, labels=(pl,))
+        assert MixedStage.hook_calls > 0, what
+        n = split_backwards(pipe._actions[chunks])
+        # every split backward hands over the user's closure; with the switch also the plain linear's
+        assert n > 0 and count.put == count.ran == n * (2 if split else 1), f"{what}: {count.put} closures"
+        assert count.outside_w == 0, f"{what}: a deferred weight gradient ran outside W"
+        # with the split a B leaves the plain linear's .grad as it was; without, every B writes it
+        assert count.b_changed and all(changed is not split for changed in count.b_changed), \
+            f"{what} split={split}: which B actions changed the plain linear's .grad: {count.b_changed}"
+        assert torch.equal(loss, ref) if ref is not None else loss is None, what
+        runs[split] = (loss, {n: p.grad for n, p in local.named_parameters()})
+        if split:
+            with torch.no_grad():
+                loss, outputs = pipe.step(px, num_chunks=chunks, criterion=criterion, labels=(pl,),
+                                          return_outputs=True)
+            if not dualpipe and first:
+                assert torch.equal(loss, loss_ref) and torch.equal(outputs, out_ref), f"{what}: inference"
+
+    (loss_t, grads_t), (loss_f, grads_f) = runs[True], runs[False]
+    assert (loss_t is None and loss_f is None) or torch.equal(loss_t, loss_f), what
+    assert grads_t.keys() == grads_f.keys() and len(grads_t) == 6, what
+    for name in grads_t:
+        assert torch.equal(grads_t[name], grads_f[name]), f"{what}: {name} differs with weight_grad_split"
+
+
 def check_errors(rank, group3, pair):
     if group3 is not None:
+        mixed = (MixedStage(), MixedStage())
         with pytest.raises(ValueError, match="process_group of size 3"):
-            DualPipe((PipelineStage(), PipelineStage()), process_group=group3)
+            DualPipe(mixed, process_group=group3)
+        assert all(type(m.up) is nn.Linear for m in mixed), "a refused pipe changed the caller's modules"
+    for kind in (DualPipe, DualPipeV):
+        mixed = (MixedStage(), MixedStage())
+        with pytest.raises(ValueError, match="weight_grad_split='yes': must be True"):
+            kind(mixed, process_group=pair, weight_grad_split="yes")
+        assert all(type(m.up) is nn.Linear for m in mixed), "a refused pipe changed the caller's modules"
     pipe = DualPipe((PipelineStage().double(), PipelineStage().double()), process_group=pair)
     for bad in (5, 2, 0):  # odd; fewer than 2 * ranks; none
         with pytest.raises(ValueError, match=f"num_chunks={bad}"):
@@ -227,6 +366,9 @@ def _worker(rank, port):
         check_dualpipe(world, 4, rank)
         check_dualpipev(world, 4, rank)
         check_dualpipev(world, 4, rank, rank_mapping=[3, 2, 1, 0])
+        for kind in (DualPipe, DualPipeV):
+            check_weight_grad_split(pairs[rank // 2], 2, rank % 2, kind)
+            check_weight_grad_split(world, 4, rank, kind)
         check_errors(rank, trio if rank < 3 else None, pairs[rank // 2])
         dist.barrier()
     finally:
