@@ -59,8 +59,7 @@ class WeightGradStore:
         """Run the oldest flushed group."""
         if cls.funcs_queue.empty():
             raise RuntimeError("WeightGradStore.pop: the queue is empty (a W without a preceding B)")
-        for func in cls.funcs_queue.get():
-            func()
+        run_weight_grads(cls.funcs_queue.get())
 
     @classmethod
     def take_cache(cls) -> list[Callable[[], None]]:
@@ -102,15 +101,52 @@ def weight_grads(ctx, weights: Sequence[Optional[torch.Tensor]], compute: Callab
         return tuple(g if want else None for g, want in zip(grads, wants))
 
     @torch.no_grad()  # as inside autograd's backward: saved activations that require grad must not build a graph
-    def deferred():
-        for w, g, want in zip(weights, compute(), wants):
-            if want and g is not None:
-                _accumulate(w, g)
+    def gradients() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(w, g) for w, g, want in zip(weights, compute(), wants) if want and g is not None]
 
-    # the parameters it writes, for callers that act as soon as a parameter's gradient is final
+    def deferred():
+        for w, g in gradients():
+            _accumulate(w, g)
+
+    # the parameters it writes, for callers that act as soon as a parameter's gradient is final, and the gradients
+    # without accumulating them, for run_weight_grads to add up a weight used more than once first
     deferred.params = tuple(w for w, want in zip(weights, wants) if want)
+    deferred.gradients = gradients
     WeightGradStore.put(deferred)
     return (None,) * len(weights)
+
+
+def run_weight_grads(funcs: Sequence[Callable[[], None]],
+                     finished: Optional[Callable[[list[torch.Tensor]], None]] = None) -> None:
+    """Run one W: the closures one backward left, in the order it left them.
+
+    A weight written by several closures (a layer called twice in the chunk, e.g. a head shared with multi-token
+    prediction) gets its contributions added up first, in the order autograd would have added them, and accumulated
+    once, as AccumulateGrad does: the same bits as the backward that did not defer (accumulating each contribution
+    into an existing .grad in turn would round differently). Closures without `gradients` (a user's, written
+    against deepseek-ai/DualPipe's store) simply run. finished(params), after each closure, gets the weights whose
+    gradient that closure completed."""
+    left: dict[int, int] = {}
+    for f in funcs:
+        for p in getattr(f, "params", ()):
+            left[id(p)] = left.get(id(p), 0) + 1
+    partial: dict[int, torch.Tensor] = {}
+    for f in funcs:
+        gradients = getattr(f, "gradients", None)
+        if gradients is None:
+            f()
+        else:
+            for w, g in gradients():
+                partial[id(w)] = g if id(w) not in partial else partial[id(w)] + g
+        done = []
+        for w in getattr(f, "params", ()):
+            left[id(w)] -= 1
+            if left[id(w)] == 0:
+                if id(w) in partial:
+                    _accumulate(w, partial.pop(id(w)))
+                done.append(w)
+        if finished is not None and done:
+            finished(done)
 
 
 # --------------------------------------------------------------------------------------------------------------------

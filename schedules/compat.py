@@ -29,9 +29,9 @@ e.g. a user's WeightGradStore linear or an FP8 linear) are left alone.
   memory: a deferred layer keeps its input and output gradient from B until W, about 2.5 MiB per block and chunk on
   bench/dropin.py's workload (blocks of 256/1024, chunks of [4, 64, 256]): at most 9.75 MiB (DualPipe) and 4.75 /
   10 MiB (DualPipeV, ranks 0 / 1) wait for a W, after the step's peak, which stays 46.0 and 33.8 / 34.5 MiB.
-  Does not change: losses and gradients, bit for bit those of weight_grad_split=False (the same kernels, and W adds
-  a part's chunks in the order its B ran). Exception: a linear called twice in one chunk (a tied weight) adds its two
-  contributions to .grad one after the other instead of summed first, which may differ in the last bit.
+  Does not change: losses and gradients, bit for bit those of weight_grad_split=False (the same kernels, W adds a
+  part's chunks in the order its B ran, and a weight used twice in one chunk gets its contributions summed before
+  they are accumulated, as autograd does: framework.weight_grad.run_weight_grads).
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from .actions import COMM_OPS, Action, Layout
 from .mirror import last_backward_index, used_parameters
-from .weight_grad import WeightGradStore
+from .weight_grad import WeightGradStore, run_weight_grads
 
 Shapes = Sequence[Sequence[int]]
 Span = tuple  # (start_s, end_s, Action | str)
@@ -319,18 +319,13 @@ class PipelineExecutor:
             raise RuntimeError(f"action {a}: no B ran for stage {a.stage}, micro-batch {a.mb} before its W")
         funcs = self._wgrads.pop(key)
         if key not in self._final_w or not all(hasattr(f, "params") for f in funcs):
-            for func in funcs:
-                func()
+            run_weight_grads(funcs)
             return
         # the stage's last W: report each parameter as soon as its gradient is final, i.e. after the last closure
         # that writes it (a linear called twice in one forward, like a head shared with MTP, leaves two)
-        last = {id(p): j for j, f in enumerate(funcs) for p in f.params}
-        self._grads_ready(a.stage, [p for p in used_parameters(self.stage_modules[a.stage]) if id(p) not in last])
-        for j, func in enumerate(funcs):
-            func()
-            done = [p for p in func.params if last[id(p)] == j]
-            if done:
-                self._grads_ready(a.stage, done)
+        written = {id(p) for f in funcs for p in f.params}
+        self._grads_ready(a.stage, [p for p in used_parameters(self.stage_modules[a.stage]) if id(p) not in written])
+        run_weight_grads(funcs, lambda done: self._grads_ready(a.stage, done))
 
     def _do_FB(self, a: Action) -> None:
         """Forward of (stage, mb) with the backward of (stage2, mb2).

@@ -12,11 +12,11 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from framework.weight_grad import (SplitEmbedding, SplitLinear, SplitLinearFunction, WeightGradStore, split_linear,
-                                   weight_grads)
+from framework.weight_grad import (SplitEmbedding, SplitLinear, SplitLinearFunction, WeightGradStore,
+                                   run_weight_grads, split_linear, weight_grads)
 
 __all__ = ["SplitEmbedding", "SplitLinear", "SplitLinearFunction", "WeightGradStore", "enable_weight_grad_split",
-           "run_backward", "split_linear", "undeferred_weights", "weight_grads"]
+           "run_backward", "run_weight_grads", "split_linear", "undeferred_weights", "weight_grads"]
 
 
 def run_backward(tensors: Sequence[torch.Tensor], grad_tensors: Sequence[torch.Tensor]) -> None:

@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from framework.weight_grad import (SplitEmbedding, SplitLinear, WeightGradStore, grouped_linear, scale,
-                                   weight_einsum)
+from framework.weight_grad import (SplitEmbedding, SplitLinear, WeightGradStore, grouped_linear, run_weight_grads,
+                                   scale, weight_einsum)
 from tests.conftest import compose_cfg
 
 
@@ -79,6 +79,43 @@ def test_linear_embedding_scale_match_autograd_and_defer():
     _, got, _ = backward(norm, lambda: scale(x, norm.weight), defer=True)
     _, want, _ = backward(norm, lambda: x * norm.weight, defer=False)
     assert torch.equal(got["weight"], want["weight"])
+
+
+def test_a_weight_used_thrice_gets_autograds_bits_when_deferred_onto_an_existing_grad():
+    """A linear called three times in one chunk (a tied head), on top of the gradient of an earlier chunk: autograd
+    adds the three contributions up, then accumulates once; run_weight_grads must round the same way."""
+    torch.manual_seed(0)
+    lin = SplitLinear(48, 48)
+    other = SplitLinear(48, 48)                          # a weight used once, between the tied calls
+    probe = torch.randn(16, 48)
+    fwd = lambda x: ((lin(torch.tanh(other(lin(x)))) + lin(x * 0.5)) * probe).sum()  # noqa: E731
+    chunks = [torch.randn(16, 48) for _ in range(3)]
+    params = [lin.weight, lin.bias, other.weight, other.bias]
+
+    def grads(defer: bool, run) -> list[torch.Tensor]:
+        for p in params:
+            p.grad = None
+        for x in chunks:                                 # .grad of the first chunk is already there for the others
+            WeightGradStore.clear()
+            WeightGradStore.enabled = defer
+            fwd(x).backward()
+            WeightGradStore.enabled = False
+            funcs = WeightGradStore.take_cache()
+            assert len(funcs) == (4 if defer else 0)     # lin 3 times, other once
+            run(funcs)
+        return [p.grad.clone() for p in params]
+
+    want = grads(False, lambda funcs: None)
+    finished = []
+    got = grads(True, lambda funcs: run_weight_grads(funcs, finished.append))
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    # each chunk: other's weights are final after its own closure, lin's after its first call's (B's last) closure
+    ids = lambda ps: [id(p) for p in ps]  # noqa: E731
+    assert [ids(ps) for ps in finished[:2]] == [ids(params[2:]), ids(params[:2])]
+    assert len(finished) == 2 * len(chunks)
+    # accumulating each contribution in turn, as a closure alone does, rounds differently: the test can tell
+    naive = grads(True, lambda funcs: [f() for f in funcs])
+    assert not torch.equal(naive[0], want[0])
 
 
 @pytest.mark.parametrize("path", ["grouped", "loop"])

@@ -227,11 +227,16 @@ class DeferredCount:
         def put(func):
             self.put += 1
 
-            def counted():
+            def ran():
                 self.ran += 1
                 self.outside_w += not self._in_w
+
+            def counted():
+                ran()
                 func()
             counted.__dict__.update(func.__dict__)    # keeps the parameters a closure declares it writes
+            if hasattr(func, "gradients"):            # what a W calls for a closure that can hand its gradients over
+                counted.gradients = lambda: (ran(), func.gradients())[1]
             bound_put(counted)
 
         def w_action(a):
