@@ -31,15 +31,16 @@ V3 = ["model=deepseek_v3_671b", "cluster=v3_h800", "train.seq_len=4096", "train.
 PAPER_GPU_HOURS_PER_T = 2664e3 / 14.8       # V3 Table 1: 180K
 CPU_READING = (
     "The cpu device is measured when the planner starts, by as many processes as the run has, at the same time"
-    " (framework/plan/probe.py): a 1024^2 fp32 GEMM, an elementwise multiply and the host time of one autograd"
-    " operator (one thread each, as torchrun sets it; the slowest process's figures), gloo's p2p latency and"
-    " bandwidth (a ping-pong of 4 B and 1 MiB messages), and the pipeline executor's own time per action: a"
-    " DualPipe step through schedules.compat whose stages compute next to nothing, and the per-action time for"
-    " which schedules.simulate, with the measured latency, lasts as long. A fresh process measures what a trainer"
-    " holds before its model (imports, gloo, torch.optim, matplotlib, wandb). The memory terms are checked exactly"
-    " against the optimizer manager and autograd in tests/framework/plan. Not modelled: the trainer's per-step"
-    " bookkeeping outside the pipeline and the optimizer (metrics, router bias updates, loss all-reduce). The"
-    " machine is shared: its load (1 min) is in the table, and the two plans bracket the run."
+    " (framework/plan/probe.py), in 5 interleaved rounds whose medians are taken: a 1024^2 fp32 GEMM, an"
+    " elementwise multiply, the host time of one autograd operator and every linear of the run at its own"
+    " (rows, in, out) shape in its forward, input-gradient and weight-gradient GEMMs (one thread each, as torchrun"
+    " sets it; the slowest process's figures); gloo's p2p latency and bandwidth (a ping-pong of 4 B and 1 MiB"
+    " messages) and a small all-reduce; and the pipeline executor's own time per action (a DualPipe step through"
+    " schedules.compat whose stages compute next to nothing, inverted through schedules.simulate). A fresh process"
+    " measures what a trainer holds before its model. The trainer's per-step bookkeeping (its all-reduces, the"
+    " gradient norm, clipping, zero_grad, the bias update) is priced from counted operators. The memory terms are"
+    " checked exactly against the optimizer manager and autograd in tests/framework/plan. The machine is shared:"
+    " its load (1 min) is in the table, and the two plans bracket the run."
 )
 
 
@@ -281,7 +282,10 @@ def breakdown(steps: int = 60) -> str:
         compute = sum(m.get(k, 0.0) for k in counts)
         plan_compute = sum(planned.values())
         rows.append((r, m, counts, planned, compute, plan_compute))
-    lines = [f"load (1 min) {os.getloadavg()[0]:.1f}; {steps} steps, medians after the first 10; every step traced",
+    lines = [f"load (1 min) {os.getloadavg()[0]:.1f}; {steps} steps, medians after the first 10; every step traced; "
+             f"probe: GEMM {dev.bf16_flops / 1e9:.1f} GFLOP/s, memory {dev.hbm_bytes_s / 1e9:.1f} GB/s, "
+             f"{dev.op_overhead_s * 1e6:.2f} us / operator, {dev.action_overhead_s * 1e6:.0f} us / action, "
+             f"all-reduce {dev.allreduce_s * 1e6:.0f} us",
              "", "| term (seconds per step) | " + " | ".join(f"rank {r} measured | plan" for r, *_ in rows) + " |",
              "|---|" + "---|---|" * len(rows)]
 

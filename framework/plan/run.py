@@ -119,7 +119,9 @@ def assumptions(dev) -> str:
         lines.append(f"host time per eager operator {dev.op_overhead_s * 1e6:.3g} us, per pipeline action "
                      f"{dev.action_overhead_s * 1e6:.3g} us; p2p latency {dev.link_latency_s * 1e6:.3g} us, bandwidth "
                      f"{dev.nvlink_bytes_s / 1e9:.3g} GB/s; runtime memory "
-                     f"{dev.runtime_bytes / GiB:.3g} GiB (a trainer process without its model, measured)")
+                     f"{dev.runtime_bytes / GiB:.3g} GiB (a trainer process without its model, measured); "
+                     f"{len(dev.gemm_table)} linear shapes timed (the others by the 1024^2 GEMM's rate); small "
+                     f"all-reduce {dev.allreduce_s * 1e6:.3g} us")
     return "\n".join(lines)
 
 
