@@ -31,15 +31,16 @@ V3 = ["model=deepseek_v3_671b", "cluster=v3_h800", "train.seq_len=4096", "train.
 PAPER_GPU_HOURS_PER_T = 2664e3 / 14.8       # V3 Table 1: 180K
 CPU_READING = (
     "The cpu device is measured when the planner starts, by as many processes as the run has, at the same time"
-    " (framework/plan/probe.py): a 1024^2 fp32 GEMM, an elementwise multiply and the host time of one autograd"
-    " operator (one thread each, as torchrun sets it; the slowest process's figures), gloo's p2p latency and"
-    " bandwidth (a ping-pong of 4 B and 1 MiB messages), and the pipeline executor's own time per action: a"
-    " DualPipe step through schedules.compat whose stages compute next to nothing, and the per-action time for"
-    " which schedules.simulate, with the measured latency, lasts as long. A fresh process measures what a trainer"
-    " holds before its model (imports, gloo, torch.optim, matplotlib, wandb). The memory terms are checked exactly"
-    " against the optimizer manager and autograd in tests/framework/plan. Not modelled: the trainer's per-step"
-    " bookkeeping outside the pipeline and the optimizer (metrics, router bias updates, loss all-reduce). The"
-    " machine is shared: its load (1 min) is in the table, and the two plans bracket the run."
+    " (framework/plan/probe.py), in 5 interleaved rounds whose medians are taken: a 1024^2 fp32 GEMM, an"
+    " elementwise multiply, the host time of one autograd operator and every linear of the run at its own"
+    " (rows, in, out) shape in its forward, input-gradient and weight-gradient GEMMs (one thread each, as torchrun"
+    " sets it; the slowest process's figures); gloo's p2p latency and bandwidth (a ping-pong of 4 B and 1 MiB"
+    " messages) and a small all-reduce; and the pipeline executor's own time per action (a DualPipe step through"
+    " schedules.compat whose stages compute next to nothing, inverted through schedules.simulate). A fresh process"
+    " measures what a trainer holds before its model. The trainer's per-step bookkeeping (its all-reduces, the"
+    " gradient norm, clipping, zero_grad, the bias update) is priced from counted operators. The memory terms are"
+    " checked exactly against the optimizer manager and autograd in tests/framework/plan. The machine is shared:"
+    " its load (1 min) is in the table, and the two plans bracket the run."
 )
 
 
@@ -186,12 +187,141 @@ def cpu_terms() -> str:
     return "\n".join(lines)
 
 
+# -- where a step's time goes: the run timed term by term, against the same terms of the plan ---------------------
+
+def _breakdown_worker(steps: int, out: str) -> None:
+    """Under torchrun: make train's job for `steps` steps with the trainer's parts timed and every step's actions
+    traced; each rank writes the medians (after 10 steps) of its per-step seconds to out/<rank>.json."""
+    import re
+    import tempfile
+
+    import torch.distributed as dist
+
+    from framework.parallelize import build_mesh
+    from framework.trainer import Trainer
+    from launch.train import check_overrides
+
+    cfg = check_overrides(["parallel=dualpipe", f"train.steps={steps}", "logging.console=none", "train.resume=none",
+                           "train.checkpoint_interval=0", "train.eval_interval=0", "logging.wandb.mode=disabled"])
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg.train.output_dir = run_dir
+        trainer = Trainer(cfg, build_mesh(cfg))
+        rank = dist.get_rank()
+        per_step: dict[str, list[float]] = {}
+        current: dict[str, float] = {}
+
+        def timed(obj, name, key):
+            fn = getattr(obj, name)
+
+            def run(*args, **kwargs):
+                t0 = time.perf_counter()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    current[key] = current.get(key, 0.0) + time.perf_counter() - t0
+            setattr(obj, name, run)
+
+        step_fn = trainer.step_fn
+        forward_backward = step_fn.forward_backward
+
+        def traced(micro_batches, trace=False):
+            out = forward_backward(micro_batches, trace=True)
+            for start, end, what in out.timeline[1]:
+                key = "waits" if what.startswith("wait") else re.sub(r"[0-9.]", "", what).replace("&BW", "&B")
+                current[key] = current.get(key, 0.0) + end - start
+            return out
+        step_fn.forward_backward = traced
+        timed(step_fn, "forward_backward", "pipeline")
+        timed(step_fn.executor, "run", "executor")
+        if step_fn.mirror is not None:
+            timed(step_fn.mirror, "finish", "mirror")
+        timed(trainer.optimizer, "step", "optimizer")
+        train_step = trainer.train_step
+
+        def step(micro_batches):
+            current.clear()
+            t0 = time.perf_counter()
+            out = train_step(micro_batches)
+            current["step"] = time.perf_counter() - t0
+            for k, v in current.items():
+                per_step.setdefault(k, []).append(v)
+            return out
+        trainer.train_step = step
+        trainer.fit()
+    medians = {k: statistics.median(v[10:]) for k, v in per_step.items() if len(v) > 10}
+    Path(out, f"{rank}.json").write_text(json.dumps(medians))
+
+
+def breakdown(steps: int = 60) -> str:
+    """Plan make train's job, run it with its parts timed (`_breakdown_worker`), and put each measured term next to
+    the plan's: per action type, the executor's own time and waits, the optimizer, the trainer's bookkeeping."""
+    import tempfile
+
+    from framework.plan.estimate import _actions
+    from framework.plan.run import make_plans
+    from launch.train import check_overrides
+
+    cfg = check_overrides(["parallel=dualpipe"])
+    plans, _, dev = make_plans(cfg, search=False)
+    p = plans[0]
+    with tempfile.TemporaryDirectory() as d:
+        subprocess.run([str(ROOT / ".venv/bin/torchrun"), "--standalone", "--nproc-per-node=2", "-m", "bench.plan",
+                        "--breakdown-worker", d, "--steps", str(steps)], cwd=ROOT, check=True,
+                       env={**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}, stdout=subprocess.DEVNULL)
+        ranks = [json.loads(Path(d, f"{r}.json").read_text()) for r in range(2)]
+    h = dev.action_overhead_s
+    planned_each = {"F": p.F - h, "B": p.B - h, "W": p.W - h, "F&B": p.FB - h, "BW": p.B + p.W - 2 * h}
+    rows = []
+    for r, m in enumerate(ranks):
+        counts: dict[str, int] = {}
+        for a in _actions("dualpipe", 2, p.layout.micro_batches)[r]:
+            if a.op in ("F", "B", "W", "FB", "BW"):
+                key = {"FB": "F&B"}.get(a.op, a.op)
+                counts[key] = counts.get(key, 0) + 1
+        planned = {k: n * planned_each[k] for k, n in counts.items()}
+        compute = sum(m.get(k, 0.0) for k in counts)
+        plan_compute = sum(planned.values())
+        rows.append((r, m, counts, planned, compute, plan_compute))
+    lines = [f"load (1 min) {os.getloadavg()[0]:.1f}; {steps} steps, medians after the first 10; every step traced; "
+             f"probe: GEMM {dev.bf16_flops / 1e9:.1f} GFLOP/s, memory {dev.hbm_bytes_s / 1e9:.1f} GB/s, "
+             f"{dev.op_overhead_s * 1e6:.2f} us / operator, {dev.action_overhead_s * 1e6:.0f} us / action, "
+             f"all-reduce {dev.allreduce_s * 1e6:.0f} us",
+             "", "| term (seconds per step) | " + " | ".join(f"rank {r} measured | plan" for r, *_ in rows) + " |",
+             "|---|" + "---|---|" * len(rows)]
+
+    def row(name, pairs):
+        lines.append(f"| {name} | " + " | ".join(f"{a:.4f} | {b:.4f}" if b is not None else f"{a:.4f} | "
+                                                 for a, b in pairs) + " |")
+    for k in ("F", "B", "W", "BW", "F&B"):
+        if any(k in c for _, _, c, *_ in rows):
+            row(f"{k} actions (x count)", [(m.get(k, 0.0), pl.get(k, 0.0)) for _, m, c, pl, *_ in rows])
+    row("all actions' compute", [(comp, pc) for *_, comp, pc in rows])
+    row("executor outside actions, waits (plan: per-action time, p2p, bubble)",
+        [(m["executor"] - comp, p.pipeline_s - pc) for _, m, _, _, comp, pc in rows])
+    row("mirror exchange + data-parallel reduce (plan: gradient exchange)",
+        [(m["pipeline"] - m["executor"], p.grad_sync_s) for _, m, *_ in rows])
+    row("optimizer", [(m["optimizer"], p.optimizer_s) for _, m, *_ in rows])
+    row("trainer bookkeeping (the rest of the step)",
+        [(m["step"] - m["pipeline"] - m["optimizer"], p.bookkeeping_s) for _, m, *_ in rows])
+    row("step", [(m["step"], p.step_s) for _, m, *_ in rows])
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--skip-cpu", action="store_true", help="only the V3 section (no training run)")
     ap.add_argument("--cpu-terms", action="store_true", help="only what each measured cpu term adds to the plan")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="only where make train's step goes, term by term, measured against the plan (60 steps)")
+    ap.add_argument("--breakdown-worker", metavar="DIR", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.breakdown_worker:
+        _breakdown_worker(args.steps, args.breakdown_worker)
+        return
+    if args.breakdown:
+        print(breakdown(60 if args.steps == 300 else args.steps))
+        return
     if args.cpu_terms:
         print(cpu_terms())
         return

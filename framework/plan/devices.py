@@ -70,8 +70,20 @@ class Device:
                                       # included (cpu: measured; on GPUs the host queues an action's kernels while
                                       # the device runs the previous one, ~1 ms of Python under ~100 ms actions)
     runtime_bytes: float = 0.0        # memory a trainer process holds before any model tensor (cpu: measured)
+    allreduce_s: float = 0.0          # one small all-reduce between the run's processes (cpu: measured; 0 = from
+                                      # link_latency_s, a tree of 2 latencies per level)
+    gemm_table: tuple = ()            # ((rows, in, out), forward s, input-grad s, weight-grad s) of GEMMs measured
+                                      # at the run's own shapes (cpu); spec-sheet devices price GEMMs by FLOPs
     eff: Efficiencies = field(default_factory=Efficiencies)
     measured: bool = False
+
+    def gemm_seconds(self, rows: int, k: int, n: int) -> tuple[float, float, float] | None:
+        """Measured (forward, input-gradient, weight-gradient) seconds of a [rows, k] x [k, n] linear, if this
+        shape was measured."""
+        for shape, *times in self.gemm_table:
+            if shape == (rows, k, n):
+                return tuple(times)
+        return None
 
     def compute_share(self, comm_sms: int) -> float:
         """Share of the SMs left to computation while `comm_sms` run all-to-all (V3 §3.2.2: 20 of 132)."""
@@ -97,16 +109,29 @@ DEVICE_NAMES = tuple(DEVICES) + ("cpu",)
 _MEASURED = Efficiencies(gemm_fp8=1.0, gemm_bf16=1.0, attn_fwd=1.0, attn_bwd=1.0, hbm=1.0, nvlink=1.0, ib=1.0)
 
 
-def compute_speeds(seconds_per_call, between=lambda: None) -> dict[str, float]:
+PROBE_ROUNDS = 5
+
+
+def compute_speeds(seconds_per_call, between=lambda: None, shapes=(), rounds: int = PROBE_ROUNDS) -> dict:
     """This CPU's GEMM FLOP/s (a 1024^2 fp32 matmul), memory bytes/s (an elementwise multiply: two reads and a
-    write) and host seconds per autograd operator, each timed by `seconds_per_call(fn, budget_s)`; `between()` runs
-    before each measurement (the probe's processes line up there, so they measure together)."""
+    write), host seconds per autograd operator and, for each (rows, in, out) of `shapes`, the seconds of that
+    linear's forward (x @ w.T), input gradient (g @ w) and weight gradient (g.T @ x), each timed by
+    `seconds_per_call(fn, budget_s)`; `between()` runs before each measurement (the probe's processes line up there,
+    so they measure together).
+
+    The figures are medians over `rounds` rounds that take turns (GEMM, memory, operators, shapes, then again):
+    a moment of interference on a shared machine moves one round, not the plan; `flops_spread` is the GEMM's
+    (max - min) / median over the rounds."""
+    import statistics
+
     import torch
 
     n = 1024
     a = torch.randn(n, n)
     x, y = torch.randn(4 * 2**20), torch.randn(4 * 2**20)
     w = torch.ones(8, requires_grad=True)
+    linears = [(shape, torch.randn(shape[0], shape[1]), torch.randn(shape[2], shape[1]),
+                torch.randn(shape[0], shape[2])) for shape in shapes]
 
     def ops():
         z = w
@@ -114,13 +139,26 @@ def compute_speeds(seconds_per_call, between=lambda: None) -> dict[str, float]:
             z = z * 1.0001
         z.sum().backward()
 
-    between()
-    flops = 2 * n**3 / seconds_per_call(lambda: a @ a, 0.5)
-    between()
-    hbm = 3 * x.numel() * 4 / seconds_per_call(lambda: torch.mul(x, y), 0.25)
-    between()
-    op_s = seconds_per_call(ops, 0.25) / 101             # 50 forward + 50 backward nodes + the sum
-    return dict(flops=flops, hbm=hbm, op_s=op_s)
+    samples: dict = {"gemm": [], "hbm": [], "op": []}
+    for _ in range(rounds):
+        between()
+        samples["gemm"].append(seconds_per_call(lambda: a @ a, 0.1))
+        between()
+        samples["hbm"].append(seconds_per_call(lambda: torch.mul(x, y), 0.05))
+        between()
+        samples["op"].append(seconds_per_call(ops, 0.05))
+        between()
+        for shape, inp, weight, grad in linears:
+            times = (seconds_per_call(lambda: inp @ weight.t(), 0.01), seconds_per_call(lambda: grad @ weight, 0.01),
+                     seconds_per_call(lambda: grad.t() @ inp, 0.01))
+            samples.setdefault(shape, []).append(times)
+    gemm = [2 * n**3 / t for t in samples["gemm"]]
+    table = tuple((shape, *(statistics.median(t[i] for t in samples[shape]) for i in range(3)))
+                  for shape, *_ in linears)
+    return dict(flops=statistics.median(gemm), flops_spread=(max(gemm) - min(gemm)) / statistics.median(gemm),
+                hbm=3 * x.numel() * 4 / statistics.median(samples["hbm"]),
+                op_s=statistics.median(samples["op"]) / 101,          # 50 forward + 50 backward nodes + the sum
+                gemm_table=table)
 
 
 def _rate(fn, seconds: float = 0.25) -> float:
@@ -171,11 +209,12 @@ def trainer_runtime_bytes(wandb_mode: str = "offline") -> float:
 
 
 def measure_cpu(processes: int = 1, memory_bytes: float | None = None, runtime_bytes: float | None = None,
-                wandb_mode: str = "offline") -> Device:
+                wandb_mode: str = "offline", shapes=()) -> Device:
     """The `cpu` device, measured now with the threads one of `processes` trainer processes gets (torchrun sets
     OMP_NUM_THREADS=1 when it starts several): a square fp32 GEMM (as the trainer's MFU does), an elementwise
     multiply of 16 MB tensors (memory bandwidth), the host time of one small autograd operator, and (unless given)
-    the memory a trainer process holds before its model (`trainer_runtime_bytes`).
+    the memory a trainer process holds before its model (`trainer_runtime_bytes`), and each (rows, in, out) linear
+    of `shapes` (the run's own GEMMs, layers.py) in its three passes.
     With several processes these run in that many processes at once, which also measure gloo's p2p latency and
     bandwidth and the pipeline executor's time per action (framework/plan/probe.py). One process has no links:
     latency 50 us and the copy bandwidth stand in (assumption), and no executor time."""
@@ -184,42 +223,43 @@ def measure_cpu(processes: int = 1, memory_bytes: float | None = None, runtime_b
     if processes > 1:
         from framework.plan.probe import measure
 
-        m = measure(processes)
+        m = measure(processes, shapes=shapes)
         if memory_bytes is None:
             memory_bytes = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
         return Device("cpu", bf16_flops=m["flops"], fp8_flops=None, hbm_bytes_s=m["hbm"], memory_bytes=memory_bytes,
                       nvlink_bytes_s=m["p2p_bytes_s"], ib_bytes_s=m["p2p_bytes_s"],
                       link_latency_s=m["p2p_latency_s"], sms=0, gpus_per_node=1 << 30, fused_kernels=False,
-                      op_overhead_s=m["op_s"], action_overhead_s=m["action_s"],
-                      runtime_bytes=trainer_runtime_bytes(wandb_mode) if runtime_bytes is None else runtime_bytes,
+                      op_overhead_s=m["op_s"], action_overhead_s=m["action_s"], allreduce_s=m["allreduce_s"],
+                      gemm_table=m["gemm_table"], runtime_bytes=trainer_runtime_bytes(wandb_mode) if runtime_bytes is None else runtime_bytes,
                       eff=_MEASURED, measured=True)
     threads = torch.get_num_threads()
     if processes > 1:
         torch.set_num_threads(1)
     try:
-        return _measure_cpu(processes, memory_bytes, runtime_bytes, wandb_mode)
+        return _measure_cpu(processes, memory_bytes, runtime_bytes, wandb_mode, shapes)
     finally:
         torch.set_num_threads(threads)
 
 
-def _measure_cpu(processes: int, memory_bytes: float | None, runtime_bytes: float | None, wandb_mode: str) -> Device:
-    m = compute_speeds(_rate)
+def _measure_cpu(processes: int, memory_bytes: float | None, runtime_bytes: float | None, wandb_mode: str,
+                 shapes=()) -> Device:
+    m = compute_speeds(_rate, shapes=shapes)
     flops, hbm, op_s = m["flops"], m["hbm"], m["op_s"]
     if memory_bytes is None:
         memory_bytes = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     return Device("cpu", bf16_flops=flops, fp8_flops=None, hbm_bytes_s=hbm, memory_bytes=memory_bytes,
                   nvlink_bytes_s=hbm / 2, ib_bytes_s=hbm / 2, link_latency_s=50e-6, sms=0, gpus_per_node=1 << 30,
-                  fused_kernels=False, op_overhead_s=op_s,
+                  fused_kernels=False, op_overhead_s=op_s, gemm_table=m["gemm_table"],
                   runtime_bytes=trainer_runtime_bytes(wandb_mode) if runtime_bytes is None else runtime_bytes,
                   eff=_MEASURED, measured=True)
 
 
 def get_device(name: str, memory_gb: float | None = None, gpus_per_node: int | None = None,
-               processes: int = 1, wandb_mode: str = "offline") -> Device:
-    """A device model by name (`cpu` is measured for `processes` processes sharing this machine); memory_gb /
-    gpus_per_node override the data when given."""
+               processes: int = 1, wandb_mode: str = "offline", shapes=()) -> Device:
+    """A device model by name (`cpu` is measured for `processes` processes sharing this machine, GEMMs also at each
+    (rows, in, out) of `shapes`); memory_gb / gpus_per_node override the data when given."""
     if name == "cpu":
-        dev = measure_cpu(processes, wandb_mode=wandb_mode)
+        dev = measure_cpu(processes, wandb_mode=wandb_mode, shapes=shapes)
     elif name in DEVICES:
         dev = DEVICES[name]
     else:

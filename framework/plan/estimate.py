@@ -17,8 +17,11 @@ per-token costs of the layers (layers.py) and a device model (devices.py):
             turns cannot cover is exposed; other actions wait for their own exchanges.
   host      on cpu, the executor's own time per action (measured at start-up, framework/plan/probe.py) is added
             to every action, and the p2p latency is the one measured between the processes
+  GEMMs     by FLOPs at the device's GEMM rate; a device that measured the run's own linear shapes (cpu,
+            devices.gemm_table) prices each linear's forward, input-gradient and weight-gradient GEMM at its shape
   step      the schedule's makespan from schedules.simulate (uniform per-stage costs: the slowest rank's), plus the
-            gradient exchange after the pipeline (mirror copies and data parallel, not overlapped) and the optimizer.
+            gradient exchange after the pipeline (mirror copies and data parallel, not overlapped), the optimizer
+            and the trainer's own per-step work (its small all-reduces, gradient norm, bias update: bookkeeping).
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from functools import lru_cache
 from typing import Optional
 
 from framework.plan.devices import Device
-from framework.plan.layers import LayerCost, block_cost, embedding_cost, head_cost, is_moe_layer
+from framework.plan.layers import LayerCost, block_cost, embedding_cost, gemm_rows, head_cost, is_moe_layer
 
 GiB = 2.0**30
 
@@ -39,6 +42,17 @@ GiB = 2.0**30
 # bias had not converged (it moves at most 200 x u = 0.2 in 200 steps). The lower end of what is published is the
 # paper's converged global figure, MaxVio_global 0.04 (arXiv 2408.15664 Table 2); bench/plan.py reports both.
 EXPERT_MAXVIO_BATCH = 0.380
+
+# The trainer's per-step work around the pipeline and the optimizer (framework/trainer.py train_step): small
+# all-reduces of the loss (with the stop flag), of the gradient norm and, for MoE models, of the expert loads; per
+# parameter tensor 6 operators: the gradient norm's 4 (double, pow, sum, add; parallel/data_parallel.py), clipping
+# and zero_grad; per MoE layer 11 (the bias update and MaxVio: 44 for deepseek_v3_tiny's 4 MoE layers); and the
+# norm's traffic per parameter, 36 bytes (the fp32 gradient read, its float64 copy written, squared, summed).
+# Counted with a dispatch mode over the tiny model (tests/framework/plan/test_estimate.py recounts them).
+TRAINER_SYNCS_DENSE, TRAINER_SYNCS_MOE = 2, 3
+OPS_PER_TENSOR = 6
+OPS_PER_MOE_LAYER = 11
+NORM_BYTES_PER_PARAM = 36
 
 
 def moment_bytes(fmt: str, block: int = 128) -> float:
@@ -94,6 +108,7 @@ class Plan:
     bubble: float = 0.0         # idle share of the pipeline's makespan, worst rank
     grad_sync_s: float = 0.0
     optimizer_s: float = 0.0
+    bookkeeping_s: float = 0.0  # the trainer's per-step work outside the pipeline and the optimizer
     step_s: float = 0.0
     tokens_per_s: float = 0.0
     mfu: float = 0.0            # model FLOPs / (GPUs x dense BF16 peak) (cpu: the measured fp32 GEMM)
@@ -199,26 +214,46 @@ class Planner:
         return gemm, d.bf16_flops * e.gemm_bf16 * share, d.bf16_flops * e.attn_fwd * share, \
             d.bf16_flops * e.attn_bwd * share
 
+    def _linears(self, c: LayerCost, tokens: float, ep: int) -> tuple[float, float, float]:
+        """Seconds of `c`'s linears for `tokens` tokens: (forward, input gradient, weight gradient). Each GEMM the
+        device measured at its own shape (rows = rows per token x tokens) takes its measured time; the others, and
+        every GEMM of a spec-sheet device, take FLOPs / rate, the same for the three passes."""
+        gemm, bf16, _, _ = self._rates(ep)
+        excess = self._excess(ep)
+        rated = (c.gemm_flops + excess * c.expert_flops) / gemm + c.bf16_flops / bf16
+        if not self.dev.gemm_table:
+            return tokens * rated, tokens * rated, tokens * rated
+        f = b = w = tokens * rated
+        for (rows, k, n, kind), count in c.gemms:
+            measured = self.dev.gemm_seconds(gemm_rows(rows, tokens), k, n)
+            if measured is None:
+                continue
+            scale = count * (1 + excess if kind == "expert" else 1.0)
+            by_rate = scale * tokens * 2.0 * rows * k * n / (bf16 if kind == "high" else gemm)
+            f, b, w = f - by_rate + scale * measured[0], b - by_rate + scale * measured[1], \
+                w - by_rate + scale * measured[2]
+        return f, b, w
+
     def _compute(self, c: LayerCost, tokens: float, ep: int) -> tuple[float, float, float]:
         """(F, B, W) compute seconds of `c` for `tokens` tokens."""
         gemm, bf16, attn_f, attn_b = self._rates(ep)
         d = self.dev
         bw = d.hbm_bytes_s * d.eff.hbm
-        lin = (c.gemm_flops + self._excess(ep) * c.expert_flops) / gemm + c.bf16_flops / bf16
+        lin_f, lin_b, lin_w = self._linears(c, tokens, ep)
         # attention backward: dQ, dK, dV (2x the forward's matmuls), plus recomputing the scores in a flash kernel
         attn_bwd_factor = 2.5 if d.fused_kernels else 2.0
         # elementwise traffic (every non-matmul operator's inputs and outputs), in units of the bytes kept for
         # backward: eager modules move ~8x of them forward and ~12x backward (counted with a dispatch mode over
         # this project's blocks and head, tests/framework/plan); fused kernels (assumption) ~2x and ~4x
         traffic_f, traffic_b = (2.0, 4.0) if d.fused_kernels else (8.0, 12.0)
-        F = tokens * (lin + c.attn_flops / attn_f + traffic_f * c.act_bytes / bw) + c.ops * d.op_overhead_s
+        F = lin_f + tokens * (c.attn_flops / attn_f + traffic_f * c.act_bytes / bw) + c.ops * d.op_overhead_s
         recompute = tokens * c.recompute_bytes * 2 / bw
         if d.fused_kernels:  # MLA up-projections run again in backward (V3 §3.2.3)
             recompute += tokens * c.up_proj_flops / gemm
         # backward operators: ~1.6x the forward's (counted: 217 / 135 dense, 264 / 181 MoE), ~1/4 of them in W
-        B = (tokens * (lin + c.attn_flops * attn_bwd_factor / attn_b + traffic_b * c.act_bytes / bw) + recompute
+        B = (lin_b + tokens * (c.attn_flops * attn_bwd_factor / attn_b + traffic_b * c.act_bytes / bw) + recompute
              + 1.2 * c.ops * d.op_overhead_s)
-        W = tokens * lin + 0.4 * c.ops * d.op_overhead_s
+        W = lin_w + 0.4 * c.ops * d.op_overhead_s
         return F, B, W
 
     def _excess(self, ep: int) -> float:
@@ -360,7 +395,8 @@ class Planner:
         plan.a2a_total, plan.a2a_exposed = self._a2a_per_step(actions[worst], comms, max(exposed))
         plan.grad_sync_s = self._grad_sync(lay, parts, held)
         plan.optimizer_s = self._optimizer(lay, parts, held)
-        plan.step_s = plan.pipeline_s + plan.grad_sync_s + plan.optimizer_s
+        plan.bookkeeping_s = self._bookkeeping(parts, held, lay.ep)
+        plan.step_s = plan.pipeline_s + plan.grad_sync_s + plan.optimizer_s + plan.bookkeeping_s
         tokens_step = s.global_batch_size * s.seq_len
         plan.tokens_per_s = tokens_step / plan.step_s
         from framework.plan.layers import flops_per_token
@@ -420,6 +456,21 @@ class Planner:
         t = (2 * local / shard * state_bytes + 2 * local * s.dtype_bytes) / (d.hbm_bytes_s * d.eff.hbm)
         t += 15 * sum(parts[p].tensors for p in mine) * d.op_overhead_s
         return t
+
+    def _bookkeeping(self, parts, held, ep: int) -> float:
+        """The trainer's per-step work outside the pipeline and the optimizer, on the rank with the most of it:
+        its small all-reduces (one measured all-reduce each on cpu; else a tree of 2 link latencies per level, none
+        on one device), the host time of its per-tensor and per-MoE-layer operators and the gradient norm's
+        traffic (the constants above)."""
+        d, gpus = self.dev, self.s.gpus
+        moe = any(c.moe_blocks for c in parts)
+        syncs = TRAINER_SYNCS_MOE if moe else TRAINER_SYNCS_DENSE
+        sync = 0.0 if gpus <= 1 else (d.allreduce_s or 2 * d.link_latency_s * math.ceil(math.log2(gpus)))
+        host = max(d.op_overhead_s * (OPS_PER_TENSOR * sum(parts[p].tensors for p in mine)
+                                      + OPS_PER_MOE_LAYER * sum(parts[p].moe_blocks for p in mine))
+                   + NORM_BYTES_PER_PARAM * sum(parts[p].params + parts[p].expert_params / ep for p in mine)
+                   / (d.hbm_bytes_s * d.eff.hbm) for mine in held)
+        return syncs * sync + host
 
 
 @lru_cache(maxsize=64)

@@ -20,6 +20,49 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+# One linear's shape per token, for pricing each GEMM at the speed of its own shape (framework/plan/estimate.py):
+# (rows per token, in features, out features, kind) -> how many such GEMMs a forward runs. rows per token is 1 for
+# a token's own linears and K/E for each routed expert (its share of the dispatched rows); kind says which rate a
+# device without a measured table uses: "dense" (FP8-able), "expert" (FP8-able, runs on the dispatched rows) or
+# "high" (kept in high precision: router, head, MTP projection).
+Gemm = tuple[float, int, int, str]
+
+
+def merge_gemms(*lists) -> tuple[tuple[Gemm, int], ...]:
+    out: dict[Gemm, int] = {}
+    for entries in lists:
+        for g, n in entries:
+            if g[0] * g[1] * g[2] * n:                 # a shared expert of width 0 runs no GEMM
+                out[g] = out.get(g, 0) + n
+    return tuple(sorted(out.items()))
+
+
+def gemm_flops_of(gemms) -> tuple[float, float, float]:
+    """(FP8-able, high-precision, of which expert) forward FLOPs per token of a GEMM list: 2 per multiply-add."""
+    dense = high = expert = 0.0
+    for (rows, k, n, kind), count in gemms:
+        f = 2.0 * rows * k * n * count
+        if kind == "high":
+            high += f
+        else:
+            dense += f
+            expert += f if kind == "expert" else 0.0
+    return dense, high, expert
+
+
+def gemm_rows(rows_per_token: float, tokens: float) -> int:
+    """Rows of a GEMM that takes `rows_per_token` of `tokens` tokens (a routed expert: its even share K/E)."""
+    return max(1, round(rows_per_token * tokens))
+
+
+def gemm_shapes(m, tokens: float) -> list[tuple[int, int, int]]:
+    """The distinct (rows, in, out) linears of the model (its blocks, head and MTP depths) at `tokens` tokens per
+    micro-batch: what a device measures to price each GEMM at its own shape."""
+    pieces = [block_cost(m, is_moe_layer(m, i), 1, 4, False, False) for i in range(m.num_hidden_layers)]
+    pieces.append(head_cost(m, 1, 4, False, False))
+    return sorted({(gemm_rows(rows, tokens), k, n) for c in pieces for (rows, k, n, _), _ in c.gemms})
+
+
 SMALL_TENSOR = 4096   # OptimizerStateManager's small_tensor_threshold: smaller tensors keep fp32 moments
 
 
@@ -51,6 +94,7 @@ class LayerCost:
     up_proj_flops: float = 0.0  # forward FLOPs per token of the MLA up-projections (recomputed in a fused backward)
     expert_flops: float = 0.0  # of gemm_flops: the routed experts' (they run where the tokens were dispatched)
     shared_flops: float = 0.0  # of gemm_flops: the shared experts' (MoE blocks)
+    gemms: tuple = ()          # ((rows per token, in, out, kind), count) of every linear: their FLOPs are the above
 
     def __add__(self, other: "LayerCost") -> "LayerCost":
         return LayerCost(self.params + other.params, self.expert_params + other.expert_params,
@@ -60,7 +104,8 @@ class LayerCost:
                          self.tensors + other.tensors, self.small_params + other.small_params,
                          self.fp32_params + other.fp32_params, self.blocks + other.blocks,
                          self.moe_blocks + other.moe_blocks, self.up_proj_flops + other.up_proj_flops,
-                         self.expert_flops + other.expert_flops, self.shared_flops + other.shared_flops)
+                         self.expert_flops + other.expert_flops, self.shared_flops + other.shared_flops,
+                         merge_gemms(self.gemms, other.gemms))
 
 
 def is_moe_layer(m, i: int) -> bool:
@@ -108,6 +153,8 @@ def block_cost(m, moe: bool, seq_len: int, dtype_bytes: int, fused: bool, fp8: b
         recompute = 0.0
     small = _small(C, C, r, *((q,) if q else ()))                      # RMSNorm weights
     fp32 = 0
+    query = [((1, C, q, "dense"), 1), ((1, q, H * (dn + dr), "dense"), 1)] if q else [((1, C, H * (dn + dr), "dense"), 1)]
+    gemms = query + [((1, C, r + dr, "dense"), 1), ((1, r, H * (dn + dv), "dense"), 1), ((1, H * dv, C, "dense"), 1)]
     ops = 120   # aten operators of this project's block forward (counted in tests/framework/plan)
     tensors = (7 if q else 5) + 2
     if moe:
@@ -118,6 +165,8 @@ def block_cost(m, moe: bool, seq_len: int, dtype_bytes: int, fused: bool, fp8: b
         expert_flops, shared_flops = 2.0 * K * 3 * C * Im, 2.0 * 3 * C * Ish
         gemm += expert_flops + shared_flops
         bf16 += 2.0 * E * C                                                # the router stays high precision
+        gemms += [((1, C, E, "high"), 1), ((1, C, Ish, "dense"), 2), ((1, Ish, C, "dense"), 1),   # gate, up, down
+                  ((K / E, C, 2 * Im, "expert"), E), ((K / E, Im, C, "expert"), E)]   # experts: gate/up fused
         if fused:
             act += 2 * C + 4 + _fp8_bytes(C, fp8) + 4 * E + 12 * K         # residual, rstd, input, scores, top-k
             act += K * (_fp8_bytes(C, fp8) + _fp8_bytes(2 * Im, fp8))      # dispatched rows, SwiGLU inputs
@@ -133,6 +182,7 @@ def block_cost(m, moe: bool, seq_len: int, dtype_bytes: int, fused: bool, fp8: b
         expert_params = 0
         expert_flops = shared_flops = 0.0
         gemm += 2.0 * 3 * C * I
+        gemms += [((1, C, I, "dense"), 2), ((1, I, C, "dense"), 1)]                    # gate, up, down
         if fused:
             act += 2 * C + 4 + _fp8_bytes(C, fp8) + _fp8_bytes(2 * I, fp8)
             recompute += 2 * C + 2 * I
@@ -145,7 +195,7 @@ def block_cost(m, moe: bool, seq_len: int, dtype_bytes: int, fused: bool, fp8: b
                      tensors=tensors, small_params=small,
                      fp32_params=fp32, blocks=1, moe_blocks=int(moe),
                      up_proj_flops=2.0 * ((q or C) * H * (dn + dr) + r * H * (dn + dv)),
-                     expert_flops=expert_flops, shared_flops=shared_flops)
+                     expert_flops=expert_flops, shared_flops=shared_flops, gemms=merge_gemms(gemms))
 
 
 def embedding_cost(m) -> LayerCost:
@@ -158,12 +208,13 @@ def head_cost(m, seq_len: int, dtype_bytes: int, fused: bool, fp8: bool, tied: b
     a = dtype_bytes
     head_act = (2 * C + 4 + 2 * C) if fused else (a * (3 * C + 1) + 4 * V)   # norm in, rstd, head in | + log-probs
     out = LayerCost(params=C + (0 if tied else V * C), bf16_flops=2.0 * V * C, act_bytes=head_act, ops=30,
-                    tensors=2 - int(tied), small_params=_small(C))
+                    tensors=2 - int(tied), small_params=_small(C), gemms=(((1, C, V, "high"), 1),))
     for _ in range(D):
         proj = LayerCost(params=2 * C + 2 * C * C + C, bf16_flops=2.0 * (2 * C * C) + 2.0 * V * C,
                          act_bytes=(2 * 2 * C + 8 + 2 * 2 * C + head_act) if fused
                          else a * (3 * C + 2 * C + 2) + head_act, ops=45, tensors=4,
-                         small_params=_small(C, C, C))
+                         small_params=_small(C, C, C),
+                         gemms=(((1, 2 * C, C, "high"), 1), ((1, C, V, "high"), 1)))
         out = out + proj + block_cost(m, True, seq_len, dtype_bytes, fused, fp8)
     return out
 

@@ -2,9 +2,13 @@
 
 `measure(processes)` starts that many processes (one thread each, as torchrun sets OMP_NUM_THREADS=1), joined in
 one gloo group, and has them measure together:
-  gemm, memory, op   a 1024^2 fp32 GEMM, an elementwise multiply of 16 MB tensors and the host time of one small
-                     autograd operator (medians of single calls), all processes at the same time (they share the machine's cores as the
-                     ranks will); the slowest process's figures, since a pipeline goes at its slowest rank's pace
+  gemm, memory, op   a 1024^2 fp32 GEMM, an elementwise multiply of 16 MB tensors, the host time of one small
+                     autograd operator and the run's own linears in their three passes (devices.compute_speeds:
+                     medians of single calls, then medians over interleaved rounds), all processes at the same time
+                     (they share the machine's cores as the ranks will); the slowest process's figures, since a
+                     pipeline goes at its slowest rank's pace
+  all-reduce         a 3-value float64 all-reduce over all processes, as the trainer runs several a step (loss,
+                     gradient norm, expert loads): the median call
   p2p                a ping-pong between ranks 0 and 1 with 4-byte and 1 MiB messages: latency (half the median
                      round trip of the small message) and bandwidth (the large message's extra time)
   action             the pipeline executor's own time per action: a DualPipe step over all processes
@@ -22,6 +26,7 @@ import time
 
 SMALL, LARGE = 4, 2**20       # ping-pong message bytes
 PINGS = 200
+ALLREDUCES = 100
 
 
 def action_overhead(step_s: float, pp: int, chunks: int, p2p_s: float) -> float:
@@ -56,7 +61,7 @@ def _median(fn, seconds: float) -> float:
     return statistics.median(times)
 
 
-def _worker(rank: int, world: int, store: str, out: str, chunks: int) -> None:
+def _worker(rank: int, world: int, store: str, out: str, chunks: int, shapes) -> None:
     import torch
     import torch.distributed as dist
     import torch.nn as nn
@@ -65,7 +70,14 @@ def _worker(rank: int, world: int, store: str, out: str, chunks: int) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
-    res = compute_speeds(_median, between=dist.barrier)
+    res = compute_speeds(_median, between=dist.barrier, shapes=shapes)
+    dist.barrier()
+    values, trips = torch.zeros(3, dtype=torch.float64), []
+    for i in range(ALLREDUCES + 5):            # a fixed count: every rank must make the same collective calls
+        t0 = time.perf_counter()
+        dist.all_reduce(values)
+        trips.append(time.perf_counter() - t0)
+    res["allreduce_s"] = statistics.median(trips[5:])
     dist.barrier()
 
     for size in (SMALL, LARGE):                         # ranks 0 and 1 bounce a message; the others wait
@@ -108,19 +120,24 @@ def _worker(rank: int, world: int, store: str, out: str, chunks: int) -> None:
     dist.destroy_process_group()
 
 
-def measure(processes: int, chunks: int = 4) -> dict:
-    """The figures of the module docstring, from `processes` (>= 2) processes started now."""
+def measure(processes: int, chunks: int = 4, shapes=()) -> dict:
+    """The figures of the module docstring, from `processes` (>= 2) processes started now; `shapes`: the (rows,
+    in, out) linears to time (devices.compute_speeds)."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as d:
-        mp.start_processes(_worker, args=(processes, os.path.join(d, "store"), d, max(chunks, 2 * processes)),
+        mp.start_processes(_worker, args=(processes, os.path.join(d, "store"), d, max(chunks, 2 * processes),
+                                            tuple(shapes)),
                            nprocs=processes, join=True, start_method="spawn")
         ranks = [json.load(open(os.path.join(d, f"{r}.json"))) for r in range(processes)]
     latency = ranks[0]["oneway_4"]
     extra = max(ranks[0][f"oneway_{LARGE}"] - latency, 1e-9)
     out = {"flops": min(r["flops"] for r in ranks), "hbm": min(r["hbm"] for r in ranks),
            "op_s": max(r["op_s"] for r in ranks), "p2p_latency_s": latency, "p2p_bytes_s": LARGE / extra,
-           "action_s": 0.0}
+           "action_s": 0.0, "allreduce_s": max(r["allreduce_s"] for r in ranks),
+           "flops_spread": max(r["flops_spread"] for r in ranks),
+           "gemm_table": tuple((tuple(entry[0]), *(max(r["gemm_table"][i][j] for r in ranks) for j in (1, 2, 3)))
+                               for i, entry in enumerate(ranks[0]["gemm_table"]))}
     if processes % 2 == 0:
         step = max(r["pipeline_step_s"] for r in ranks)
         out["pipeline_step_s"] = step

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from framework.config import ConfigError, _choice, _fail, _positive
 from framework.plan.devices import DEVICE_NAMES, get_device
 from framework.plan.estimate import GiB, Layout, Planner, Setting
+from framework.plan.layers import gemm_shapes
 from framework.plan.search import candidates, rank, table
 
 PLAN_SCHEDULES = ("dualpipe", "dualpipev", "zb1p", "1f1b")
@@ -48,7 +49,7 @@ def setting_from_config(cfg) -> Setting:
                    comm_sms=int(cfg.parallel.comm.sm_budget))
 
 
-def configured_layout(cfg, planner: Planner) -> Layout | None:
+def configured_layout(cfg, planner: Planner | None = None) -> Layout | None:
     """The layout cfg.parallel / cfg.train ask for on cluster.gpus devices, or None if it is not one."""
     p, t, gpus = cfg.parallel, cfg.train, cfg.cluster.gpus
     if gpus % p.pp:
@@ -118,17 +119,22 @@ def assumptions(dev) -> str:
         lines.append(f"host time per eager operator {dev.op_overhead_s * 1e6:.3g} us, per pipeline action "
                      f"{dev.action_overhead_s * 1e6:.3g} us; p2p latency {dev.link_latency_s * 1e6:.3g} us, bandwidth "
                      f"{dev.nvlink_bytes_s / 1e9:.3g} GB/s; runtime memory "
-                     f"{dev.runtime_bytes / GiB:.3g} GiB (a trainer process without its model, measured)")
+                     f"{dev.runtime_bytes / GiB:.3g} GiB (a trainer process without its model, measured); "
+                     f"{len(dev.gemm_table)} linear shapes timed (the others by the 1024^2 GEMM's rate); small "
+                     f"all-reduce {dev.allreduce_s * 1e6:.3g} us")
     return "\n".join(lines)
 
 
 def make_plans(cfg, search: bool = True):
     """(ranked plans, the configured layout or None, device). search=False plans only the configured layout."""
     c = cfg.cluster
-    dev = get_device(c.gpu, c.memory_gb, c.gpus_per_node, processes=c.gpus, wandb_mode=cfg.logging.wandb.mode)
+    given = configured_layout(cfg)
+    # a measured device times the configured layout's own linears; other micro-batch sizes fall back to its GEMM rate
+    shapes = gemm_shapes(cfg.model, given.micro_batch_size * cfg.train.seq_len) if given and c.gpu == "cpu" else ()
+    dev = get_device(c.gpu, c.memory_gb, c.gpus_per_node, processes=c.gpus, wandb_mode=cfg.logging.wandb.mode,
+                     shapes=shapes)
     setting = setting_from_config(cfg)
     planner = Planner(cfg.model, dev, setting)
-    given = configured_layout(cfg, planner)
     if search:
         layouts = candidates(planner, list(c.schedules), [int(x) for x in c.micro_batch_sizes], given)
     else:

@@ -92,7 +92,7 @@ def test_pipeline_time_is_the_simulated_1f1b_formula():
     plan = planner.plan(Layout("1f1b", 4, 1, 1, 8, 2, (1, 1, 1, 1)))
     assert plan.pipeline_s == pytest.approx((8 + 4 - 1) * (plan.F + plan.B + plan.W), rel=1e-9)
     assert plan.bubble == pytest.approx(3 * (plan.F + plan.B + plan.W) / plan.pipeline_s, rel=1e-9)
-    assert plan.step_s == pytest.approx(plan.pipeline_s + plan.grad_sync_s + plan.optimizer_s)
+    assert plan.step_s == pytest.approx(plan.pipeline_s + plan.grad_sync_s + plan.optimizer_s + plan.bookkeeping_s)
 
 
 def test_all_to_all_follows_node_limited_routing():
@@ -217,3 +217,110 @@ def test_moment_bytes_are_the_state_formats():
     for fmt in ("fp32", "bf16", "fp8"):
         buf = MomentBuffer(128 * 64, fmt)
         assert moment_bytes(fmt) * 128 * 64 == buf.nbytes()
+
+
+def test_measured_gemm_shapes_replace_their_flops_price():
+    """A device that measured a linear's shape prices that linear's forward, input-gradient and weight-gradient
+    GEMM at the measured seconds (x how many the part runs) instead of FLOPs / rate; the other linears keep the rate."""
+    from framework.plan.layers import gemm_rows
+
+    cfg = compose_cfg("parallel=dualpipe", "cluster.gpus=2")
+    lay = Layout("dualpipe", 2, 1, 1, 4, 4, (2, 2))
+    plain = Planner(cfg.model, IDEAL, setting_from_config(cfg))
+    tokens = 4 * cfg.train.seq_len
+    C, V = cfg.model.hidden_size, cfg.model.vocab_size
+    fwd, dgrad, wgrad = 1e-3, 2e-3, 3e-3
+    shaped = Planner(cfg.model, replace(IDEAL, gemm_table=(((tokens, C, V), fwd, dgrad, wgrad),)),
+                     setting_from_config(cfg))
+    head = shaped.parts(lay.layers_per_part)[-1]          # the head and the MTP depth's head: 2 of [T, C] x [C, V]
+    count = sum(n for (rows, k, out, _), n in head.gemms if (gemm_rows(rows, tokens), k, out) == (tokens, C, V))
+    assert count == 2
+    by_rate = 2.0 * tokens * C * V / (IDEAL.bf16_flops * IDEAL.eff.gemm_bf16)    # the head stays high precision
+    for got, ref, measured in zip(shaped._compute(head, tokens, 1), plain._compute(head, tokens, 1),
+                                  (fwd, dgrad, wgrad)):
+        assert got - ref == pytest.approx(count * (measured - by_rate), rel=1e-9)
+    first = shaped.parts(lay.layers_per_part)[0]          # no head there: priced as before
+    assert shaped._compute(first, tokens, 1) == plain._compute(first, tokens, 1)
+    assert shaped.plan(lay).step_s > plain.plan(lay).step_s
+
+
+def test_trainer_bookkeeping_is_its_syncs_operators_and_norm_traffic():
+    """Per step outside the pipeline: 3 small all-reduces (MoE), 6 operators per parameter tensor, 11 per MoE layer
+    and 36 bytes per parameter of the gradient norm, on the rank holding the most; none of the syncs on 1 device."""
+    from framework.plan.estimate import _actions
+
+    cfg = compose_cfg("parallel=dualpipe", "cluster.gpus=2")
+    lay = Layout("dualpipe", 2, 1, 1, 4, 4, (2, 2))
+    sync, op, hbm = 1e-3, 2e-6, 1e10
+    dev = replace(IDEAL, allreduce_s=sync, op_overhead_s=op, hbm_bytes_s=hbm)
+    plan = Planner(cfg.model, dev, setting_from_config(cfg)).plan(lay)
+    with torch.device("meta"):
+        model = DeepSeekV3(cfg.model)
+    # a DualPipe rank of pp=2 holds both parts: the whole model, MTP depth included
+    tensors = sum(1 for _ in model.parameters())
+    params = sum(p.numel() for p in model.parameters())
+    moe_layers = 3 + cfg.model.num_nextn_predict_layers
+    norm = 36 * params / (hbm * IDEAL.eff.hbm)
+    assert plan.bookkeeping_s == pytest.approx(3 * sync + op * (6 * tensors + 11 * moe_layers) + norm, rel=1e-9)
+    single = compose_cfg("cluster.gpus=1")
+    one = Planner(single.model, dev, setting_from_config(single)).plan(Layout("single", 1, 1, 1, 4, 4, (4,)))
+    assert one.bookkeeping_s == pytest.approx(op * (6 * tensors + 11 * moe_layers) + norm, rel=1e-9)
+
+
+def test_bookkeeping_operator_counts_are_the_trainers():
+    """The constants recounted on the tiny model with a dispatch mode: the gradient norm runs 4 operators per
+    parameter tensor (clipping and zero_grad one each), the bias update and MaxVio 11 per MoE layer."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from framework.models.capabilities import max_vio
+    from framework.plan.estimate import OPS_PER_MOE_LAYER, OPS_PER_TENSOR
+    from parallel.data_parallel import grad_norm_sq_share
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    class Mesh:
+        dp_rank, ep = 0, 1
+
+    model = DeepSeekV3(compose_cfg().model)
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with Count() as norm:
+        grad_norm_sq_share(list(model.named_parameters()), Mesh()).item()
+    with Count() as clip:
+        for p in params:
+            p.grad.mul_(0.5)
+    # + zero_grad's one per tensor; the norm's 2 per step (its zeros and .item()) are left out
+    assert norm.n + clip.n + len(params) - 2 == OPS_PER_TENSOR * len(params)
+    with Count() as post:
+        loads = model.expert_loads()
+        model.update_balance(loads, 1, 300)
+        vio = max_vio(loads[loads.sum(-1) > 0])
+        vio.mean().item(), vio.tolist()
+    assert post.n == OPS_PER_MOE_LAYER * model.moe_layers()
+
+
+def test_probe_figures_are_medians_over_interleaved_rounds():
+    """compute_speeds takes each figure's median over its rounds, so one slow round does not move it, and measures
+    each listed linear in its three passes."""
+    from framework.plan.devices import compute_speeds
+
+    order, times = [], iter([4.0, 1.0, 2.0, 1e-5, 2e-5, 3e-5,      # round 1: GEMM, memory, operators, 1 shape x 3
+                             1.0, 1.0, 2.0, 1e-5, 2e-5, 3e-5,
+                             9.0, 5.0, 8.0, 9e-5, 9e-5, 9e-5])      # a slow round
+    def fake(fn, budget):
+        order.append(budget)
+        return next(times)
+    m = compute_speeds(fake, shapes=[(8, 16, 32)], rounds=3)
+    n = 1024
+    assert m["flops"] == pytest.approx(2 * n**3 / 4.0)
+    assert m["flops_spread"] == pytest.approx((2 * n**3 / 1.0 - 2 * n**3 / 9.0) / (2 * n**3 / 4.0))
+    assert m["hbm"] == pytest.approx(3 * 4 * 2**20 * 4 / 1.0)
+    assert m["op_s"] == pytest.approx(2.0 / 101)
+    assert m["gemm_table"] == (((8, 16, 32), 1e-5, 2e-5, 3e-5),)
+    assert len(order) == 3 * 6

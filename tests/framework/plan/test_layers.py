@@ -99,3 +99,47 @@ def test_eager_operator_counts_and_traffic(tiny):
         assert bwd.ops == pytest.approx(1.6 * cost.ops, rel=0.15)
         assert fwd.traffic / (B * T) == pytest.approx(8 * cost.act_bytes, rel=0.15)
         assert bwd.traffic / (B * T) == pytest.approx(12 * cost.act_bytes, rel=0.15)
+
+
+@pytest.mark.parametrize("preset", ["deepseek_v3_tiny", "deepseek_v3_671b"])
+def test_gemm_list_carries_the_layer_flops(preset):
+    """Each layer's list of linears (what a measured device prices shape by shape) adds up to its FLOPs formulas."""
+    from framework.plan.layers import gemm_flops_of
+
+    m = compose_cfg(f"model={preset}").model
+    pieces = [block_cost(m, moe, 128, 4, False, False) for moe in (False, True)] + [head_cost(m, 128, 4, False, False)]
+    for c in pieces:
+        dense, high, expert = gemm_flops_of(c.gemms)
+        assert (dense, high, expert) == pytest.approx((c.gemm_flops, c.bf16_flops, c.expert_flops), rel=1e-12)
+
+
+def test_gemm_shapes_are_the_model_linears(tiny):
+    """The (rows, in, out) of every matmul a forward of the tiny model runs outside attention and the experts, read
+    from the model with a dispatch mode, are the ones gemm_shapes lists; the experts' grouped GEMMs are listed at
+    their even share of the dispatched rows (B T K / E)."""
+    from framework.plan.layers import gemm_shapes
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.mm, self.grouped = set(), set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0]
+            if name in ("mm", "addmm"):
+                a, b = args[-2], args[-1]
+                self.mm.add((a.shape[0], a.shape[1], b.shape[1]))
+            elif name == "_grouped_mm":
+                self.grouped.add((args[0].shape[-1], args[1].shape[-1]))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = DeepSeekV3(tiny)
+    B, T = 2, 32
+    with Shapes() as seen:
+        model(torch.randint(0, tiny.vocab_size, (B, T)))
+    planned = set(gemm_shapes(tiny, B * T))
+    per_expert = B * T * tiny.num_experts_per_tok // tiny.n_routed_experts
+    experts = {s for s in planned if s[0] == per_expert and s != (B * T, s[1], s[2])}
+    assert seen.mm == planned - experts
+    assert seen.grouped == {(k, n) for _, k, n in experts}

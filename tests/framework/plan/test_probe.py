@@ -11,9 +11,11 @@ def test_two_processes_measure_together_and_the_action_time_reproduces_their_ste
     from schedules import build, get_layout
     from schedules.simulate import Costs, simulate
 
-    m = measure(2)
-    for key in ("flops", "hbm", "op_s", "p2p_latency_s", "p2p_bytes_s", "pipeline_step_s"):
+    m = measure(2, shapes=[(64, 32, 16)])
+    for key in ("flops", "hbm", "op_s", "p2p_latency_s", "p2p_bytes_s", "pipeline_step_s", "allreduce_s"):
         assert m[key] > 0, key
+    (shape, *passes), = m["gemm_table"]          # the listed linear, in its forward and two backward GEMMs
+    assert shape == (64, 32, 16) and min(passes) > 0
     h, lat = m["action_s"], m["p2p_latency_s"]
     step = simulate(build("dualpipe", 2, 4), get_layout("dualpipe", 2), Costs(F=h, B=h, W=h, FB=h, p2p=lat)).makespan
     if h > 0:
