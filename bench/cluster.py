@@ -544,7 +544,8 @@ def save_gantt(row: dict, path) -> None:
 
 
 def report(a, rows: list[dict], p2p: dict, tiny_info: Optional[dict], cost_sets: dict, load: tuple,
-           argv: list[str], elapsed: float) -> str:
+           argv: list[str], elapsed: float, checks: Optional[list] = None) -> str:
+    from bench import validity
     from bench.common import OUT, machine, write_report
 
     pps = ", ".join(str(r) for r in dict.fromkeys(row["pp"] for row in rows))
@@ -605,7 +606,12 @@ def report(a, rows: list[dict], p2p: dict, tiny_info: Optional[dict], cost_sets:
         lines += per_rank_lines(row)
     lines.append("\n</details>\n")
     lines.append(f"Command: `{' '.join(['python -m bench.cluster', *argv])}` ({elapsed:.0f} s); machine: {machine()} "
-                 "per process.")
+                 "per process.\n")
+    if checks:
+        lines.append(validity.checks_table(checks))
+        ok, why = validity.verdict(checks)
+        if not ok:
+            lines.append(f"\n**The run is not valid**: {why}. The figures above are kept for reference only.")
     text = "\n".join(lines)
     write_report(a.name, text)
     return text
@@ -663,7 +669,11 @@ def main(argv=None) -> str:
             print(f"bench.cluster: --nice={a.nice}: this user may not raise a process's priority; use --nice 0",
                   file=sys.stderr)
             sys.exit(2)
+    from bench import validity
+
+    checks = [validity.quiet_before()]
     t, load0 = time.time(), os.getloadavg()[0]
+    before, others = validity.cpu_times(), validity.Others()
     torch.set_num_threads(1)
     cost_sets: dict[str, StageCosts] = {}
     tiny_info = None
@@ -679,7 +689,8 @@ def main(argv=None) -> str:
         data = run_cluster(pp, a.schedules, cost_sets, a.steps, a.warmup, a.chunks_per_pp, a.timeout, a.nice)
         p2p[pp] = data["p2p_us"]
         rows += rows_for(data, pp, cost_sets, a.schedules, a.chunks_per_pp)
-    return report(a, rows, p2p, tiny_info, cost_sets, (load0, os.getloadavg()[0]), argv, time.time() - t)
+    checks += [others.check(), validity.no_steal(before, validity.cpu_times())]
+    return report(a, rows, p2p, tiny_info, cost_sets, (load0, os.getloadavg()[0]), argv, time.time() - t, checks)
 
 
 if __name__ == "__main__":
