@@ -353,7 +353,7 @@ def profile_rows(gathered: list[dict], limit) -> list[str]:
     compute   the executor's actions (F, B, W, BW, FB) as traced; `vs limit` compares it with the same work done by
               one process (limit / 2): above 1.00, the same arithmetic ran slower inside the pipeline
     waits     blocked on a receive, or at the end on the last sends
-    post      handing sends and receives to gloo (batch_isend_irecv)
+    post      handing sends and receives to gloo (process-group send/recv)
     optimizer the SGD step after the pipeline
     rest      the executor's own Python between actions (bookkeeping) and the compat layer around it
     threads   CPU time of the process's other threads (gloo's, the send waiter's): taken from the same two cores

@@ -188,6 +188,10 @@ class SplitLinear(nn.Linear):
     defers_weight_grad = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            # autocast casts a plain linear's operands, a custom Function's it does not: run as nn.Linear (its
+            # weight gradient then comes in B, through the cast, as it would have without the split)
+            return super().forward(x)
         return split_linear(x, self.weight, self.bias)
 
 

@@ -260,7 +260,12 @@ def all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: Sequence[int], 
 def ping_pong_s(buf: torch.Tensor, rounds: int, warmup: int = 5, group=None) -> float:
     """One-way seconds of `buf` between ranks 0 and 1 of `group` (half a round trip, median of `rounds` after
     `warmup`) while the other ranks wait; every rank calls it and gets rank 0's figure."""
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds!r}: must be >= 1")
     rank, times = dist.get_rank(group), []
+    if rank < 0 or dist.get_world_size(group) < 2:
+        raise ValueError("group: this process must be a member of a group of at least 2 ranks "
+                         f"(rank {rank} of {dist.get_world_size(group)})")
     if rank < 2:
         peer = dist.get_global_rank(group, 1 - rank) if group is not None else 1 - rank
         for _ in range(warmup + rounds):

@@ -19,8 +19,9 @@ Ops (mb = micro-batch id, global over the step):
          that backward also computes the weight gradient (BW) or leaves it to a W
   SEND_F / RECV_F   activation of (stage, mb) to / from `peer` (stage is the SENDING stage's id)
   SEND_B / RECV_B   gradient of the input of (stage, mb) to / from `peer` (stage is the SENDING stage's id)
-Communication actions are not blocking by themselves: the executor batches consecutive SEND/RECV actions into one
-`batch_isend_irecv` and waits for a RECV only when the data is needed.
+Communication actions are not blocking by themselves: the executor posts consecutive SEND/RECV actions together before
+the next computation (on a gloo process group directly, otherwise as one `batch_isend_irecv`) and waits for a RECV
+only when the data is needed.
 """
 from __future__ import annotations
 

@@ -31,7 +31,10 @@ e.g. a user's WeightGradStore linear or an FP8 linear) are left alone.
   10 MiB (DualPipeV, ranks 0 / 1) wait for a W, after the step's peak, which stays 46.0 and 33.8 / 34.5 MiB.
   Does not change: losses and gradients, bit for bit those of weight_grad_split=False (the same kernels, W adds a
   part's chunks in the order its B ran, and a weight used twice in one chunk gets its contributions summed before
-  they are accumulated, as autograd does: framework.weight_grad.run_weight_grads).
+  they are accumulated, as autograd does: framework.weight_grad.run_weight_grads), checked on CPU; GPU not measured
+  (cuBLAS may pick another algorithm for W's GEMM). Exception: a weight shared between a plain linear and a user's
+  WeightGradStore layer, whose contributions then meet in W in another order. Under torch.autocast a swapped linear
+  runs as nn.Linear (undeferred), since autocast does not cast a custom Function's operands.
 """
 from __future__ import annotations
 

@@ -95,7 +95,7 @@ def _saved_by_own_node(t: torch.Tensor) -> bool:
     try:
         saved = list(getattr(node, "saved_tensors", ()) or ())            # a custom autograd.Function
         for name in _saved_names(node):
-            v = getattr(node, name)
+            v = getattr(node, name, None)   # a custom Function's ctx may set a _saved_ attribute on some calls only
             saved += [v] if isinstance(v, torch.Tensor) else list(v) if isinstance(v, (tuple, list)) else []
     except RuntimeError:  # already released or not inspectable: keep the tensor to be safe
         return True

@@ -49,7 +49,7 @@ from typing import Callable, Generator, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .weight_grad import WeightGradStore, run_backward
+from .weight_grad import WeightGradStore, run_backward, run_weight_grads
 
 Steps = Generator[str, None, object]  # yields a label at each exchange it leaves in flight; returns its result
 
@@ -192,8 +192,7 @@ class Tape:
 
     def run_deferred_w(self) -> None:
         funcs, self.deferred_w = self.deferred_w, []
-        for f in funcs:
-            f()
+        run_weight_grads(funcs)
 
 
 class _Stitch(torch.autograd.Function):

@@ -118,6 +118,54 @@ def test_a_weight_used_thrice_gets_autograds_bits_when_deferred_onto_an_existing
     assert not torch.equal(naive[0], want[0])
 
 
+def test_run_weight_grads_runs_a_users_closure_in_turn_and_reports_shared_weights_once_final():
+    """A closure written against deepseek-ai/DualPipe's store (no `gradients`) simply runs, in its turn; a weight it
+    shares with one of ours is final after the last closure that writes it."""
+    torch.manual_seed(0)
+    lin = SplitLinear(8, 8)
+    x, probe = torch.randn(4, 8), torch.randn(4, 8)
+    extra = torch.randn(8, 8)
+    order = []
+
+    def user():                                          # a user's layer adding its own gradient to lin.weight
+        order.append("user")
+        lin.weight.grad += extra
+    user.params = (lin.weight,)
+
+    lin.weight.grad = torch.ones(8, 8)                   # an earlier chunk's gradient
+    WeightGradStore.clear()
+    WeightGradStore.enabled = True
+    (lin(x) * probe).sum().backward()
+    WeightGradStore.enabled = False
+    ours = WeightGradStore.take_cache()
+    finished = []
+    run_weight_grads([*ours, user], lambda ps: finished.append([id(p) for p in ps]))
+    want = torch.ones(8, 8) + probe.t() @ x + extra      # ours first, then the user's, in closure order
+    assert torch.allclose(lin.weight.grad, want, atol=1e-5) and order == ["user"]
+    assert finished == [[id(lin.bias)], [id(lin.weight)]]  # the bias with ours, the weight after the user's
+
+
+def test_split_linear_under_autocast_runs_as_nn_linear():
+    """autocast casts a plain linear's operands but not a custom Function's: SplitLinear then runs as nn.Linear,
+    bit for bit, and leaves nothing to W."""
+    torch.manual_seed(0)
+    lin, ref = SplitLinear(16, 8), nn.Linear(16, 8)
+    ref.load_state_dict(lin.state_dict())
+    x = torch.randn(4, 16)
+    grads = []
+    for m, defer in ((lin, True), (ref, False)):
+        WeightGradStore.clear()
+        WeightGradStore.enabled = defer
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+        assert y.dtype == torch.bfloat16
+        y.float().pow(2).sum().backward()
+        WeightGradStore.enabled = False
+        assert WeightGradStore.take_cache() == []
+        grads.append((y, m.weight.grad, m.bias.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 @pytest.mark.parametrize("path", ["grouped", "loop"])
 def test_grouped_linear_matches_autograd_and_defers(path):
     torch.manual_seed(0)

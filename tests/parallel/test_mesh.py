@@ -106,6 +106,10 @@ def four_rank_checks(rank: int) -> dict:
 
     buf = torch.full((4,), float(rank + 1))
     out["ping_world"] = (ping_pong_s(buf, rounds=3), buf.tolist())
+    try:
+        ping_pong_s(buf, rounds=0)
+    except ValueError as e:
+        out["ping_bad"] = str(e)
     sub = dist.new_group([1, 3])
     if rank in (1, 3):
         buf = torch.full((2,), float(rank + 1))
@@ -174,6 +178,7 @@ def test_ping_pong_bounces_rank0s_buffer_and_shares_its_figure():
     sub = {rank: results[rank]["ping_sub"] for rank in (1, 3)}
     assert sub[1][0] == sub[3][0] > 0 and sub[1][1] == sub[3][1] == [2.0, 2.0]
     assert "ping_sub" not in results[0] and "ping_sub" not in results[2]
+    assert all(r["ping_bad"] == "rounds=0: must be >= 1" for r in results)
 
 
 def test_new_ep_group_carries_collectives():

@@ -192,17 +192,20 @@ def check_dualpipev(group, pp, rank, rank_mapping=None):
 
 
 class MixedStage(nn.Module):
-    """A residual MLP block with one plain nn.Linear (deferred only by weight_grad_split) and one UserLinear (defers
-    through WeightGradStore by itself, whatever the switch says)."""
+    """A residual MLP block with one plain nn.Linear (deferred only by weight_grad_split), one UserLinear (defers
+    through WeightGradStore by itself, whatever the switch says) and a plain nn.Linear applied twice (a tied weight:
+    its two deferred contributions must be summed before they reach .grad, as autograd sums them)."""
     hook_calls = 0
 
     def __init__(self):
         super().__init__()
         self.up = nn.Linear(HIDDEN, 4 * HIDDEN)
         self.down = UserLinear(4 * HIDDEN, HIDDEN, bias=False)
+        self.mix = nn.Linear(HIDDEN, HIDDEN)
 
     def forward(self, x):
-        return x + self.down(F.gelu(self.up(x)))
+        h = x + self.down(F.gelu(self.up(x)))
+        return h + self.mix(torch.tanh(self.mix(h)))
 
     @classmethod
     def overlapped_forward_backward(cls, *args):
@@ -293,18 +296,18 @@ def check_weight_grad_split(group, pp, rank, kind):
             m.load_state_dict(full[i].state_dict())
         pipe = kind(local, process_group=group) if split else kind(local, process_group=group,
                                                                     weight_grad_split=False)
-        assert pipe.weight_grad_split is split and pipe.split_layers == (2 if split else 0), what
-        assert all(type(m.up) is (SplitLinear if split else nn.Linear) and type(m.down) is UserLinear
+        assert pipe.weight_grad_split is split and pipe.split_layers == (4 if split else 0), what
+        assert all(type(m.up) is type(m.mix) is (SplitLinear if split else nn.Linear) and type(m.down) is UserLinear
                    for m in local), f"{what}: only the plain nn.Linear is swapped"
         MixedStage.hook_calls = 0
-        with DeferredCount(pipe._executor, [m.up.weight for m in local]) as count:
+        with DeferredCount(pipe._executor, [p for m in local for p in (m.up.weight, m.mix.weight)]) as count:
             loss, _ = pipe.step(px, num_chunks=chunks, criterion=criterion, labels=(pl,))
         assert MixedStage.hook_calls > 0, what
         n = split_backwards(pipe._actions[chunks])
-        # every split backward hands over the user's closure; with the switch also the plain linear's
-        assert n > 0 and count.put == count.ran == n * (2 if split else 1), f"{what}: {count.put} closures"
+        # every split backward hands over the user's closure; with the switch also the plain linears' (mix twice)
+        assert n > 0 and count.put == count.ran == n * (4 if split else 1), f"{what}: {count.put} closures"
         assert count.outside_w == 0, f"{what}: a deferred weight gradient ran outside W"
-        # with the split a B leaves the plain linear's .grad as it was; without, every B writes it
+        # with the split a B leaves the plain linears' .grad as it was; without, every B writes it
         assert count.b_changed and all(changed is not split for changed in count.b_changed), \
             f"{what} split={split}: which B actions changed the plain linear's .grad: {count.b_changed}"
         assert torch.equal(loss, ref) if ref is not None else loss is None, what
@@ -318,7 +321,7 @@ def check_weight_grad_split(group, pp, rank, kind):
 
     (loss_t, grads_t), (loss_f, grads_f) = runs[True], runs[False]
     assert (loss_t is None and loss_f is None) or torch.equal(loss_t, loss_f), what
-    assert grads_t.keys() == grads_f.keys() and len(grads_t) == 6, what
+    assert grads_t.keys() == grads_f.keys() and len(grads_t) == 10, what
     for name in grads_t:
         assert torch.equal(grads_t[name], grads_f[name]), f"{what}: {name} differs with weight_grad_split"
 
