@@ -274,11 +274,15 @@ def breakdown(steps: int = 60) -> str:
     rows = []
     for r, m in enumerate(ranks):
         counts: dict[str, int] = {}
+        planned: dict[str, float] = {}
         for a in _actions("dualpipe", 2, p.layout.micro_batches)[r]:
             if a.op in ("F", "B", "W", "FB", "BW"):
                 key = {"FB": "F&B"}.get(a.op, a.op)
                 counts[key] = counts.get(key, 0) + 1
-        planned = {k: n * planned_each[k] for k, n in counts.items()}
+                # a pair whose backward half is full (DualPipe's F&BW) also computes the weight gradients, as
+                # simulate() charges it
+                extra = p.W - h if a.op == "FB" and a.full else 0.0
+                planned[key] = planned.get(key, 0.0) + planned_each[key] + extra
         compute = sum(m.get(k, 0.0) for k in counts)
         plan_compute = sum(planned.values())
         rows.append((r, m, counts, planned, compute, plan_compute))
@@ -307,6 +311,163 @@ def breakdown(steps: int = 60) -> str:
     return "\n".join(lines)
 
 
+# -- make train's pipeline parts in one process, as the executor runs them, against the planner's per-part charges --
+
+def _timed_passes(model, forward, seeds, split: bool) -> tuple[float, float, float]:
+    """(F, B, W) seconds of one chunk: forward(); backward from seeds(out) with the weight gradients deferred (B)
+    and then run (W) as the executor's B and W actions do, or (split=False) one full backward (BW) in B."""
+    import torch
+
+    from framework.weight_grad import WeightGradStore, run_weight_grads
+
+    t0 = time.perf_counter()
+    out = forward()
+    f = time.perf_counter() - t0
+    tensors, grads = seeds(out)      # drawn outside the timing: the executor receives its gradients
+    t1 = time.perf_counter()
+    WeightGradStore.enabled = split
+    try:
+        torch.autograd.backward(tensors, grads)
+    finally:
+        WeightGradStore.enabled = False
+    funcs = WeightGradStore.take_cache()
+    t2 = time.perf_counter()
+    run_weight_grads(funcs)
+    return f, t2 - t1, time.perf_counter() - t2
+
+
+def part_passes(reps: int = 20, tokens_small: tuple = (1, 8)) -> dict:
+    """make train's two pipeline parts (framework.models + framework.parallelize's weight-gradient split +
+    schedules.stage.split_model, loss scale 1/micro-batches) timed in this process, one thread: each part's F, B
+    and W, its full backward, the F&BW pair DualPipe runs on both ranks (F of part 1 with the full backward of part 0,
+    through the parts' overlapped_forward_backward hook, as the executor calls it), and the pieces (embedding, the
+    blocks of each part, the head: norm, output head, loss, MTP) at the run's micro-batch and at `tokens_small`
+    (where the fixed per-call time is nearly all). Medians over `reps` calls after 3 warm-ups, {name: seconds}."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from framework.models import build_model
+    from framework.parallelize import split_weight_grads
+    from framework.plan.run import configured_layout
+    from launch.train import check_overrides
+    from schedules.executor import _loss_is_output
+    from schedules.stage import split_model, take_balance_losses
+
+    torch.set_num_threads(1)
+    cfg = check_overrides(["parallel=dualpipe"])
+    t = cfg.train
+    torch.manual_seed(0)
+    model = build_model(OmegaConf.to_object(cfg.model))
+    model.train()
+    split_weight_grads(model)
+    parts = split_model(model, 2, configured_layout(cfg).layers_per_part)
+    for part in parts:
+        part.loss_scale, part.overlap, part.recompute = 1.0 / t.micro_batches, cfg.parallel.overlap, False
+    V, C = cfg.model.vocab_size, cfg.model.hidden_size
+
+    def seeds(out):
+        return ((out,), None) if out.dim() == 0 else ((out,), (torch.randn_like(out) * 1e-3,))
+
+    def chunks(B, T):
+        ids, labels = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
+
+        def h():
+            return torch.randn(B, T, C, requires_grad=True)
+
+        def blocks(layers):
+            def forward():
+                y = h()
+                for layer in layers:
+                    y = layer(y)
+                take_balance_losses(layers)
+                return y
+            return forward
+        return ids, labels, h, {"part 0": lambda: parts[0](ids), "part 1": lambda: parts[1](h(), ids, labels),
+                                "embedding": lambda: model.embed_tokens(ids), "blocks of part 0": blocks(parts[0].layers),
+                                "blocks of part 1": blocks(parts[1].layers),
+                                "head (norm, output head, loss, MTP)": lambda: model.final(h(), ids, labels)[0]}
+
+    micro = t.global_batch_size // t.micro_batches
+    ids, labels, h, big = chunks(micro, t.seq_len)
+    small = chunks(*tokens_small)[3]
+    samples: dict = {}
+
+    def add(key, value):
+        samples.setdefault(key, []).append(value)
+
+    for rep in range(reps + 3):
+        model.zero_grad(set_to_none=True)
+        for name, forward in big.items():
+            for k, v in zip("FBW", _timed_passes(model, forward, seeds, True)):
+                add((name, k), v)
+            add((name, "BW"), _timed_passes(model, forward, seeds, False)[1])
+            for k, v in zip("FBW", _timed_passes(model, small[name], seeds, True)):
+                add((name, k + " small"), v)
+        out0 = parts[0](ids)
+        g0 = torch.randn_like(out0) * 1e-3
+        t0 = time.perf_counter()
+        _, loss = type(parts[1]).overlapped_forward_backward(parts[1], [h(), ids, labels], _loss_is_output, [],
+                                                             parts[0], None, [out0], [g0])
+        add(("F&BW", ""), time.perf_counter() - t0)
+        loss.backward()
+    return {k: statistics.median(v[3:]) for k, v in samples.items()}
+
+
+def parts_table(reps: int = 20) -> str:
+    """`part_passes` next to what the planner charges each part and piece, the cpu measured in this process (one
+    thread, alone) with the run's linears and the model's own layers' host time."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from framework.plan import devices
+    from framework.plan.estimate import Planner
+    from framework.plan.layers import LayerCost, gemm_shapes
+    from framework.plan.run import configured_layout, setting_from_config
+    from launch.train import check_overrides
+
+    cfg = check_overrides(["parallel=dualpipe"])
+    t = cfg.train
+    tokens = t.global_batch_size // t.micro_batches * t.seq_len
+    measured = part_passes(reps)
+    torch.set_num_threads(1)
+    dev = devices.measure_cpu(1, runtime_bytes=0.0, shapes=gemm_shapes(cfg.model, tokens),
+                              host_model=OmegaConf.to_object(cfg.model))
+    plans = {"with the model's own layers' host time": Planner(cfg.model, dev, setting_from_config(cfg)),
+             "before: the synthetic operator's host time": Planner(cfg.model, replace(dev, layer_op_s=()),
+                                                                   setting_from_config(cfg))}
+    lay = configured_layout(cfg)
+    lines = [f"load (1 min) {os.getloadavg()[0]:.1f}; one process, one thread; {tokens} tokens per micro-batch; "
+             f"medians of {reps} calls; probe: GEMM {dev.bf16_flops / 1e9:.1f} GFLOP/s, memory "
+             f"{dev.hbm_bytes_s / 1e9:.1f} GB/s, {dev.op_overhead_s * 1e6:.2f} us / synthetic operator, model's "
+             f"layers {' / '.join(f'{v * 1e6:.2f}' for v in dev.layer_op_s)} us / operator in F / B / W", "",
+             "| piece (ms) | F measured | plan now | plan before | B measured | plan now | plan before | W measured "
+             "| plan now | plan before | full backward measured | plan now (B + W) | F, B, W at 8 tokens measured |",
+             "|---|" + "---|" * 12]
+    for name in ("part 0", "part 1", "embedding", "blocks of part 0", "blocks of part 1",
+                 "head (norm, output head, loss, MTP)"):
+        row = [name]
+        costs = []
+        for planner in plans.values():
+            parts = planner.parts(lay.layers_per_part)
+            c = {"part 0": parts[0], "part 1": parts[1], "embedding": planner.embed,
+                 "blocks of part 0": sum(planner.blocks[:lay.layers_per_part[0]], LayerCost()),
+                 "blocks of part 1": sum(planner.blocks[lay.layers_per_part[0]:], LayerCost()),
+                 "head (norm, output head, loss, MTP)": planner.head}[name]
+            costs.append(planner._compute(c, tokens, 1))
+        for i, k in enumerate("FBW"):
+            row += [f"{measured[(name, k)] * 1e3:.2f}", f"{costs[0][i] * 1e3:.2f}", f"{costs[1][i] * 1e3:.2f}"]
+        row += [f"{measured[(name, 'BW')] * 1e3:.2f}", f"{(costs[0][1] + costs[0][2]) * 1e3:.2f}",
+                " / ".join(f"{measured[(name, k + ' small')] * 1e3:.2f}" for k in "FBW")]
+        lines.append("| " + " | ".join(row) + " |")
+    now = plans["with the model's own layers' host time"]
+    p0, p1 = (now._compute(c, tokens, 1) for c in now.parts(lay.layers_per_part))
+    lines += ["", f"F&BW pair (F of part 1 with the full backward of part 0, the parts' overlapped_forward_backward "
+                  f"hook): measured {measured[('F&BW', '')] * 1e3:.2f} ms; the same pieces run apart "
+                  f"{(measured[('part 1', 'F')] + measured[('part 0', 'BW')]) * 1e3:.2f} ms; plan now "
+                  f"{(p1[0] + p0[1] + p0[2]) * 1e3:.2f} ms"]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=300)
@@ -314,6 +475,8 @@ def main() -> None:
     ap.add_argument("--cpu-terms", action="store_true", help="only what each measured cpu term adds to the plan")
     ap.add_argument("--breakdown", action="store_true",
                     help="only where make train's step goes, term by term, measured against the plan (60 steps)")
+    ap.add_argument("--parts", action="store_true",
+                    help="only make train's pipeline parts timed in one process against the planner's F, B, W")
     ap.add_argument("--breakdown-worker", metavar="DIR", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.breakdown_worker:
@@ -321,6 +484,9 @@ def main() -> None:
         return
     if args.breakdown:
         print(breakdown(60 if args.steps == 300 else args.steps))
+        return
+    if args.parts:
+        print(parts_table())
         return
     if args.cpu_terms:
         print(cpu_terms())

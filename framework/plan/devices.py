@@ -74,6 +74,8 @@ class Device:
                                       # link_latency_s, a tree of 2 latencies per level)
     gemm_table: tuple = ()            # ((rows, in, out), forward s, input-grad s, weight-grad s) of GEMMs measured
                                       # at the run's own shapes (cpu); spec-sheet devices price GEMMs by FLOPs
+    layer_op_s: tuple = ()            # (F, B, W) host seconds per forward operator of the model's own layers
+                                      # (cpu: measured, framework/plan/host.py); () = op_overhead_s x (1, 1.2, 0.4)
     eff: Efficiencies = field(default_factory=Efficiencies)
     measured: bool = False
 
@@ -112,7 +114,8 @@ _MEASURED = Efficiencies(gemm_fp8=1.0, gemm_bf16=1.0, attn_fwd=1.0, attn_bwd=1.0
 PROBE_ROUNDS = 5
 
 
-def compute_speeds(seconds_per_call, between=lambda: None, shapes=(), rounds: int = PROBE_ROUNDS) -> dict:
+def compute_speeds(seconds_per_call, between=lambda: None, shapes=(), rounds: int = PROBE_ROUNDS,
+                   host_model=None) -> dict:
     """This CPU's GEMM FLOP/s (a 1024^2 fp32 matmul), memory bytes/s (an elementwise multiply: two reads and a
     write), host seconds per autograd operator and, for each (rows, in, out) of `shapes`, the seconds of that
     linear's forward (x @ w.T), input gradient (g @ w) and weight gradient (g.T @ x), each timed by
@@ -121,7 +124,8 @@ def compute_speeds(seconds_per_call, between=lambda: None, shapes=(), rounds: in
 
     The figures are medians over `rounds` rounds that take turns (GEMM, memory, operators, shapes, then again):
     a moment of interference on a shared machine moves one round, not the plan; `flops_spread` is the GEMM's
-    (max - min) / median over the rounds."""
+    (max - min) / median over the rounds. With `host_model` (a model config), also the host seconds per operator of
+    that model's own layers in F, B and W (framework/plan/host.py), as `layer_op_s`."""
     import statistics
 
     import torch
@@ -155,10 +159,14 @@ def compute_speeds(seconds_per_call, between=lambda: None, shapes=(), rounds: in
     gemm = [2 * n**3 / t for t in samples["gemm"]]
     table = tuple((shape, *(statistics.median(t[i] for t in samples[shape]) for i in range(3)))
                   for shape, *_ in linears)
+    layer_op_s = ()
+    if host_model is not None:
+        from framework.plan.host import layer_operator_seconds
+        layer_op_s = layer_operator_seconds(host_model, between, rounds) or ()
     return dict(flops=statistics.median(gemm), flops_spread=(max(gemm) - min(gemm)) / statistics.median(gemm),
                 hbm=3 * x.numel() * 4 / statistics.median(samples["hbm"]),
                 op_s=statistics.median(samples["op"]) / 101,          # 50 forward + 50 backward nodes + the sum
-                gemm_table=table)
+                gemm_table=table, layer_op_s=tuple(layer_op_s))
 
 
 def _rate(fn, seconds: float = 0.25) -> float:
@@ -209,12 +217,13 @@ def trainer_runtime_bytes(wandb_mode: str = "offline") -> float:
 
 
 def measure_cpu(processes: int = 1, memory_bytes: float | None = None, runtime_bytes: float | None = None,
-                wandb_mode: str = "offline", shapes=()) -> Device:
+                wandb_mode: str = "offline", shapes=(), host_model=None) -> Device:
     """The `cpu` device, measured now with the threads one of `processes` trainer processes gets (torchrun sets
     OMP_NUM_THREADS=1 when it starts several): a square fp32 GEMM (as the trainer's MFU does), an elementwise
     multiply of 16 MB tensors (memory bandwidth), the host time of one small autograd operator, and (unless given)
     the memory a trainer process holds before its model (`trainer_runtime_bytes`), and each (rows, in, out) linear
-    of `shapes` (the run's own GEMMs, layers.py) in its three passes.
+    of `shapes` (the run's own GEMMs, layers.py) in its three passes, and the host time per operator of
+    `host_model`'s own layers (framework/plan/host.py) when given.
     With several processes these run in that many processes at once, which also measure gloo's p2p latency and
     bandwidth and the pipeline executor's time per action (framework/plan/probe.py). One process has no links:
     latency 50 us and the copy bandwidth stand in (assumption), and no executor time."""
@@ -223,43 +232,43 @@ def measure_cpu(processes: int = 1, memory_bytes: float | None = None, runtime_b
     if processes > 1:
         from framework.plan.probe import measure
 
-        m = measure(processes, shapes=shapes)
+        m = measure(processes, shapes=shapes, host_model=host_model)
         if memory_bytes is None:
             memory_bytes = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
         return Device("cpu", bf16_flops=m["flops"], fp8_flops=None, hbm_bytes_s=m["hbm"], memory_bytes=memory_bytes,
                       nvlink_bytes_s=m["p2p_bytes_s"], ib_bytes_s=m["p2p_bytes_s"],
                       link_latency_s=m["p2p_latency_s"], sms=0, gpus_per_node=1 << 30, fused_kernels=False,
                       op_overhead_s=m["op_s"], action_overhead_s=m["action_s"], allreduce_s=m["allreduce_s"],
-                      gemm_table=m["gemm_table"], runtime_bytes=trainer_runtime_bytes(wandb_mode) if runtime_bytes is None else runtime_bytes,
+                      gemm_table=m["gemm_table"], layer_op_s=m["layer_op_s"], runtime_bytes=trainer_runtime_bytes(wandb_mode) if runtime_bytes is None else runtime_bytes,
                       eff=_MEASURED, measured=True)
     threads = torch.get_num_threads()
     if processes > 1:
         torch.set_num_threads(1)
     try:
-        return _measure_cpu(processes, memory_bytes, runtime_bytes, wandb_mode, shapes)
+        return _measure_cpu(processes, memory_bytes, runtime_bytes, wandb_mode, shapes, host_model)
     finally:
         torch.set_num_threads(threads)
 
 
 def _measure_cpu(processes: int, memory_bytes: float | None, runtime_bytes: float | None, wandb_mode: str,
-                 shapes=()) -> Device:
-    m = compute_speeds(_rate, shapes=shapes)
+                 shapes=(), host_model=None) -> Device:
+    m = compute_speeds(_rate, shapes=shapes, host_model=host_model)
     flops, hbm, op_s = m["flops"], m["hbm"], m["op_s"]
     if memory_bytes is None:
         memory_bytes = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     return Device("cpu", bf16_flops=flops, fp8_flops=None, hbm_bytes_s=hbm, memory_bytes=memory_bytes,
                   nvlink_bytes_s=hbm / 2, ib_bytes_s=hbm / 2, link_latency_s=50e-6, sms=0, gpus_per_node=1 << 30,
-                  fused_kernels=False, op_overhead_s=op_s, gemm_table=m["gemm_table"],
+                  fused_kernels=False, op_overhead_s=op_s, gemm_table=m["gemm_table"], layer_op_s=m["layer_op_s"],
                   runtime_bytes=trainer_runtime_bytes(wandb_mode) if runtime_bytes is None else runtime_bytes,
                   eff=_MEASURED, measured=True)
 
 
 def get_device(name: str, memory_gb: float | None = None, gpus_per_node: int | None = None,
-               processes: int = 1, wandb_mode: str = "offline", shapes=()) -> Device:
+               processes: int = 1, wandb_mode: str = "offline", shapes=(), host_model=None) -> Device:
     """A device model by name (`cpu` is measured for `processes` processes sharing this machine, GEMMs also at each
-    (rows, in, out) of `shapes`); memory_gb / gpus_per_node override the data when given."""
+    (rows, in, out) of `shapes`, and the host time per operator of `host_model`'s layers); memory_gb / gpus_per_node override the data when given."""
     if name == "cpu":
-        dev = measure_cpu(processes, wandb_mode=wandb_mode, shapes=shapes)
+        dev = measure_cpu(processes, wandb_mode=wandb_mode, shapes=shapes, host_model=host_model)
     elif name in DEVICES:
         dev = DEVICES[name]
     else:

@@ -246,15 +246,25 @@ class Planner:
         # backward: eager modules move ~8x of them forward and ~12x backward (counted with a dispatch mode over
         # this project's blocks and head, tests/framework/plan); fused kernels (assumption) ~2x and ~4x
         traffic_f, traffic_b = (2.0, 4.0) if d.fused_kernels else (8.0, 12.0)
-        F = lin_f + tokens * (c.attn_flops / attn_f + traffic_f * c.act_bytes / bw) + c.ops * d.op_overhead_s
+        host_f, host_b, host_w = self.host_per_op()
+        F = lin_f + tokens * (c.attn_flops / attn_f + traffic_f * c.act_bytes / bw) + c.ops * host_f
         recompute = tokens * c.recompute_bytes * 2 / bw
         if d.fused_kernels:  # MLA up-projections run again in backward (V3 §3.2.3)
             recompute += tokens * c.up_proj_flops / gemm
-        # backward operators: ~1.6x the forward's (counted: 217 / 135 dense, 264 / 181 MoE), ~1/4 of them in W
         B = (lin_b + tokens * (c.attn_flops * attn_bwd_factor / attn_b + traffic_b * c.act_bytes / bw) + recompute
-             + 1.2 * c.ops * d.op_overhead_s)
-        W = lin_w + 0.4 * c.ops * d.op_overhead_s
+             + c.ops * host_b)
+        W = lin_w + c.ops * host_w
         return F, B, W
+
+    def host_per_op(self) -> tuple[float, float, float]:
+        """(F, B, W) host seconds per forward operator of a layer: measured on the model's own layers where the
+        device did (cpu, framework/plan/host.py: module calls, autograd Functions, weight-gradient closures and
+        weight-sized buffers included); else the synthetic operator's time, with backward operators ~1.6x the
+        forward's (counted: 217 / 135 dense, 264 / 181 MoE), ~1/4 of them in W."""
+        d = self.dev
+        if d.layer_op_s:
+            return tuple(d.layer_op_s)
+        return d.op_overhead_s, 1.2 * d.op_overhead_s, 0.4 * d.op_overhead_s
 
     def _excess(self, ep: int) -> float:
         """The busiest ep rank's share of routed rows above the mean (none without expert parallelism: one rank

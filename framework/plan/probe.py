@@ -6,7 +6,8 @@ one gloo group, and has them measure together:
                      autograd operator and the run's own linears in their three passes (devices.compute_speeds:
                      medians of single calls, then medians over interleaved rounds), all processes at the same time
                      (they share the machine's cores as the ranks will); the slowest process's figures, since a
-                     pipeline goes at its slowest rank's pace
+                     pipeline goes at its slowest rank's pace; with a model config, also the host time per operator
+                     of that model's own layers (framework/plan/host.py)
   all-reduce         a 3-value float64 all-reduce over all processes, as the trainer runs several a step (loss,
                      gradient norm, expert loads): the median call
   p2p                a ping-pong between ranks 0 and 1 with 4-byte and 1 MiB messages: latency (half the median
@@ -61,7 +62,7 @@ def _median(fn, seconds: float) -> float:
     return statistics.median(times)
 
 
-def _worker(rank: int, world: int, store: str, out: str, chunks: int, shapes) -> None:
+def _worker(rank: int, world: int, store: str, out: str, chunks: int, shapes, host_model=None) -> None:
     import torch
     import torch.distributed as dist
     import torch.nn as nn
@@ -70,7 +71,7 @@ def _worker(rank: int, world: int, store: str, out: str, chunks: int, shapes) ->
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
-    res = compute_speeds(_median, between=dist.barrier, shapes=shapes)
+    res = compute_speeds(_median, between=dist.barrier, shapes=shapes, host_model=host_model)
     dist.barrier()
     values, trips = torch.zeros(3, dtype=torch.float64), []
     for i in range(ALLREDUCES + 5):            # a fixed count: every rank must make the same collective calls
@@ -120,14 +121,14 @@ def _worker(rank: int, world: int, store: str, out: str, chunks: int, shapes) ->
     dist.destroy_process_group()
 
 
-def measure(processes: int, chunks: int = 4, shapes=()) -> dict:
+def measure(processes: int, chunks: int = 4, shapes=(), host_model=None) -> dict:
     """The figures of the module docstring, from `processes` (>= 2) processes started now; `shapes`: the (rows,
     in, out) linears to time (devices.compute_speeds)."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as d:
         mp.start_processes(_worker, args=(processes, os.path.join(d, "store"), d, max(chunks, 2 * processes),
-                                            tuple(shapes)),
+                                            tuple(shapes), host_model),
                            nprocs=processes, join=True, start_method="spawn")
         ranks = [json.load(open(os.path.join(d, f"{r}.json"))) for r in range(processes)]
     latency = ranks[0]["oneway_4"]
@@ -137,7 +138,9 @@ def measure(processes: int, chunks: int = 4, shapes=()) -> dict:
            "action_s": 0.0, "allreduce_s": max(r["allreduce_s"] for r in ranks),
            "flops_spread": max(r["flops_spread"] for r in ranks),
            "gemm_table": tuple((tuple(entry[0]), *(max(r["gemm_table"][i][j] for r in ranks) for j in (1, 2, 3)))
-                               for i, entry in enumerate(ranks[0]["gemm_table"]))}
+                               for i, entry in enumerate(ranks[0]["gemm_table"])),
+           "layer_op_s": tuple(max(r["layer_op_s"][j] for r in ranks) for j in range(3))
+           if all(r["layer_op_s"] for r in ranks) else ()}
     if processes % 2 == 0:
         step = max(r["pipeline_step_s"] for r in ranks)
         out["pipeline_step_s"] = step

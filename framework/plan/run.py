@@ -120,7 +120,9 @@ def assumptions(dev) -> str:
                      f"{dev.action_overhead_s * 1e6:.3g} us; p2p latency {dev.link_latency_s * 1e6:.3g} us, bandwidth "
                      f"{dev.nvlink_bytes_s / 1e9:.3g} GB/s; runtime memory "
                      f"{dev.runtime_bytes / GiB:.3g} GiB (a trainer process without its model, measured); "
-                     f"{len(dev.gemm_table)} linear shapes timed (the others by the 1024^2 GEMM's rate); small "
+                     + (f"model's own layers {' / '.join(f'{v * 1e6:.3g}' for v in dev.layer_op_s)} us per "
+                        f"operator in F / B / W; " if dev.layer_op_s else "")
+                     + f"{len(dev.gemm_table)} linear shapes timed (the others by the 1024^2 GEMM's rate); small "
                      f"all-reduce {dev.allreduce_s * 1e6:.3g} us")
     return "\n".join(lines)
 
@@ -131,8 +133,10 @@ def make_plans(cfg, search: bool = True):
     given = configured_layout(cfg)
     # a measured device times the configured layout's own linears; other micro-batch sizes fall back to its GEMM rate
     shapes = gemm_shapes(cfg.model, given.micro_batch_size * cfg.train.seq_len) if given and c.gpu == "cpu" else ()
+    # and the host time per operator of the model's own layers (framework/plan/host.py)
+    host_model = OmegaConf.to_object(cfg.model) if c.gpu == "cpu" else None
     dev = get_device(c.gpu, c.memory_gb, c.gpus_per_node, processes=c.gpus, wandb_mode=cfg.logging.wandb.mode,
-                     shapes=shapes)
+                     shapes=shapes, host_model=host_model)
     setting = setting_from_config(cfg)
     planner = Planner(cfg.model, dev, setting)
     if search:

@@ -324,3 +324,21 @@ def test_probe_figures_are_medians_over_interleaved_rounds():
     assert m["op_s"] == pytest.approx(2.0 / 101)
     assert m["gemm_table"] == (((8, 16, 32), 1e-5, 2e-5, 3e-5),)
     assert len(order) == 3 * 6
+
+
+def test_host_time_is_charged_per_operator_of_each_pass():
+    """Each part pays its forward operator count (layers.py `ops`) times the device's host seconds per operator of
+    F, B and W: the ones measured on the model's own layers where the device has them, else the synthetic
+    operator's time with the backward's 1.2x and 0.4x shares."""
+    cfg = compose_cfg("parallel=dualpipe", "cluster.gpus=2")
+    tokens = 4 * cfg.train.seq_len
+    bare = Planner(cfg.model, IDEAL, setting_from_config(cfg))
+    own = Planner(cfg.model, replace(IDEAL, layer_op_s=(11e-6, 8e-6, 7e-6)), setting_from_config(cfg))
+    synthetic = Planner(cfg.model, replace(IDEAL, op_overhead_s=5e-6), setting_from_config(cfg))
+    for part in bare.parts((2, 2)):
+        ref = bare._compute(part, tokens, 1)
+        for got, base, unit in zip(own._compute(part, tokens, 1), ref, (11e-6, 8e-6, 7e-6)):
+            assert got - base == pytest.approx(part.ops * unit, rel=1e-9)
+        for got, base, unit in zip(synthetic._compute(part, tokens, 1), ref, (5e-6, 6e-6, 2e-6)):
+            assert got - base == pytest.approx(part.ops * unit, rel=1e-9)
+    assert bare.parts((2, 2))[1].ops == 2 * (120 + 61) + 30 + 45 + 120 + 61   # two MoE blocks, head, MTP depth
