@@ -181,7 +181,7 @@ def cpu_terms() -> str:
              "|---|---|---|---|---|"]
     for name, dev in rows:
         planner = Planner(cfg.model, dev, setting_from_config(cfg))
-        step = planner.plan(configured_layout(cfg, planner)).step_s
+        step = planner.plan(configured_layout(cfg)).step_s
         lines.append(f"| {name} | {step:.3f} | {dev.bf16_flops / 1e9:.1f} | {dev.link_latency_s * 1e6:.0f} | "
                      f"{dev.action_overhead_s * 1e6:.0f} |")
     return "\n".join(lines)

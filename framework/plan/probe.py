@@ -13,7 +13,8 @@ one gloo group, and has them measure together:
   p2p                a ping-pong between ranks 0 and 1 with 4-byte and 1 MiB messages: latency (half the median
                      round trip of the small message) and bandwidth (the large message's extra time)
   action             the pipeline executor's own time per action: a DualPipe step over all processes
-                     (schedules.compat, the executor the trainer runs) whose modules compute next to nothing; the
+                     (schedules.compat, the executor the trainer runs, with its weight-gradient split: W actions
+                     run the deferred closures) whose modules compute next to nothing; the
                      per-action time h for which schedules.simulate, with the measured p2p latency, gives the
                      step's measured time (`action_overhead`)
 """
@@ -81,27 +82,17 @@ def _worker(rank: int, world: int, store: str, out: str, chunks: int, shapes, ho
     res["allreduce_s"] = statistics.median(trips[5:])
     dist.barrier()
 
+    from parallel.exchanges import ping_pong_s
+
     for size in (SMALL, LARGE):                         # ranks 0 and 1 bounce a message; the others wait
-        buf = torch.zeros(size // 4)
-        if rank < 2:
-            peer, trips = 1 - rank, []
-            for i in range(PINGS + 10):
-                t0 = time.perf_counter()
-                if rank == 0:
-                    dist.send(buf, peer)
-                    dist.recv(buf, peer)
-                else:
-                    dist.recv(buf, peer)
-                    dist.send(buf, peer)
-                trips.append(time.perf_counter() - t0)
-            res[f"oneway_{size}"] = statistics.median(trips[10:]) / 2     # rank 0's round trips
-        dist.barrier()
+        res[f"oneway_{size}"] = ping_pong_s(torch.zeros(size // 4), rounds=PINGS, warmup=10)
 
     if world % 2 == 0:
         from schedules.compat import DualPipe, set_p2p_tensor_dtype, set_p2p_tensor_shapes
 
         torch.manual_seed(0)
-        pipe = DualPipe((nn.Linear(4, 4), nn.Linear(4, 4)))
+        # the split the trainer runs: W actions hand back the linears' deferred weight gradients
+        pipe = DualPipe((nn.Linear(4, 4), nn.Linear(4, 4)), weight_grad_split=True)
         set_p2p_tensor_shapes([(1, 4)])
         set_p2p_tensor_dtype(torch.float32)
         first, last = pipe.is_first_rank, pipe.is_last_rank

@@ -49,7 +49,7 @@ def setting_from_config(cfg) -> Setting:
                    comm_sms=int(cfg.parallel.comm.sm_budget))
 
 
-def configured_layout(cfg, planner: Planner | None = None) -> Layout | None:
+def configured_layout(cfg) -> Layout | None:
     """The layout cfg.parallel / cfg.train ask for on cluster.gpus devices, or None if it is not one."""
     p, t, gpus = cfg.parallel, cfg.train, cfg.cluster.gpus
     if gpus % p.pp:
