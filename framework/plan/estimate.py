@@ -254,6 +254,10 @@ class Planner:
         B = (lin_b + tokens * (c.attn_flops * attn_bwd_factor / attn_b + traffic_b * c.act_bytes / bw) + recompute
              + c.ops * host_b)
         W = lin_w + c.ops * host_w
+        if d.logit_s:   # log-softmax and the loss, measured per logit (exponentials, not only traffic)
+            F += tokens * c.logits * d.logit_s[0]
+            B += tokens * c.logits * d.logit_s[1]
+        W += c.zeroed * d.zero_s   # fresh weight-sized gradient buffers zeroed (the embedding's dense V x C)
         return F, B, W
 
     def host_per_op(self) -> tuple[float, float, float]:

@@ -122,6 +122,8 @@ def assumptions(dev) -> str:
                      f"{dev.runtime_bytes / GiB:.3g} GiB (a trainer process without its model, measured); "
                      + (f"model's own layers {' / '.join(f'{v * 1e6:.3g}' for v in dev.layer_op_s)} us per "
                         f"operator in F / B / W; " if dev.layer_op_s else "")
+                     + (f"log-softmax and loss {' / '.join(f'{v * 1e9:.3g}' for v in dev.logit_s)} ns per logit "
+                        f"in F / B, zeroing {dev.zero_s * 1e12:.3g} ps per value; " if dev.logit_s else "")
                      + f"{len(dev.gemm_table)} linear shapes timed (the others by the 1024^2 GEMM's rate); small "
                      f"all-reduce {dev.allreduce_s * 1e6:.3g} us")
     return "\n".join(lines)

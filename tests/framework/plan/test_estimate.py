@@ -342,3 +342,22 @@ def test_host_time_is_charged_per_operator_of_each_pass():
         for got, base, unit in zip(synthetic._compute(part, tokens, 1), ref, (5e-6, 6e-6, 2e-6)):
             assert got - base == pytest.approx(part.ops * unit, rel=1e-9)
     assert bare.parts((2, 2))[1].ops == 2 * (120 + 61) + 30 + 45 + 120 + 61   # two MoE blocks, head, MTP depth
+
+
+def test_head_logits_and_zeroed_buffers_are_charged_per_unit():
+    """With measured per-logit (F, B) seconds and per-value zeroing seconds, each part pays tokens x its logits
+    (V per head use: 2 x 4096 for the tiny model's head and MTP depth) and its zeroed values (the embedding's and
+    each depth's V x C) in W; a device without them (the GPUs) pays nothing more."""
+    cfg = compose_cfg("parallel=dualpipe", "cluster.gpus=2")
+    V, C = cfg.model.vocab_size, cfg.model.hidden_size
+    tokens = 4 * cfg.train.seq_len
+    bare = Planner(cfg.model, IDEAL, setting_from_config(cfg))
+    head = Planner(cfg.model, replace(IDEAL, logit_s=(2e-9, 3e-9), zero_s=5e-11), setting_from_config(cfg))
+    first, last = bare.parts((2, 2))
+    assert (first.logits, first.zeroed) == (0, V * C)
+    assert (last.logits, last.zeroed) == (2 * V, V * C)
+    for part in (first, last):
+        got, ref = head._compute(part, tokens, 1), bare._compute(part, tokens, 1)
+        assert [g - r for g, r in zip(got, ref)] == pytest.approx(
+            [tokens * part.logits * 2e-9, tokens * part.logits * 3e-9, part.zeroed * 5e-11], rel=1e-9)
+    assert (DEVICES["h800"].logit_s, DEVICES["h800"].zero_s) == ((), 0.0)
