@@ -31,7 +31,8 @@ from functools import lru_cache
 from typing import Optional
 
 from framework.plan.devices import Device
-from framework.plan.layers import LayerCost, block_cost, embedding_cost, gemm_rows, head_cost, is_moe_layer
+from framework.plan.layers import (LayerCost, block_cost, embedding_cost, gemm_rows, head_cost, is_moe_layer,
+                                   rank_gemm)
 
 GiB = 2.0**30
 
@@ -224,7 +225,8 @@ class Planner:
         if not self.dev.gemm_table:
             return tokens * rated, tokens * rated, tokens * rated
         f = b = w = tokens * rated
-        for (rows, k, n, kind), count in c.gemms:
+        for linear, count in c.gemms:
+            (rows, k, n, kind), count = rank_gemm(linear, count, ep)   # a routed expert: E/ep, ep x taller
             measured = self.dev.gemm_seconds(gemm_rows(rows, tokens), k, n)
             if measured is None:
                 continue

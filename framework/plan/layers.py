@@ -55,12 +55,24 @@ def gemm_rows(rows_per_token: float, tokens: float) -> int:
     return max(1, round(rows_per_token * tokens))
 
 
-def gemm_shapes(m, tokens: float) -> list[tuple[int, int, int]]:
+def rank_gemm(gemm: Gemm, count: int, ep: int) -> tuple[Gemm, float]:
+    """A linear as one rank of `ep` expert-parallel ranks runs it: a routed expert's GEMM is E/ep experts (of E)
+    each taking ep x K/E rows per token of the rank's micro-batch (the tokens of all ep ranks dispatched to it);
+    the same FLOPs, a taller shape. Every other linear is the rank's own."""
+    rows, k, n, kind = gemm
+    if kind != "expert" or ep <= 1:
+        return gemm, count
+    return (rows * ep, k, n, kind), count / ep
+
+
+def gemm_shapes(m, tokens: float, ep: int = 1) -> list[tuple[int, int, int]]:
     """The distinct (rows, in, out) linears of the model (its blocks, head and MTP depths) at `tokens` tokens per
-    micro-batch: what a device measures to price each GEMM at its own shape."""
+    micro-batch, as one of `ep` expert-parallel ranks runs them: what a device measures to price each GEMM at its
+    own shape."""
     pieces = [block_cost(m, is_moe_layer(m, i), 1, 4, False, False) for i in range(m.num_hidden_layers)]
     pieces.append(head_cost(m, 1, 4, False, False))
-    return sorted({(gemm_rows(rows, tokens), k, n) for c in pieces for (rows, k, n, _), _ in c.gemms})
+    return sorted({(gemm_rows(g[0], tokens), g[1], g[2]) for c in pieces for g, _ in
+                   (rank_gemm(g, n, ep) for g, n in c.gemms)})
 
 
 SMALL_TENSOR = 4096   # OptimizerStateManager's small_tensor_threshold: smaller tensors keep fp32 moments

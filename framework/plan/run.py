@@ -134,7 +134,8 @@ def make_plans(cfg, search: bool = True):
     c = cfg.cluster
     given = configured_layout(cfg)
     # a measured device times the configured layout's own linears; other micro-batch sizes fall back to its GEMM rate
-    shapes = gemm_shapes(cfg.model, given.micro_batch_size * cfg.train.seq_len) if given and c.gpu == "cpu" else ()
+    shapes = gemm_shapes(cfg.model, given.micro_batch_size * cfg.train.seq_len, given.ep) \
+        if given and c.gpu == "cpu" else ()
     # and the host time per operator of the model's own layers (framework/plan/host.py)
     host_model = OmegaConf.to_object(cfg.model) if c.gpu == "cpu" else None
     dev = get_device(c.gpu, c.memory_gb, c.gpus_per_node, processes=c.gpus, wandb_mode=cfg.logging.wandb.mode,

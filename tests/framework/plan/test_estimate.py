@@ -361,3 +361,29 @@ def test_head_logits_and_zeroed_buffers_are_charged_per_unit():
         assert [g - r for g, r in zip(got, ref)] == pytest.approx(
             [tokens * part.logits * 2e-9, tokens * part.logits * 3e-9, part.zeroed * 5e-11], rel=1e-9)
     assert (DEVICES["h800"].logit_s, DEVICES["h800"].zero_s) == ((), 0.0)
+
+
+def test_expert_gemms_are_priced_at_the_expert_parallel_rank_shape():
+    """With ep expert-parallel ranks a rank runs E/ep routed experts of ep x K/E rows per token each (the tokens of
+    every ep rank dispatched to it): the measured shape it is priced at is that one, counted E/ep times, and
+    gemm_shapes lists it for the probe. The FLOPs are the same, so by rate nothing changes."""
+    from framework.plan.layers import gemm_shapes
+
+    cfg = compose_cfg("parallel=dualpipe", "cluster.gpus=2")
+    m = cfg.model
+    E, K, C, Im = m.n_routed_experts, m.num_experts_per_tok, m.hidden_size, m.moe_intermediate_size
+    tokens, ep = 4 * cfg.train.seq_len, 2
+    rows = round(ep * K / E * tokens)                                  # 2 x 2/8 x 512 = 256 rows per expert
+    assert (rows, C, 2 * Im) in gemm_shapes(m, tokens, ep) and (rows, C, 2 * Im) not in gemm_shapes(m, tokens)
+    assert (round(K / E * tokens), C, 2 * Im) in gemm_shapes(m, tokens)
+    setting = replace(setting_from_config(cfg), expert_imbalance=0.0)
+    plain = Planner(m, IDEAL, setting)
+    fwd, dgrad, wgrad = 1e-3, 2e-3, 3e-3
+    shaped = Planner(m, replace(IDEAL, gemm_table=(((rows, C, 2 * Im), fwd, dgrad, wgrad),)), setting)
+    block = plain.moe_block
+    by_rate = 2.0 * rows * C * 2 * Im / (IDEAL.bf16_flops * IDEAL.eff.gemm_bf16)
+    for got, ref, measured in zip(shaped._compute(block, tokens, ep), plain._compute(block, tokens, ep),
+                                  (fwd, dgrad, wgrad)):
+        assert got - ref == pytest.approx(E / ep * (measured - by_rate), rel=1e-9)
+    assert shaped._compute(block, tokens, 1) == plain._compute(block, tokens, 1)   # ep=1: that shape never runs
+    assert plain._compute(block, tokens, ep) == pytest.approx(plain._compute(block, tokens, 1), rel=1e-12)
