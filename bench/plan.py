@@ -432,14 +432,16 @@ def parts_table(reps: int = 20) -> str:
     torch.set_num_threads(1)
     dev = devices.measure_cpu(1, runtime_bytes=0.0, shapes=gemm_shapes(cfg.model, tokens),
                               host_model=OmegaConf.to_object(cfg.model))
-    plans = {"with the model's own layers' host time": Planner(cfg.model, dev, setting_from_config(cfg)),
-             "before: the synthetic operator's host time": Planner(cfg.model, replace(dev, layer_op_s=()),
-                                                                   setting_from_config(cfg))}
+    plans = {"with the head's per-logit and zeroing terms": Planner(cfg.model, dev, setting_from_config(cfg)),
+             "before: without them": Planner(cfg.model, replace(dev, logit_s=(), zero_s=0.0),
+                                             setting_from_config(cfg))}
     lay = configured_layout(cfg)
     lines = [f"load (1 min) {os.getloadavg()[0]:.1f}; one process, one thread; {tokens} tokens per micro-batch; "
              f"medians of {reps} calls; probe: GEMM {dev.bf16_flops / 1e9:.1f} GFLOP/s, memory "
              f"{dev.hbm_bytes_s / 1e9:.1f} GB/s, {dev.op_overhead_s * 1e6:.2f} us / synthetic operator, model's "
-             f"layers {' / '.join(f'{v * 1e6:.2f}' for v in dev.layer_op_s)} us / operator in F / B / W", "",
+             f"layers {' / '.join(f'{v * 1e6:.2f}' for v in dev.layer_op_s)} us / operator in F / B / W, "
+             f"log-softmax and loss {' / '.join(f'{v * 1e9:.2f}' for v in dev.logit_s)} ns / logit in F / B, "
+             f"zeroing {dev.zero_s * 1e12:.0f} ps / value", "",
              "| piece (ms) | F measured | plan now | plan before | B measured | plan now | plan before | W measured "
              "| plan now | plan before | full backward measured | plan now (B + W) | F, B, W at 8 tokens measured |",
              "|---|" + "---|" * 12]
@@ -459,7 +461,7 @@ def parts_table(reps: int = 20) -> str:
         row += [f"{measured[(name, 'BW')] * 1e3:.2f}", f"{(costs[0][1] + costs[0][2]) * 1e3:.2f}",
                 " / ".join(f"{measured[(name, k + ' small')] * 1e3:.2f}" for k in "FBW")]
         lines.append("| " + " | ".join(row) + " |")
-    now = plans["with the model's own layers' host time"]
+    now = plans["with the head's per-logit and zeroing terms"]
     p0, p1 = (now._compute(c, tokens, 1) for c in now.parts(lay.layers_per_part))
     lines += ["", f"F&BW pair (F of part 1 with the full backward of part 0, the parts' overlapped_forward_backward "
                   f"hook): measured {measured[('F&BW', '')] * 1e3:.2f} ms; the same pieces run apart "

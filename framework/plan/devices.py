@@ -76,6 +76,9 @@ class Device:
                                       # at the run's own shapes (cpu); spec-sheet devices price GEMMs by FLOPs
     layer_op_s: tuple = ()            # (F, B, W) host seconds per forward operator of the model's own layers
                                       # (cpu: measured, framework/plan/host.py); () = op_overhead_s x (1, 1.2, 0.4)
+    logit_s: tuple = ()               # (F, B) seconds per logit of log-softmax and the loss (cpu: measured; its
+                                      # exponentials cost ~2x what its memory traffic prices them at)
+    zero_s: float = 0.0               # seconds per value of a fresh weight-sized buffer zeroed (cpu: measured)
     eff: Efficiencies = field(default_factory=Efficiencies)
     measured: bool = False
 
@@ -159,14 +162,16 @@ def compute_speeds(seconds_per_call, between=lambda: None, shapes=(), rounds: in
     gemm = [2 * n**3 / t for t in samples["gemm"]]
     table = tuple((shape, *(statistics.median(t[i] for t in samples[shape]) for i in range(3)))
                   for shape, *_ in linears)
-    layer_op_s = ()
+    layer_op_s, head = (), {}
     if host_model is not None:
-        from framework.plan.host import layer_operator_seconds
+        from framework.plan.host import head_seconds, layer_operator_seconds
         layer_op_s = layer_operator_seconds(host_model, between, rounds) or ()
+        head = head_seconds(host_model, seconds_per_call, between, rounds)
     return dict(flops=statistics.median(gemm), flops_spread=(max(gemm) - min(gemm)) / statistics.median(gemm),
                 hbm=3 * x.numel() * 4 / statistics.median(samples["hbm"]),
                 op_s=statistics.median(samples["op"]) / 101,          # 50 forward + 50 backward nodes + the sum
-                gemm_table=table, layer_op_s=tuple(layer_op_s))
+                gemm_table=table, layer_op_s=tuple(layer_op_s), logit_s=head.get("logit_s", ()),
+                zero_s=head.get("zero_s", 0.0))
 
 
 def _rate(fn, seconds: float = 0.25) -> float:
@@ -239,7 +244,8 @@ def measure_cpu(processes: int = 1, memory_bytes: float | None = None, runtime_b
                       nvlink_bytes_s=m["p2p_bytes_s"], ib_bytes_s=m["p2p_bytes_s"],
                       link_latency_s=m["p2p_latency_s"], sms=0, gpus_per_node=1 << 30, fused_kernels=False,
                       op_overhead_s=m["op_s"], action_overhead_s=m["action_s"], allreduce_s=m["allreduce_s"],
-                      gemm_table=m["gemm_table"], layer_op_s=m["layer_op_s"], runtime_bytes=trainer_runtime_bytes(wandb_mode) if runtime_bytes is None else runtime_bytes,
+                      gemm_table=m["gemm_table"], layer_op_s=m["layer_op_s"], logit_s=m["logit_s"], zero_s=m["zero_s"],
+                      runtime_bytes=trainer_runtime_bytes(wandb_mode) if runtime_bytes is None else runtime_bytes,
                       eff=_MEASURED, measured=True)
     threads = torch.get_num_threads()
     if processes > 1:
@@ -259,6 +265,7 @@ def _measure_cpu(processes: int, memory_bytes: float | None, runtime_bytes: floa
     return Device("cpu", bf16_flops=flops, fp8_flops=None, hbm_bytes_s=hbm, memory_bytes=memory_bytes,
                   nvlink_bytes_s=hbm / 2, ib_bytes_s=hbm / 2, link_latency_s=50e-6, sms=0, gpus_per_node=1 << 30,
                   fused_kernels=False, op_overhead_s=op_s, gemm_table=m["gemm_table"], layer_op_s=m["layer_op_s"],
+                  logit_s=m["logit_s"], zero_s=m["zero_s"],
                   runtime_bytes=trainer_runtime_bytes(wandb_mode) if runtime_bytes is None else runtime_bytes,
                   eff=_MEASURED, measured=True)
 

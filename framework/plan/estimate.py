@@ -31,7 +31,8 @@ from functools import lru_cache
 from typing import Optional
 
 from framework.plan.devices import Device
-from framework.plan.layers import LayerCost, block_cost, embedding_cost, gemm_rows, head_cost, is_moe_layer
+from framework.plan.layers import (LayerCost, block_cost, embedding_cost, gemm_rows, head_cost, is_moe_layer,
+                                   rank_gemm)
 
 GiB = 2.0**30
 
@@ -224,7 +225,8 @@ class Planner:
         if not self.dev.gemm_table:
             return tokens * rated, tokens * rated, tokens * rated
         f = b = w = tokens * rated
-        for (rows, k, n, kind), count in c.gemms:
+        for linear, count in c.gemms:
+            (rows, k, n, kind), count = rank_gemm(linear, count, ep)   # a routed expert: E/ep, ep x taller
             measured = self.dev.gemm_seconds(gemm_rows(rows, tokens), k, n)
             if measured is None:
                 continue
@@ -254,6 +256,10 @@ class Planner:
         B = (lin_b + tokens * (c.attn_flops * attn_bwd_factor / attn_b + traffic_b * c.act_bytes / bw) + recompute
              + c.ops * host_b)
         W = lin_w + c.ops * host_w
+        if d.logit_s:   # log-softmax and the loss, measured per logit (exponentials, not only traffic)
+            F += tokens * c.logits * d.logit_s[0]
+            B += tokens * c.logits * d.logit_s[1]
+        W += c.zeroed * d.zero_s   # fresh weight-sized gradient buffers zeroed (the embedding's dense V x C)
         return F, B, W
 
     def host_per_op(self) -> tuple[float, float, float]:

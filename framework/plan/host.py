@@ -102,3 +102,40 @@ def layer_operator_seconds(model_cfg, between=lambda: None, rounds: int = 5):
             samples[name] += [_passes(model, forward) for _ in range(CALLS)][1:]
     times = {k: tuple(statistics.median(s[i] for s in v) for i in range(3)) for k, v in samples.items()}
     return per_operator(times, {k: ops for k, (_, ops) in pieces.items()})
+
+
+LOGIT_ROWS = 512                # tokens of the probe's log-softmax: make train's micro-batch (4 x 128)
+
+
+def head_seconds(model_cfg, seconds_per_call, between=lambda: None, rounds: int = 5) -> dict:
+    """What the head spends beyond its GEMMs and per-operator time, per unit: `logit_s`, the (F, B) seconds per
+    logit of log-softmax and the loss over [LOGIT_ROWS, V] (the exponentials make it ~2x its traffic price), and
+    `zero_s`, the seconds per value of a fresh V x C buffer zeroed (an embedding's dense weight gradient: the
+    pages are new each call). Medians over `rounds` rounds that `between()` lines up; {} for a model too large."""
+    import torch
+    import torch.nn.functional as F
+
+    from framework.plan.layers import model_parameters
+
+    if model_parameters(model_cfg, include_mtp=True) > MAX_PARAMS:
+        return {}
+    V, C = model_cfg.vocab_size, model_cfg.hidden_size
+    logits = torch.randn(LOGIT_ROWS, V, requires_grad=True)
+    labels = torch.randint(0, V, (LOGIT_ROWS,))
+
+    def forward():
+        return F.cross_entropy(logits, labels)
+
+    def backward():
+        logits.grad = None
+        forward().backward()
+
+    f, fb, z = [], [], []
+    for _ in range(rounds):
+        between()
+        f.append(seconds_per_call(forward, 0.02))
+        fb.append(seconds_per_call(backward, 0.03))
+        z.append(seconds_per_call(lambda: torch.zeros(V, C), 0.01))
+    n = LOGIT_ROWS * V
+    fwd = statistics.median(f)
+    return {"logit_s": (fwd / n, max(statistics.median(fb) - fwd, 0.0) / n), "zero_s": statistics.median(z) / (V * C)}

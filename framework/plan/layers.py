@@ -55,12 +55,24 @@ def gemm_rows(rows_per_token: float, tokens: float) -> int:
     return max(1, round(rows_per_token * tokens))
 
 
-def gemm_shapes(m, tokens: float) -> list[tuple[int, int, int]]:
+def rank_gemm(gemm: Gemm, count: int, ep: int) -> tuple[Gemm, float]:
+    """A linear as one rank of `ep` expert-parallel ranks runs it: a routed expert's GEMM is E/ep experts (of E)
+    each taking ep x K/E rows per token of the rank's micro-batch (the tokens of all ep ranks dispatched to it);
+    the same FLOPs, a taller shape. Every other linear is the rank's own."""
+    rows, k, n, kind = gemm
+    if kind != "expert" or ep <= 1:
+        return gemm, count
+    return (rows * ep, k, n, kind), count / ep
+
+
+def gemm_shapes(m, tokens: float, ep: int = 1) -> list[tuple[int, int, int]]:
     """The distinct (rows, in, out) linears of the model (its blocks, head and MTP depths) at `tokens` tokens per
-    micro-batch: what a device measures to price each GEMM at its own shape."""
+    micro-batch, as one of `ep` expert-parallel ranks runs them: what a device measures to price each GEMM at its
+    own shape."""
     pieces = [block_cost(m, is_moe_layer(m, i), 1, 4, False, False) for i in range(m.num_hidden_layers)]
     pieces.append(head_cost(m, 1, 4, False, False))
-    return sorted({(gemm_rows(rows, tokens), k, n) for c in pieces for (rows, k, n, _), _ in c.gemms})
+    return sorted({(gemm_rows(g[0], tokens), g[1], g[2]) for c in pieces for g, _ in
+                   (rank_gemm(g, n, ep) for g, n in c.gemms)})
 
 
 SMALL_TENSOR = 4096   # OptimizerStateManager's small_tensor_threshold: smaller tensors keep fp32 moments
@@ -95,6 +107,8 @@ class LayerCost:
     expert_flops: float = 0.0  # of gemm_flops: the routed experts' (they run where the tokens were dispatched)
     shared_flops: float = 0.0  # of gemm_flops: the shared experts' (MoE blocks)
     gemms: tuple = ()          # ((rows per token, in, out, kind), count) of every linear: their FLOPs are the above
+    logits: int = 0            # logits per token that go through log-softmax and the loss (V per output-head use)
+    zeroed: int = 0            # values per call of weight-sized buffers zeroed outside the weights' own gradients
 
     def __add__(self, other: "LayerCost") -> "LayerCost":
         return LayerCost(self.params + other.params, self.expert_params + other.expert_params,
@@ -105,7 +119,8 @@ class LayerCost:
                          self.fp32_params + other.fp32_params, self.blocks + other.blocks,
                          self.moe_blocks + other.moe_blocks, self.up_proj_flops + other.up_proj_flops,
                          self.expert_flops + other.expert_flops, self.shared_flops + other.shared_flops,
-                         merge_gemms(self.gemms, other.gemms))
+                         merge_gemms(self.gemms, other.gemms), self.logits + other.logits,
+                         self.zeroed + other.zeroed)
 
 
 def is_moe_layer(m, i: int) -> bool:
@@ -199,7 +214,9 @@ def block_cost(m, moe: bool, seq_len: int, dtype_bytes: int, fused: bool, fp8: b
 
 
 def embedding_cost(m) -> LayerCost:
-    return LayerCost(params=m.vocab_size * m.hidden_size, act_bytes=0.0, ops=2, tensors=1)
+    # its backward builds the weight's gradient as a dense V x C buffer, zeroed, then adds the looked-up rows
+    return LayerCost(params=m.vocab_size * m.hidden_size, act_bytes=0.0, ops=2, tensors=1,
+                     zeroed=m.vocab_size * m.hidden_size)
 
 
 def head_cost(m, seq_len: int, dtype_bytes: int, fused: bool, fp8: bool, tied: bool = False) -> LayerCost:
@@ -208,13 +225,14 @@ def head_cost(m, seq_len: int, dtype_bytes: int, fused: bool, fp8: bool, tied: b
     a = dtype_bytes
     head_act = (2 * C + 4 + 2 * C) if fused else (a * (3 * C + 1) + 4 * V)   # norm in, rstd, head in | + log-probs
     out = LayerCost(params=C + (0 if tied else V * C), bf16_flops=2.0 * V * C, act_bytes=head_act, ops=30,
-                    tensors=2 - int(tied), small_params=_small(C), gemms=(((1, C, V, "high"), 1),))
+                    tensors=2 - int(tied), small_params=_small(C), gemms=(((1, C, V, "high"), 1),), logits=V)
     for _ in range(D):
         proj = LayerCost(params=2 * C + 2 * C * C + C, bf16_flops=2.0 * (2 * C * C) + 2.0 * V * C,
                          act_bytes=(2 * 2 * C + 8 + 2 * 2 * C + head_act) if fused
                          else a * (3 * C + 2 * C + 2) + head_act, ops=45, tensors=4,
                          small_params=_small(C, C, C),
-                         gemms=(((1, 2 * C, C, "high"), 1), ((1, C, V, "high"), 1)))
+                         gemms=(((1, 2 * C, C, "high"), 1), ((1, C, V, "high"), 1)), logits=V,
+                         zeroed=V * C)   # the depth looks up the shared embedding: another dense V x C gradient
         out = out + proj + block_cost(m, True, seq_len, dtype_bytes, fused, fp8)
     return out
 

@@ -131,7 +131,10 @@ def measure(processes: int, chunks: int = 4, shapes=(), host_model=None) -> dict
            "gemm_table": tuple((tuple(entry[0]), *(max(r["gemm_table"][i][j] for r in ranks) for j in (1, 2, 3)))
                                for i, entry in enumerate(ranks[0]["gemm_table"])),
            "layer_op_s": tuple(max(r["layer_op_s"][j] for r in ranks) for j in range(3))
-           if all(r["layer_op_s"] for r in ranks) else ()}
+           if all(r["layer_op_s"] for r in ranks) else (),
+           "logit_s": tuple(max(r["logit_s"][j] for r in ranks) for j in range(2))
+           if all(r["logit_s"] for r in ranks) else (),
+           "zero_s": max(r["zero_s"] for r in ranks)}
     if processes % 2 == 0:
         step = max(r["pipeline_step_s"] for r in ranks)
         out["pipeline_step_s"] = step

@@ -122,6 +122,8 @@ def assumptions(dev) -> str:
                      f"{dev.runtime_bytes / GiB:.3g} GiB (a trainer process without its model, measured); "
                      + (f"model's own layers {' / '.join(f'{v * 1e6:.3g}' for v in dev.layer_op_s)} us per "
                         f"operator in F / B / W; " if dev.layer_op_s else "")
+                     + (f"log-softmax and loss {' / '.join(f'{v * 1e9:.3g}' for v in dev.logit_s)} ns per logit "
+                        f"in F / B, zeroing {dev.zero_s * 1e12:.3g} ps per value; " if dev.logit_s else "")
                      + f"{len(dev.gemm_table)} linear shapes timed (the others by the 1024^2 GEMM's rate); small "
                      f"all-reduce {dev.allreduce_s * 1e6:.3g} us")
     return "\n".join(lines)
@@ -132,7 +134,8 @@ def make_plans(cfg, search: bool = True):
     c = cfg.cluster
     given = configured_layout(cfg)
     # a measured device times the configured layout's own linears; other micro-batch sizes fall back to its GEMM rate
-    shapes = gemm_shapes(cfg.model, given.micro_batch_size * cfg.train.seq_len) if given and c.gpu == "cpu" else ()
+    shapes = gemm_shapes(cfg.model, given.micro_batch_size * cfg.train.seq_len, given.ep) \
+        if given and c.gpu == "cpu" else ()
     # and the host time per operator of the model's own layers (framework/plan/host.py)
     host_model = OmegaConf.to_object(cfg.model) if c.gpu == "cpu" else None
     dev = get_device(c.gpu, c.memory_gb, c.gpus_per_node, processes=c.gpus, wandb_mode=cfg.logging.wandb.mode,

@@ -342,3 +342,48 @@ def test_host_time_is_charged_per_operator_of_each_pass():
         for got, base, unit in zip(synthetic._compute(part, tokens, 1), ref, (5e-6, 6e-6, 2e-6)):
             assert got - base == pytest.approx(part.ops * unit, rel=1e-9)
     assert bare.parts((2, 2))[1].ops == 2 * (120 + 61) + 30 + 45 + 120 + 61   # two MoE blocks, head, MTP depth
+
+
+def test_head_logits_and_zeroed_buffers_are_charged_per_unit():
+    """With measured per-logit (F, B) seconds and per-value zeroing seconds, each part pays tokens x its logits
+    (V per head use: 2 x 4096 for the tiny model's head and MTP depth) and its zeroed values (the embedding's and
+    each depth's V x C) in W; a device without them (the GPUs) pays nothing more."""
+    cfg = compose_cfg("parallel=dualpipe", "cluster.gpus=2")
+    V, C = cfg.model.vocab_size, cfg.model.hidden_size
+    tokens = 4 * cfg.train.seq_len
+    bare = Planner(cfg.model, IDEAL, setting_from_config(cfg))
+    head = Planner(cfg.model, replace(IDEAL, logit_s=(2e-9, 3e-9), zero_s=5e-11), setting_from_config(cfg))
+    first, last = bare.parts((2, 2))
+    assert (first.logits, first.zeroed) == (0, V * C)
+    assert (last.logits, last.zeroed) == (2 * V, V * C)
+    for part in (first, last):
+        got, ref = head._compute(part, tokens, 1), bare._compute(part, tokens, 1)
+        assert [g - r for g, r in zip(got, ref)] == pytest.approx(
+            [tokens * part.logits * 2e-9, tokens * part.logits * 3e-9, part.zeroed * 5e-11], rel=1e-9)
+    assert (DEVICES["h800"].logit_s, DEVICES["h800"].zero_s) == ((), 0.0)
+
+
+def test_expert_gemms_are_priced_at_the_expert_parallel_rank_shape():
+    """With ep expert-parallel ranks a rank runs E/ep routed experts of ep x K/E rows per token each (the tokens of
+    every ep rank dispatched to it): the measured shape it is priced at is that one, counted E/ep times, and
+    gemm_shapes lists it for the probe. The FLOPs are the same, so by rate nothing changes."""
+    from framework.plan.layers import gemm_shapes
+
+    cfg = compose_cfg("parallel=dualpipe", "cluster.gpus=2")
+    m = cfg.model
+    E, K, C, Im = m.n_routed_experts, m.num_experts_per_tok, m.hidden_size, m.moe_intermediate_size
+    tokens, ep = 4 * cfg.train.seq_len, 2
+    rows = round(ep * K / E * tokens)                                  # 2 x 2/8 x 512 = 256 rows per expert
+    assert (rows, C, 2 * Im) in gemm_shapes(m, tokens, ep) and (rows, C, 2 * Im) not in gemm_shapes(m, tokens)
+    assert (round(K / E * tokens), C, 2 * Im) in gemm_shapes(m, tokens)
+    setting = replace(setting_from_config(cfg), expert_imbalance=0.0)
+    plain = Planner(m, IDEAL, setting)
+    fwd, dgrad, wgrad = 1e-3, 2e-3, 3e-3
+    shaped = Planner(m, replace(IDEAL, gemm_table=(((rows, C, 2 * Im), fwd, dgrad, wgrad),)), setting)
+    block = plain.moe_block
+    by_rate = 2.0 * rows * C * 2 * Im / (IDEAL.bf16_flops * IDEAL.eff.gemm_bf16)
+    for got, ref, measured in zip(shaped._compute(block, tokens, ep), plain._compute(block, tokens, ep),
+                                  (fwd, dgrad, wgrad)):
+        assert got - ref == pytest.approx(E / ep * (measured - by_rate), rel=1e-9)
+    assert shaped._compute(block, tokens, 1) == plain._compute(block, tokens, 1)   # ep=1: that shape never runs
+    assert plain._compute(block, tokens, ep) == pytest.approx(plain._compute(block, tokens, 1), rel=1e-12)
