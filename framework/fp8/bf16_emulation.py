@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from framework.weight_grad import weight_grads
+from .linear import expert_segments
 
 
 def _bf16(t: torch.Tensor) -> torch.Tensor:
@@ -54,16 +55,6 @@ class Bf16EmulatedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return Bf16EmulatedLinearFunction.apply(x, self.weight, self.bias)
-
-
-def _segments(counts, total):
-    counts = counts.tolist() if torch.is_tensor(counts) else [int(c) for c in counts]
-    if any(c < 0 for c in counts) or sum(counts) != total:
-        raise ValueError(f"counts must be >= 0 and sum to the {total} rows of x, got {counts}")
-    starts = [0]
-    for c in counts[:-1]:
-        starts.append(starts[-1] + c)
-    return tuple(zip(starts, counts))
 
 
 class Bf16GroupedFunction(torch.autograd.Function):
@@ -112,7 +103,7 @@ def bf16_grouped(x: torch.Tensor, counts, weights: torch.Tensor) -> torch.Tensor
     if x.dim() != 2 or weights.dim() != 3 or weights.shape[2] != x.shape[1]:
         raise ValueError(f"x must be [T, K] and weights [E, N, K] with the same K, got x {tuple(x.shape)} and "
                          f"weights {tuple(weights.shape)}")
-    segments = _segments(counts, x.shape[0])
+    segments = tuple(expert_segments(counts, x.shape[0]))
     if len(segments) != weights.shape[0]:
         raise ValueError(f"counts has {len(segments)} experts but weights has {weights.shape[0]}")
     return Bf16GroupedFunction.apply(x, weights, segments)

@@ -365,7 +365,9 @@ def collect_fp8_stats(model, reset=True):
 # MoE experts
 
 
-def _segments(counts, total):
+def expert_segments(counts, total: int) -> list[tuple[int, int]]:
+    """(start, count) of each expert's rows in an expert-sorted [total, K] input, from per-expert counts (a 1-D
+    integer tensor or a list of ints); one-line ValueError when they are not that or do not sum to total."""
     if isinstance(counts, torch.Tensor):
         if counts.dim() != 1 or counts.is_floating_point():
             raise ValueError(f"counts must be a 1-D integer tensor or list of ints, got {counts.dtype} "
@@ -373,7 +375,7 @@ def _segments(counts, total):
         counts = counts.tolist()  # host ints are needed to slice the segments (one sync on GPU)
     counts = [int(c) for c in counts]
     if any(c < 0 for c in counts) or sum(counts) != total:
-        raise ValueError(f"counts must be >= 0 and sum to the {total} rows of x_sorted, got {counts}")
+        raise ValueError(f"counts must be >= 0 and sum to the {total} rows of the input, got {counts}")
     starts = [0]
     for c in counts[:-1]:
         starts.append(starts[-1] + c)
@@ -442,7 +444,7 @@ def fp8_grouped_linear(x_sorted, counts, weights, backend="auto", pow2=False, st
         raise ValueError(f"x_sorted must be 2-D [tokens, K], got shape {tuple(x_sorted.shape)}")
     if weights.dim() != 3 or weights.shape[2] != x_sorted.shape[1]:
         raise ValueError(f"weights must be [E, N, {x_sorted.shape[1]}], got shape {tuple(weights.shape)}")
-    segments = _segments(counts, x_sorted.shape[0])
+    segments = expert_segments(counts, x_sorted.shape[0])
     if len(segments) != weights.shape[0]:
         raise ValueError(f"counts has {len(segments)} experts but weights has {weights.shape[0]}")
     backend = resolve_backend(backend, x_sorted.device)

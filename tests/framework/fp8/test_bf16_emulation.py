@@ -64,8 +64,10 @@ def test_conversion_keeps_parameters_and_bad_input_is_refused():
     assert convert_to_bf16_emulation(model, exclude=["1"]) == ["0"]
     assert type(model[0]) is Bf16EmulatedLinear and type(model[1]) is nn.Linear
     assert [p for p in model.parameters()] == params and list(model.state_dict()) == keys
-    with pytest.raises(ValueError, match="counts"):
+    with pytest.raises(ValueError, match="sum to the 5 rows"):
         bf16_grouped(torch.randn(5, 8), [2, 2], torch.randn(2, 4, 8))
+    with pytest.raises(ValueError, match="1-D integer tensor"):   # the same check as the FP8 experts'
+        bf16_grouped(torch.randn(5, 8), torch.tensor([2.0, 3.0]), torch.randn(2, 4, 8))
     with pytest.raises(ValueError, match="experts"):
         bf16_grouped(torch.randn(5, 8), [2, 3, 0], torch.randn(2, 4, 8))
     with pytest.raises(ValueError, match="weights"):
