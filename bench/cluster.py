@@ -1,11 +1,18 @@
-"""An emulated cluster: the real executor and real gloo p2p at PP 4-16 on 2 cores, stages that only sleep.
+"""An emulated cluster: the real executor and real gloo p2p at PP 4-16 on 2 cores, stages that only take time.
 
-Each rank is its own process (gloo, one thread). A stage's F, B and W take a fixed wall time without occupying a
-core: they sleep inside a custom autograd function, so the executor runs the schedule exactly as it would with a
+Each rank is its own process (gloo, one thread). A stage's F, B and W take a fixed time on an emulated device without
+occupying a core, inside a custom autograd function, so the executor runs the schedule exactly as it would with a
 model - F through autograd, B computing the input gradient and leaving its weight-gradient closure in
 WeightGradStore (weight_grad.py), W running that closure, BW running both. An F&B action goes through the stage's
-`overlapped_forward_backward` hook, which runs the forward and the backward with their own sleeps off and sleeps
-once for the pair (F&B - W, plus W when the pair's backward is full), as a stage that overlaps them would.
+`overlapped_forward_backward` hook, which runs the forward and the backward with their own costs off and takes the
+pair's once (F&B - W, plus W when the pair's backward is full), as a stage that overlaps them would.
+
+Two devices (`Device`):
+  sync   the host sleeps each cost: the executor's own work and the computations take turns, as on a CPU
+  async  a stream, as a GPU runs one: the host launches and runs ahead (a bounded launch queue); a computation starts
+         once launched, once the stream is free and once its input is there - the end of the action before the SEND
+         that carried it, stamped into the tensor, plus the link - and lasts exactly its cost. The executor's own
+         work overlaps the computations and shows only where a stream ran dry waiting for its host.
 
 Two sets of costs:
   table  V3 Table 2's example: F = 1, B (full backward) = 2, W = 1, F&B = 2.5 units of --unit-ms
@@ -14,14 +21,17 @@ Two sets of costs:
 
 Bubble means what schedules/simulate.py means: on every rank, the step's makespan (first computation's start to
 the last computation's end over ALL ranks) minus the time this rank spent in computations. The measured bubble
-is the same quantity over the executor's traced computation spans. simulate() is fed, from the same run, the mean
-duration of each kind of action (sleep overshoot and the autograd work inside an action are in it; means, not
-medians, since delays add up along the critical path) and the mean p2p latency as simulate() defines it (from the
-end of the computation a SEND follows to the end of the receiver's wait). What simulate() has no notion of - the
-executor's work between actions - is measured per action, and a second simulation charges it to every action.
+is the same quantity over the computations' spans (sync: the executor's traced actions; async: the device's).
+On the sync device simulate() is fed, from the same run, the mean duration of each kind of action (sleep overshoot
+and the autograd work inside an action are in it; means, not medians, since delays add up along the critical path)
+and the mean p2p latency as simulate() defines it (from the end of the computation a SEND follows to the end of the
+receiver's wait); the executor's work between actions is measured per action, and a second simulation charges it to
+every action. On the async device simulate() gets the nominal costs and the link: what the device would do if no
+host were ever late, which the measurement can only exceed.
 
     python -m bench.cluster [--pp 4 8 16] [--schedules dualpipe dualpipev zb1p 1f1b] [--costs table tiny]
-                            [--unit-ms 10] [--chunks-per-pp 2] [--steps 3] [--warmup 1] [--nice 0]
+                            [--device sync async] [--unit-ms 10] [--queue 2] [--link-us US]
+                            [--chunks-per-pp 2] [--steps 3] [--warmup 1] [--nice 0]
 """
 from __future__ import annotations
 
@@ -39,11 +49,17 @@ from datetime import timedelta
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+
+from schedules.executor import PipelineExecutor
 
 SCHEDULES = ("dualpipe", "dualpipev", "zb1p", "1f1b")
 COST_SETS = ("table", "tiny")
-WIDTH = 16            # elements of the activation each stage hands on: small, so the wire time is gloo's latency
+DEVICES = ("sync", "async")
+WIDTH = 16            # elements of the activation each stage computes on: small, so the wire time is gloo's latency
+STAMP = WIDTH         # two more elements ride along: when the device that produced the tensor finishes it, and
+SOURCE = WIDTH + 1    # on which rank (rank + 1; 0 = not produced on a device: inputs, the loss's gradient)
 
 
 # ---------------------------------------------------------------- the sleeping stage
@@ -72,35 +88,108 @@ class StageCosts:
         return Costs(F=self.F, B=self.B, W=self.W, FB=self.FB, p2p=p2p_us)
 
 
-class SleepLog:
-    """What this process slept: (kind, nominal us, start, end), times from time.time() (comparable across ranks)."""
-    entries: list = []
-    _pair = threading.local()
+class Device:
+    """The emulated accelerator of this process, in one of two modes.
+
+    sync   the host sleeps each computation's cost: host work and computation take turns, as when a CPU computes.
+    async  a stream, as a GPU runs one: the host launches a computation and goes on; the computation starts when
+           the host has launched it, the stream's previous one has ended and its input is there (the producing
+           device's end, stamped in the tensor, plus `link` if it came from another rank), and lasts exactly its
+           cost. The host sleeps only when `depth` launched computations have not ended (a launch queue, so the
+           host runs at most that far ahead) and at the end of the step (synchronize). Its own work overlaps the
+           computations; it costs time only when the stream ran dry waiting for a launch (`late`).
+
+    log: (kind, nominal us, start, end, launched, late) per computation, time.time() seconds (one clock for all
+    processes of a machine: the emulated cluster runs on one). host_sleeps: (start, end) of the host's sleeps."""
+    mode, depth, link_s, rank = "sync", 2, 0.0, 0
+    log: list = []
+    host_sleeps: list = []
+    _busy = 0.0
+    _pending: list = []
+    _pair_end: Optional[float] = None      # inside an F&B pair: its halves neither sleep nor launch
 
     @classmethod
-    def sleep(cls, kind: str, us: int) -> None:
-        if getattr(cls._pair, "on", False) and kind in ("F", "B"):
-            return                                   # inside an F&B pair: the pair sleeps once for both halves
-        t = time.time()
-        time.sleep(us / 1e6)
-        cls.entries.append((kind, us, t, time.time()))
+    def configure(cls, mode: str, depth: int = 2, link_us: float = 0.0, rank: int = 0) -> None:
+        if mode not in DEVICES:
+            raise ValueError(f"device mode {mode!r}: allowed {', '.join(DEVICES)}")
+        cls.mode, cls.depth, cls.link_s, cls.rank = mode, depth, link_us / 1e6, rank
 
     @classmethod
-    def take(cls) -> list:
-        out, cls.entries = cls.entries, []
+    def begin(cls) -> None:
+        cls._busy, cls._pending = time.time(), []
+
+    @classmethod
+    def _sleep_until(cls, t: float) -> None:
+        now = time.time()
+        if t > now:
+            time.sleep(t - now)
+            cls.host_sleeps.append((now, time.time()))
+
+    @classmethod
+    def ready(cls, t: Optional[torch.Tensor]) -> float:
+        """When tensor t's producer finished, plus the link if another rank produced it (0: no device did)."""
+        if t is None or int(t[0, SOURCE]) == 0:
+            return 0.0
+        return float(t[0, STAMP]) + (cls.link_s if int(t[0, SOURCE]) != cls.rank + 1 else 0.0)
+
+    @classmethod
+    def run(cls, kind: str, us: int, ready: float = 0.0) -> float:
+        """Compute `kind` for `us` microseconds once `ready`; return when it ends (the stamp of what it produces)."""
+        if cls._pair_end is not None and kind in ("F", "B"):
+            return cls._pair_end
+        if cls.mode == "sync":
+            t = time.time()
+            time.sleep(us / 1e6)
+            end = time.time()
+            cls.host_sleeps.append((t, end))
+            cls.log.append((kind, us, t, end, t, 0.0))
+            return end
+        if len(cls._pending) >= cls.depth:
+            cls._sleep_until(cls._pending[-cls.depth])
+        now = time.time()
+        cls._pending = [e for e in cls._pending if e > now]
+        could = max(cls._busy, ready)
+        start = max(now, could)
+        end = cls._busy = start + us / 1e6
+        cls._pending.append(end)
+        cls.log.append((kind, us, start, end, now, start - could))
+        return end
+
+    @classmethod
+    def stream_end(cls) -> float:
+        """When everything launched so far will have ended."""
+        return cls._busy if cls.mode == "async" else time.time()
+
+    @classmethod
+    def synchronize(cls) -> None:
+        if cls.mode == "async":
+            cls._sleep_until(cls._busy)
+
+    @classmethod
+    def take(cls) -> tuple[list, list]:
+        out = cls.log, cls.host_sleeps
+        cls.log, cls.host_sleeps = [], []
         return out
 
 
+def _stamped(values: torch.Tensor, end: float) -> torch.Tensor:
+    out = torch.empty(values.shape[0], WIDTH + 2, dtype=values.dtype)
+    out[:, :WIDTH] = values
+    out[:, STAMP], out[:, SOURCE] = end, Device.rank + 1
+    return out
+
+
 class _Sleeping(torch.autograd.Function):
-    """y = x * w, taking the stage's F in forward, B for the input gradient and W for the weight gradient (deferred to
-    WeightGradStore when the executor runs a B, at once in a full backward)."""
+    """y = x * w on the first WIDTH elements, taking the stage's F in forward, B for the input gradient and W for the
+    weight gradient (deferred to WeightGradStore when the executor runs a B, at once in a full backward). Outputs
+    and input gradients carry the end of the computation that produced them."""
 
     @staticmethod
     def forward(ctx, x, weight, costs: StageCosts):
         ctx.save_for_backward(x)
         ctx.weight, ctx.costs = weight, costs      # by handle: a deferred gradient lands in the parameter's .grad
-        SleepLog.sleep("F", costs.F)
-        return x * weight
+        end = Device.run("F", costs.F, Device.ready(x))
+        return _stamped(x[:, :WIDTH] * weight, end)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -108,12 +197,12 @@ class _Sleeping(torch.autograd.Function):
 
         (x,) = ctx.saved_tensors
         weight, costs = ctx.weight, ctx.costs
-        SleepLog.sleep("B", costs.B)
-        grad_x = grad_out * weight
+        end = Device.run("B", costs.B, Device.ready(grad_out))
+        grad_x = _stamped(grad_out[:, :WIDTH] * weight, end)
 
         def weight_grad() -> torch.Tensor:
-            SleepLog.sleep("W", costs.W)
-            return (grad_out * x).sum(0)
+            Device.run("W", costs.W)
+            return (grad_out[:, :WIDTH] * x[:, :WIDTH]).sum(0)
 
         if WeightGradStore.enabled:
             def deferred():
@@ -126,12 +215,12 @@ class _Sleeping(torch.autograd.Function):
 
 
 class SleepStage(nn.Module):
-    """One pipeline stage of the emulated cluster: a [WIDTH] weight, and the stage's costs in sleeps."""
+    """One pipeline stage of the emulated cluster: a [WIDTH] weight, and the stage's costs on the Device."""
 
     def __init__(self, costs: StageCosts, seed: int):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.weight = nn.Parameter(1.0 + 0.1 * torch.randn(WIDTH, generator=g, dtype=torch.float64).float())
+        self.weight = nn.Parameter(1.0 + 0.1 * torch.randn(WIDTH, generator=g, dtype=torch.float64))
         self.costs = costs
 
     def forward(self, x):
@@ -140,9 +229,16 @@ class SleepStage(nn.Module):
     @classmethod
     def overlapped_forward_backward(cls, module0, inputs0, criterion0, labels0, module1, loss1, outputs1,
                                     output_grads1):
-        """deepseek-ai/DualPipe's F&B hook: both halves run with their own F and B sleeps off, then the pair sleeps
-        its F&B - W once. W is untouched: deferred (a B pair) or slept inside the backward (a full pair)."""
-        SleepLog._pair.on = True
+        """deepseek-ai/DualPipe's F&B hook: the pair computes its F&B - W once, both halves inside it (their own F
+        and B off). W is untouched: deferred (a B pair) or computed after the pair (a full pair). On the async
+        device the pair is launched first, once both its inputs are there, and the halves' outputs carry its end;
+        on the sync one it is slept after them."""
+        cost = module0.costs.FB
+        if Device.mode == "async":
+            grad1 = output_grads1[0] if output_grads1 else None
+            Device._pair_end = Device.run("FB", cost, max(Device.ready(inputs0[0]), Device.ready(grad1)))
+        else:
+            Device._pair_end = 0.0
         try:
             outputs0 = module0(*inputs0)
             loss0 = criterion0(outputs0, *labels0) if criterion0 is not None else None
@@ -151,18 +247,25 @@ class SleepStage(nn.Module):
             elif outputs1:
                 torch.autograd.backward(outputs1, output_grads1)
         finally:
-            SleepLog._pair.on = False
-        SleepLog.sleep("FB", module0.costs.FB)
+            Device._pair_end = None
+        if Device.mode == "sync":
+            Device.run("FB", cost)
         return outputs0, loss0
 
 
 def criterion(out, label):
-    return (out * label).sum()
+    return (out[:, :WIDTH] * label).sum()
 
 
 def micro_batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input [1, WIDTH + 2] with empty stamps, label [1, WIDTH]) per micro-batch, float64."""
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(1, WIDTH, generator=g), torch.randn(1, WIDTH, generator=g)) for _ in range(n)]
+    out = []
+    for _ in range(n):
+        x, y = torch.randn(1, WIDTH, generator=g, dtype=torch.float64), torch.randn(1, WIDTH, generator=g,
+                                                                                   dtype=torch.float64)
+        out.append((torch.cat([x, torch.zeros(1, 2, dtype=torch.float64)], 1), y))
+    return out
 
 
 def stage_seed(layout, stage: int) -> int:
@@ -171,48 +274,97 @@ def stage_seed(layout, stage: int) -> int:
 
 
 # ---------------------------------------------------------------- one process per rank
+class StreamOrderedExecutor(PipelineExecutor):
+    """The executor, with a SEND on the async device leaving after everything launched before it, as a send enqueued
+    on a GPU's stream does: its tensors are stamped with the stream's end when the executor posts them (before the
+    next computation). Nothing else changes."""
+
+    def _flush(self) -> None:
+        if Device.mode == "async":
+            for op, tensor, *_ in self._ops:
+                if op is dist.isend:
+                    tensor[0, STAMP], tensor[0, SOURCE] = Device.stream_end(), Device.rank + 1
+        super()._flush()
+
+
 class Job:
-    """One (cost set, schedule) on this rank: stages, executor, inputs."""
+    """One (device mode, cost set, schedule) on this rank: stages, executor, inputs."""
 
-    def __init__(self, cost_name: str, costs: StageCosts, schedule: str, pp: int, n: int):
-        import torch.distributed as dist
-
+    def __init__(self, device: str, cost_name: str, costs: StageCosts, schedule: str, pp: int, n: int):
         from schedules import build, get_layout
-        from schedules.executor import PipelineExecutor
         from schedules.verify import microbatches_of
 
-        self.cost_name, self.costs, self.schedule, self.n = cost_name, costs, schedule, n
+        self.device, self.cost_name, self.costs, self.schedule, self.n = device, cost_name, costs, schedule, n
         rank = dist.get_rank()
         self.layout = get_layout(schedule, pp)
         self.actions = build(schedule, pp, n)[rank]
         self.stages = {s: SleepStage(costs, stage_seed(self.layout, s)) for s in self.layout.stages_of(rank)}
-        self.executor = PipelineExecutor(self.layout, self.stages, criterion=criterion, p2p_shapes=[[1, WIDTH]],
-                                         p2p_dtype=torch.float32)
+        self.executor = StreamOrderedExecutor(self.layout, self.stages, criterion=criterion,
+                                              p2p_shapes=[[1, WIDTH + 2]], p2p_dtype=torch.float64)
         data = micro_batches(n)
         held = lambda pick: {mb for s in self.stages if pick(s) for mb in microbatches_of(self.layout, s, n)}
         self.inputs = {mb: (data[mb][0],) for mb in held(self.layout.is_first)}
         self.labels = {mb: (data[mb][1],) for mb in held(self.layout.is_last)}
 
-    def step(self) -> dict:
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return self.device, self.cost_name, self.schedule
+
+    def step(self, depth: int, link_us: float) -> dict:
         for m in self.stages.values():
             m.weight.grad = None
-        SleepLog.take()
-        cpu = time.process_time()
+        Device.configure(self.device, depth, link_us, dist.get_rank())
+        Device.take()
+        cpu, begin = time.process_time(), time.time()
+        Device.begin()
         res = self.executor.run(self.actions, self.n, self.inputs, self.labels, trace=True)
+        Device.synchronize()
         cpu = time.process_time() - cpu
+        ops, host_sleeps = Device.take()
         t0 = res.start_time
-        return dict(spans=[(t0 + s, t0 + e, a) for s, e, a in res.compute_spans], cpu_s=cpu,
+        host = [(t0 + s, t0 + e, a) for s, e, a in res.compute_spans]
+        return dict(begin=begin, host_spans=host, spans=host if self.device == "sync" else device_spans(host, ops), cpu_s=cpu,
                     waits=[(t0 + s, t0 + e, w) for s, e, w in res.trace if isinstance(w, str)],
-                    sleeps=SleepLog.take(),
+                    ops=ops, host_sleeps=host_sleeps,
                     grads={s: m.weight.grad.clone() for s, m in self.stages.items()},
                     losses={mb: float(v) for mb, v in res.losses.items()})
+
+
+def launched_by(host_spans: list, ops: list) -> list[list]:
+    """Per traced action, the device computations it launched (those launched after its start and before the next
+    action's: the executor's clock and time.time() agree to about a microsecond)."""
+    import bisect
+
+    starts = [s - 2e-6 for s, _, _ in host_spans]
+    out: list[list] = [[] for _ in host_spans]
+    for op in ops:
+        out[max(0, bisect.bisect_right(starts, op[4]) - 1)].append(op)
+    return out
+
+
+def device_spans(host_spans: list, ops: list) -> list[tuple]:
+    """(start, end, action) of each traced action's computations on the async device: first start to last end."""
+    return [(min(o[2] for o in mine), max(o[3] for o in mine), a)
+            for (_, _, a), mine in zip(host_spans, launched_by(host_spans, ops)) if mine]
+
+
+def start_together(margin_s: float = 0.05) -> float:
+    """Start the step on every rank at one instant, as simulate() does: rank 0 names a time `margin_s` ahead and every
+    rank sleeps until then. Leaving a barrier instead, 16 processes on 2 cores wake several milliseconds apart, and
+    DualPipe's two ends would start apart by that much."""
+    t = torch.tensor([time.time() + margin_s], dtype=torch.float64)
+    dist.broadcast(t, 0)
+    start = float(t)
+    Device._sleep_until(start)
+    Device.take()
+    return start
 
 
 def p2p_latency_us(rounds: int = 60) -> float:
     """One-way time of one activation between ranks 0 and 1 (half a ping-pong, median), the others waiting."""
     from parallel.exchanges import ping_pong_s
 
-    return ping_pong_s(torch.zeros(1, WIDTH), rounds) * 1e6
+    return ping_pong_s(torch.zeros(1, WIDTH + 2, dtype=torch.float64), rounds) * 1e6
 
 
 def _worker(rank: int, pp: int, port: int, plan: dict, out_path: str) -> None:
@@ -224,38 +376,43 @@ def _worker(rank: int, pp: int, port: int, plan: dict, out_path: str) -> None:
     from bench.validity import set_timer_slack_ns
 
     set_timer_slack_ns(1000)  # the stages' costs are sleeps: wake within 1 us of the deadline, not Linux's 50 us
-    import torch.distributed as dist
-
     dist.init_process_group("gloo", rank=rank, world_size=pp, timeout=timedelta(seconds=plan["timeout"]))
     p2p_us = p2p_latency_us()
+    # the async device's link: what a message costs on the wire, given or the latency just measured
+    link_us = float(plan["link_us"]) if plan.get("link_us") is not None else round(p2p_us)
     n = plan["chunks_per_pp"] * pp
-    jobs = [Job(c, plan["costs"][c], s, pp, n) for c in plan["cost_sets"] for s in plan["schedules"]]
-    records: dict = {(j.cost_name, j.schedule): [] for j in jobs}
+    jobs = [Job(d, c, plan["costs"][c], s, pp, n) for d in plan["devices"] for c in plan["cost_sets"]
+            for s in plan["schedules"]]
+    records: dict = {j.key: [] for j in jobs}
     for i in range(plan["warmup"] + plan["steps"]):
         for j in jobs:        # one step of every job per round: the machine's load drift falls on all alike
-            dist.barrier()
-            rec = j.step()
+            start = start_together()
+            rec = j.step(plan["depth"], link_us)
+            rec["start_skew_s"] = rec["begin"] - start
             if i >= plan["warmup"]:
-                records[(j.cost_name, j.schedule)].append(rec)
+                records[j.key].append(rec)
     gathered = [None] * pp if rank == 0 else None
     dist.gather_object(records, gathered, dst=0)
     if rank == 0:
         with open(out_path, "wb") as f:
-            pickle.dump(dict(records=gathered, p2p_us=p2p_us), f)
+            pickle.dump(dict(records=gathered, p2p_us=p2p_us, link_us=link_us, depth=plan["depth"]), f)
     dist.barrier()
     dist.destroy_process_group()
 
 
 def run_cluster(pp: int, schedules, cost_sets: dict, steps: int, warmup: int = 1, chunks_per_pp: int = 2,
-                timeout: int = 300, nice: int = 0) -> dict:
-    """Spawn `pp` ranks, run every schedule with every cost set; return {records: [rank] -> {(costs, schedule):
-    [step records]}, p2p_us}."""
+                timeout: int = 300, nice: int = 0, devices=("sync",), depth: int = 2,
+                link_us: Optional[float] = None) -> dict:
+    """Spawn `pp` ranks, run every schedule with every cost set on every device mode; return {records: [rank] ->
+    {(device, costs, schedule): [step records]}, p2p_us, link_us, depth}. link_us: the async device's link
+    (None: the gloo latency measured at start-up)."""
     import torch.multiprocessing as mp
 
     from parallel.mesh import free_port
 
     plan = dict(schedules=list(schedules), cost_sets=list(cost_sets), costs=dict(cost_sets), steps=steps,
-                warmup=warmup, chunks_per_pp=chunks_per_pp, timeout=timeout, nice=nice)
+                warmup=warmup, chunks_per_pp=chunks_per_pp, timeout=timeout, nice=nice, devices=list(devices),
+                depth=depth, link_us=link_us)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "records.pkl")
         mp.spawn(_worker, args=(pp, free_port(), plan, path), nprocs=pp, join=True)
@@ -334,26 +491,25 @@ def _clip(spans, lo: float, hi: float) -> float:
 
 
 def overhead_per_action(rank_rec: dict) -> dict[str, float]:
-    """Executor overhead of one rank in one step, us per computation: inside actions (span minus its sleep: autograd,
-    the executor's bookkeeping) and between actions (neither computing nor waiting for data: posting p2p...)."""
-    spans = rank_rec["spans"]
+    """Executor overhead of one rank in one step, us per computation: inside actions (the traced action minus the
+    host's sleeps in it: autograd, the executor's bookkeeping) and between actions (neither computing nor waiting for
+    data: posting p2p...); with the async device, `late`: how long its stream ran dry waiting for the host."""
+    spans = rank_rec["host_spans"]
     lo, hi = spans[0][0], spans[-1][1]
     busy = sum(e - s for s, e, _ in spans)
-    slept = sum(e - s for _, _, s, e in rank_rec["sleeps"])
+    slept = _clip(rank_rec["host_sleeps"], lo, hi)
     waits = _clip(rank_rec["waits"], lo, hi)
     n = len(spans)
     inside, between = (busy - slept) / n, ((hi - lo) - busy - waits) / n
     return dict(inside=inside * 1e6, between=between * 1e6, total=(inside + between) * 1e6,
-                cpu=rank_rec.get("cpu_s", float("nan")) / n * 1e6)
+                cpu=rank_rec.get("cpu_s", float("nan")) / n * 1e6,
+                late_ms=sum(op[5] for op in rank_rec.get("ops", ())) * 1e3,
+                skew_ms=rank_rec.get("start_skew_s", 0.0) * 1e3)
 
 
 def nominal_of_spans(rank_rec: dict) -> list[int]:
-    """Per traced computation: the nominal us of the sleeps that ran inside it (what simulate() would charge)."""
-    out = []
-    sleeps = rank_rec["sleeps"]
-    for s, e, _ in rank_rec["spans"]:
-        out.append(sum(us for _, us, a, b in sleeps if s <= (a + b) / 2 <= e))
-    return out
+    """Per traced computation: the nominal us of what it computed on the device (what simulate() would charge)."""
+    return [sum(op[1] for op in mine) for mine in launched_by(rank_rec["host_spans"], rank_rec["ops"])]
 
 
 def measured_costs(steps: list[list[dict]], nominal: StageCosts, p2p_us: float):
@@ -416,53 +572,68 @@ def _plus(costs, us: int, full_pairs: bool):
                  BW=costs.exact("BW") + us, p2p=max(0, costs.p2p - us))
 
 
-def analyse(name: str, pp: int, n: int, steps: list[list[dict]], nominal: StageCosts, p2p_us: float) -> dict:
-    """Per rank: measured bubble (median over steps), simulate() with the measured costs and p2p, and the nominal
-    simulation / table formula; executor overhead; sleep overshoot."""
+def analyse(name: str, pp: int, n: int, steps: list[list[dict]], nominal: StageCosts, p2p_us: float,
+            device: str = "sync", link_us: float = 0.0) -> dict:
+    """Per rank: measured bubble (median over steps), simulate() with the costs and p2p the computations ran with,
+    and the nominal simulation / table formula; executor overhead; sleep overshoot.
+
+    sync: simulate() gets the mean measured duration of each kind of action and the p2p latency measured in the run.
+    async: the device computes each action in exactly its cost and a message takes the link, so simulate() gets the
+    nominal costs and the link, and never predicts more than was measured: whatever the measured bubble has more
+    is the hosts' doing (launching late, a message reaching its host late)."""
     from schedules import bubble_table, build, get_layout, simulate
 
     acts, layout = build(name, pp, n), get_layout(name, pp)
-    in_run, samples = run_p2p_us(steps, acts)
-    costs, med = measured_costs(steps, nominal, in_run if in_run is not None else p2p_us)
+    if device == "sync":
+        in_run, samples = run_p2p_us(steps, acts)
+        costs, med = measured_costs(steps, nominal, in_run if in_run is not None else p2p_us)
+    else:
+        samples = 0
+        costs, med = nominal.simulate_costs(round(link_us)), measured_costs(steps, nominal, link_us)[1]
     sim = simulate(acts, layout, costs)
     ideal = simulate(acts, layout, nominal.simulate_costs())
     per_step = [step_bubbles(st) for st in steps]
     measured = [statistics.median(b[r] for _, b in per_step) * 1e6 for r in range(pp)]
     makespan = statistics.median(m for m, _ in per_step) * 1e6
     over = [[overhead_per_action(st[r]) for st in steps] for r in range(pp)]
-    overhead = {k: [statistics.median(o[k] for o in over[r]) for r in range(pp)] for k in ("inside", "between",
-                                                                                            "total", "cpu")}
-    # the executor's work between actions, charged to every action: its sends and its next action start that much
-    # later (the last action's share is not in the measured makespan, which ends with a computation)
+    overhead = {k: [statistics.median(o[k] for o in over[r]) for r in range(pp)]
+                for k in ("inside", "between", "total", "cpu", "late_ms", "skew_ms")}
     between = statistics.fmean(overhead["between"])
-    full_pairs = all(a.full for rank_acts in acts for a in rank_acts if a.op == "FB")
-    charged = simulate(acts, layout, _plus(costs, round(between), full_pairs))
-    n_acts = [len(tl) for tl in charged.timelines]
-    with_overhead = [charged.makespan - between - (charged.busy[r] - n_acts[r] * round(between)) for r in range(pp)]
+    if device == "sync":
+        # the executor's work between actions, charged to every action: its sends and its next action start that
+        # much later (the last action's share is not in the measured makespan, which ends with a computation)
+        full_pairs = all(a.full for rank_acts in acts for a in rank_acts if a.op == "FB")
+        charged = simulate(acts, layout, _plus(costs, round(between), full_pairs))
+        n_acts = [len(tl) for tl in charged.timelines]
+        with_overhead = [charged.makespan - between - (charged.busy[r] - n_acts[r] * round(between))
+                         for r in range(pp)]
+        shoot = [(op[3] - op[2]) * 1e6 - op[1] for st in steps for r in st for op in r["ops"]]
+        overshoot = (statistics.median(shoot), sorted(shoot)[int(0.9 * (len(shoot) - 1))])
+    else:
+        with_overhead, overshoot = None, None   # the host's work overlaps the computations: nothing to charge
     # cores the emulated cluster itself kept busy: all ranks' CPU time over the makespan (2 cores are all there is)
     cores = statistics.median(sum(r["cpu_s"] for r in st) / m for st, (m, _) in zip(steps, per_step))
-    shoot = [(b - a) * 1e6 - us for st in steps for r in st for _, us, a, b in r["sleeps"]]
     median_step = sorted(range(len(per_step)), key=lambda i: per_step[i][0])[len(per_step) // 2]
+    ratio = lambda got: [m / s if s else float("nan") for m, s in zip(measured, got)]
     return dict(
-        schedule=name, pp=pp, n=n, costs=costs, op_us=med, measured=measured, makespan=makespan,
+        schedule=name, pp=pp, n=n, device=device, costs=costs, op_us=med, measured=measured, makespan=makespan,
         sim=list(sim.bubble), sim_makespan=sim.makespan, ideal=list(ideal.bubble), ideal_makespan=ideal.makespan,
-        table=bubble_table(name, pp, nominal.simulate_costs()),
-        ratio=[m / s if s else float("nan") for m, s in zip(measured, sim.bubble)],
+        table=bubble_table(name, pp, nominal.simulate_costs()), ratio=ratio(sim.bubble),
         with_overhead=with_overhead, between_us=between, p2p_us=costs.p2p, p2p_samples=samples,
-        ratio_overhead=[m / s if s else float("nan") for m, s in zip(measured, with_overhead)],
+        ratio_overhead=ratio(with_overhead) if with_overhead else None,
         bubble_ratio=[m / makespan for m in measured], sim_bubble_ratio=list(sim.bubble_ratio),
-        overhead=overhead, cores=cores, overshoot_us=(statistics.median(shoot), sorted(shoot)[int(0.9 * (len(shoot) - 1))]),
-        median_step=median_step)
+        overhead=overhead, cores=cores, overshoot_us=overshoot, median_step=median_step)
 
 
-def rows_for(data: dict, pp: int, cost_sets: dict, schedules, chunks_per_pp: int) -> list[dict]:
+def rows_for(data: dict, pp: int, cost_sets: dict, schedules, chunks_per_pp: int, devices=("sync",)) -> list[dict]:
     recs, out = data["records"], []
-    for c, nominal in cost_sets.items():
-        for name in schedules:
-            steps = [list(x) for x in zip(*(recs[r][(c, name)] for r in range(pp)))]
-            row = analyse(name, pp, chunks_per_pp * pp, steps, nominal, data["p2p_us"])
-            row.update(cost_set=c, steps=steps)
-            out.append(row)
+    for d in devices:
+        for c, nominal in cost_sets.items():
+            for name in schedules:
+                steps = [list(x) for x in zip(*(recs[r][(d, c, name)] for r in range(pp)))]
+                row = analyse(name, pp, chunks_per_pp * pp, steps, nominal, data["p2p_us"], d, data["link_us"])
+                row.update(cost_set=c, steps=steps)
+                out.append(row)
     return out
 
 
@@ -475,59 +646,72 @@ def _dev(ratios) -> float:
     return max(abs(x - 1) for x in ratios)
 
 
+def _or_dash(row: dict, key: str, fmt) -> str:
+    return fmt(row[key]) if row[key] is not None else "-"
+
+
 def summary_lines(rows: list[dict]) -> list[str]:
-    lines = ["| costs | schedule | PP | N | p2p us in the run | step ms | bubble ms, worst rank: measured | simulated | measured / "
-             "simulated | all ranks: max \\|measured / simulated - 1\\| | simulated + executor overhead | measured / "
-             "that, worst rank | all ranks: max \\|. - 1\\| | bubble / step: measured | simulated | nominal costs, "
-             "no latency: bubble ms | table formula ms | executor us / action: wall (inside + between) | CPU | "
-             "cores busy with the ranks |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| device | costs | schedule | PP | N | p2p us in simulate() | step ms | bubble ms, worst rank: measured | "
+             "simulated | measured / simulated | all ranks: max \\|measured / simulated - 1\\| | simulated + executor "
+             "overhead | measured / that, worst rank | all ranks: max \\|. - 1\\| | bubble / step: measured | simulated "
+             "| nominal costs, no latency: bubble ms | table formula ms | executor us / action: wall (inside + "
+             "between) | CPU | device idle waiting for its host, ms (rank max) | cores busy with the ranks |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         w = _worst(row)
         ov = statistics.median(row["overhead"]["total"])
         ins, btw = statistics.median(row["overhead"]["inside"]), statistics.median(row["overhead"]["between"])
-        lines.append(f"| {row['cost_set']} | {row['schedule']} | {row['pp']} | {row['n']} | {row['p2p_us']} "
-                     f"({row['p2p_samples']}) | {row['makespan'] / 1e3:.1f} "
-                     f"| {row['measured'][w] / 1e3:.2f} | {row['sim'][w] / 1e3:.2f} | {row['ratio'][w]:.3f} | "
-                     f"{_dev(row['ratio']):.3f} | {row['with_overhead'][w] / 1e3:.2f} | {row['ratio_overhead'][w]:.3f} "
-                     f"| {_dev(row['ratio_overhead']):.3f} | {row['bubble_ratio'][w]:.3f} | "
+        p2p = f"{row['p2p_us']} ({row['p2p_samples']})" if row["device"] == "sync" else f"{row['p2p_us']} (link)"
+        lines.append(f"| {row['device']} | {row['cost_set']} | {row['schedule']} | {row['pp']} | {row['n']} | {p2p} | "
+                     f"{row['makespan'] / 1e3:.1f} | {row['measured'][w] / 1e3:.2f} | {row['sim'][w] / 1e3:.2f} | "
+                     f"{row['ratio'][w]:.3f} | {_dev(row['ratio']):.3f} | "
+                     f"{_or_dash(row, 'with_overhead', lambda v: f'{v[w] / 1e3:.2f}')} | "
+                     f"{_or_dash(row, 'ratio_overhead', lambda v: f'{v[w]:.3f}')} | "
+                     f"{_or_dash(row, 'ratio_overhead', lambda v: f'{_dev(v):.3f}')} | {row['bubble_ratio'][w]:.3f} | "
                      f"{row['sim_bubble_ratio'][w]:.3f} | {row['ideal'][w] / 1e3:.2f} | {row['table'] / 1e3:.2f} | "
                      f"{ov:.0f} ({ins:.0f} + {btw:.0f}) | {statistics.median(row['overhead']['cpu']):.0f} | "
-                     f"{row['cores']:.2f} |")
+                     + (f"{max(row['overhead']['late_ms']):.2f} | " if row["device"] == "async" else "- | ")
+                     + f"{row['cores']:.2f} |")
     return lines
 
 
 def per_rank_lines(row: dict) -> list[str]:
-    lines = [f"\n{row['cost_set']} / {row['schedule']} / PP={row['pp']}:\n",
+    lines = [f"\n{row['device']} / {row['cost_set']} / {row['schedule']} / PP={row['pp']}:\n",
              "| rank | measured bubble ms | simulated ms | measured / simulated | simulated + executor overhead ms | "
-             "measured / that | executor us / action |", "|---|---|---|---|---|---|---|"]
+             "measured / that | executor us / action | device idle waiting for its host ms |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in range(row["pp"]):
         lines.append(f"| {r} | {row['measured'][r] / 1e3:.2f} | {row['sim'][r] / 1e3:.2f} | {row['ratio'][r]:.3f} | "
-                     f"{row['with_overhead'][r] / 1e3:.2f} | {row['ratio_overhead'][r]:.3f} | "
-                     f"{row['overhead']['total'][r]:.0f} |")
+                     f"{_or_dash(row, 'with_overhead', lambda v: f'{v[r] / 1e3:.2f}')} | "
+                     f"{_or_dash(row, 'ratio_overhead', lambda v: f'{v[r]:.3f}')} | "
+                     f"{row['overhead']['total'][r]:.0f} | "
+                     + (f"{row['overhead']['late_ms'][r]:.2f} |" if row["device"] == "async" else "- |"))
     return lines
 
 
 def goal_lines(rows: list[dict]) -> list[str]:
     out = []
-    by = {(r["cost_set"], r["schedule"], r["pp"]): r for r in rows}
-    for c in dict.fromkeys(r["cost_set"] for r in rows):
+    by = {(r["device"], r["cost_set"], r["schedule"], r["pp"]): r for r in rows}
+    for d, c in dict.fromkeys((r["device"], r["cost_set"]) for r in rows):
         for pp in sorted({r["pp"] for r in rows if r["pp"] >= 8}):
-            got = [(s, by[(c, s, pp)]) for s in SCHEDULES if (c, s, pp) in by]
-            for key, what in (("ratio", "simulated"), ("ratio_overhead", "simulated + executor overhead")):
+            got = [(s, by[(d, c, s, pp)]) for s in SCHEDULES if (d, c, s, pp) in by]
+            checks = [("ratio", "simulated")]
+            if d == "sync":
+                checks.append(("ratio_overhead", "simulated + executor overhead"))
+            for key, what in checks:
                 ok = all(_dev(row[key]) <= 0.10 for _, row in got)
                 devs = ", ".join(f"{s} {_dev(row[key]):.1%} (worst rank {abs(row[key][_worst(row)] - 1):.1%})"
                                  for s, row in got)
-                out.append(f"- {c}, PP={pp}: measured bubble within 10% of {what} on every rank: "
+                out.append(f"- {d} device, {c}, PP={pp}: measured bubble within 10% of {what} on every rank: "
                            f"{'MET' if ok else 'NOT MET'} (largest deviation over ranks: {devs}).")
-            if (c, "dualpipe", pp) in by:
-                dp = by[(c, "dualpipe", pp)]
+            if (d, c, "dualpipe", pp) in by:
+                dp = by[(d, c, "dualpipe", pp)]
                 dpr = dp["bubble_ratio"][_worst(dp)]
-                others = {s: by[(c, s, pp)]["bubble_ratio"][_worst(by[(c, s, pp)])] for s in ("zb1p", "1f1b")
-                          if (c, s, pp) in by}
+                others = {s: by[(d, c, s, pp)]["bubble_ratio"][_worst(by[(d, c, s, pp)])] for s in ("zb1p", "1f1b")
+                          if (d, c, s, pp) in by}
                 ok = all(dpr < v for v in others.values())
-                out.append(f"- {c}, PP={pp}: DualPipe's measured bubble / step below ZB1P's and 1F1B's (worst ranks): "
-                           f"{'MET' if ok else 'NOT MET'}: {dpr:.3f} vs " +
+                out.append(f"- {d} device, {c}, PP={pp}: DualPipe's measured bubble / step below ZB1P's and 1F1B's "
+                           f"(worst ranks): {'MET' if ok else 'NOT MET'}: {dpr:.3f} vs " +
                            ", ".join(f"{s} {v:.3f}" for s, v in others.items()) + ".")
     return out
 
@@ -538,9 +722,11 @@ def save_gantt(row: dict, path) -> None:
     step = row["steps"][row["median_step"]]
     lo, _ = window(step)
     ms_ = lambda spans: [((s - lo) * 1e3, (e - lo) * 1e3, a) for s, e, a in spans]
-    draw_gantt([ms_(r["spans"]) for r in step], str(path), comm=[ms_(r["waits"]) for r in step],
-               title=f"emulated cluster, measured {row['schedule']} PP={row['pp']}, {row['n']} chunks, "
-                     f"{row['cost_set']} costs (ms)")
+    # the host's waits for data are the device's idle time only when the host computes (sync)
+    comm = [ms_(r["waits"]) if row["device"] == "sync" else [] for r in step]
+    draw_gantt([ms_(r["spans"]) for r in step], str(path), comm=comm,
+               title=f"emulated cluster ({row['device']} device), measured {row['schedule']} PP={row['pp']}, "
+                     f"{row['n']} chunks, {row['cost_set']} costs (ms)")
 
 
 def report(a, rows: list[dict], p2p: dict, tiny_info: Optional[dict], cost_sets: dict, load: tuple,
@@ -552,21 +738,32 @@ def report(a, rows: list[dict], p2p: dict, tiny_info: Optional[dict], cost_sets:
     lines = [f"## Emulated cluster: pipeline schedules at PP {pps} on 2 cores"
              + (f", {a.unit_ms:g} ms units" if "table" in cost_sets else "") + " (bench/cluster.py)\n",
              "One process per pipeline rank (gloo, 1 thread each), the real executor (schedules/executor.py) and real "
-             "gloo p2p; each stage is a custom autograd function that sleeps its F, B and W (W deferred through "
-             "WeightGradStore exactly as the trainer's split layers do) and an F&B hook that sleeps the pair's cost "
-             "once. Bubble, as in schedules/simulate.py: per rank, the makespan (first computation's start to the "
+             "gloo p2p; each stage is a custom autograd function whose F, B and W (W deferred through "
+             "WeightGradStore exactly as the trainer's split layers do) take their cost on an emulated device, and an "
+             "F&B hook that takes the pair's cost once. Two devices (`Device` in bench/cluster.py): sync, where the "
+             "host sleeps each cost, so its own work and the computations take turns as on a CPU; async, a stream "
+             "as a GPU runs one: the host launches a computation and goes on (at most "
+             f"{a.queue} launched and not ended), a computation starts once launched, once the stream's previous "
+             "one ended and once its input is there (the producer's end, carried in the tensor, plus the link if "
+             "another rank produced it), and lasts exactly its cost; the host sleeps for the stream at the end of the "
+             "step. Bubble, as in schedules/simulate.py: per rank, the makespan (first computation's start to the "
              "last one's end over all ranks) minus the rank's computation time; bubble / step = that over the "
-             "makespan. Simulated = simulate() fed the mean measured duration of each kind of action (sleep "
+             "makespan. Simulated, sync: simulate() fed the mean measured duration of each kind of action (sleep "
              "overshoot and the autograd work inside an action included) and the mean p2p latency measured in the "
              "run (simulate() posts a SEND when the computation before it ends: from that end to the end of the "
-             "receiver's wait, over the receives whose rank was already waiting; in brackets how many); "
-             "nominal = simulate() with the nominal costs and no latency; table = the DualPipe README / V3 Table 2 "
-             "formula (DualPipeV: PP = 2 x devices). Simulated + executor overhead: the same simulate() with every "
-             "action made longer by the executor's measured work between actions (mean over ranks), so that the "
+             "receiver's wait, over the receives whose rank was already waiting; in brackets how many). Simulated, "
+             "async: simulate() with the nominal costs and the link as its p2p latency, which is what the device "
+             "computes when no host is ever late, so the measured bubble can only exceed it: by the time a stream "
+             "ran dry because its host had not launched yet or a message had not reached its host (device idle "
+             "waiting for its host). "
+             "Nominal = simulate() with the nominal costs and no latency; table = the DualPipe README / V3 Table 2 "
+             "formula (DualPipeV: PP = 2 x devices). Simulated + executor overhead (sync): the same simulate() with "
+             "every action made longer by the executor's measured work between actions (mean over ranks), so that the "
              "next action starts that late (a message still arrives the measured p2p latency after the computation "
-             "before its SEND); its bubble is counted like the measured one (makespan minus the computations). Executor us / action, wall: per computation, the time inside it that is not "
-             "the sleep (autograd, bookkeeping) plus the time between computations that is not a wait for data "
-             "(posting p2p...), median over ranks; on a busy machine much of it is waiting for a core. CPU: the "
+             "before its SEND); its bubble is counted like the measured one (makespan minus the computations). "
+             "Executor us / action, wall: per action, the host's time inside it that is not a sleep (autograd, "
+             "bookkeeping) plus the time between actions that is not a wait for data (posting p2p...), median over "
+             "ranks; on a busy machine much of it is waiting for a core. CPU: the "
              "rank process's CPU time during the step (all its threads, gloo's included) per computation; cores busy "
              "with the ranks: all ranks' CPU time over the step, against the machine's cores (what is left for the "
              "other jobs, and the ranks' own contention). Measured "
@@ -584,23 +781,33 @@ def report(a, rows: list[dict], p2p: dict, tiny_info: Optional[dict], cost_sets:
                         f"another chunk {m['F&B']:.0f} -> {cost_sets['tiny']}. Only the layers with a weight-gradient "
                         "split defer to W; whatever does not defer stays in B.")
     lines += [f"- {desc[c]}" for c in cost_sets if desc.get(c)]
-    lines.append("- for comparison, the bare gloo latency before the run (half a ping-pong of the [1, 16] fp32 "
-                 "activation between ranks 0 and 1, the others idle, median): " +
-                 ", ".join(f"PP={pp}: {v:.0f} us" for pp, v in p2p.items()))
-    shoots = {(r["cost_set"], r["pp"]): r["overshoot_us"] for r in rows}
-    lines.append("- sleep overshoot (actual - nominal, median / 90th percentile, us): " +
-                 ", ".join(f"{c} PP={pp}: {m:.0f} / {p:.0f}" for (c, pp), (m, p) in shoots.items()))
+    lines.append(f"- the bare gloo latency before the run (half a ping-pong of the [1, {WIDTH + 2}] float64 activation "
+                 "between ranks 0 and 1, the others idle, median): " +
+                 ", ".join(f"PP={pp}: {v:.0f} us" for pp, v in p2p.items())
+                 + (f"; the async device's link: {a.link_us:g} us" if a.link_us is not None else
+                    "; the async device's link: that latency, rounded"))
+    shoots = {(r["cost_set"], r["pp"]): r["overshoot_us"] for r in rows if r["overshoot_us"] is not None}
+    if shoots:
+        lines.append("- sync device, sleep overshoot (actual - nominal, median / 90th percentile, us): " +
+                     ", ".join(f"{c} PP={pp}: {m:.0f} / {p:.0f}" for (c, pp), (m, p) in shoots.items()))
+    skew: dict = {}
+    for r in rows:
+        skew.setdefault((r["device"], r["pp"]), []).append(max(r["overhead"]["skew_ms"]))
+    lines.append("- every step starts at one instant named by rank 0 (`start_together`); a rank began its step this "
+                 "long after it (median over steps, largest over ranks and schedules), ms: " +
+                 ", ".join(f"{d} PP={pp}: {max(v):.2f}" for (d, pp), v in skew.items()))
     lines.append(f"- 1-minute load average ({os.cpu_count()} cores): {load[0]:.1f} at the start, {load[1]:.1f} at "
                  "the end; the cores are shared with other jobs, which lengthens the executor's own work.\n")
     lines += summary_lines(rows)
     lines += ["\nGoal checks (reported, not asserted):\n"] + goal_lines(rows)
-    gantt = [r for r in rows if r["schedule"] == "dualpipe" and r["pp"] == 8]
-    if gantt:
-        OUT.mkdir(exist_ok=True)
-        png = OUT / f"{a.name}_dualpipe_pp8.png"
-        save_gantt(gantt[0], png)
-        lines.append(f"\nMeasured DualPipe at PP=8 ({gantt[0]['cost_set']} costs, the step of median length): "
-                     f"bench/out/{png.name}.")
+    for d in a.device:
+        gantt = [r for r in rows if r["schedule"] == "dualpipe" and r["pp"] == 8 and r["device"] == d]
+        if gantt:
+            OUT.mkdir(exist_ok=True)
+            png = OUT / f"{a.name}_{d}_dualpipe_pp8.png"
+            save_gantt(gantt[0], png)
+            lines.append(f"\nMeasured DualPipe at PP=8 on the {d} device ({gantt[0]['cost_set']} costs, the step "
+                         f"of median length): bench/out/{png.name}.")
     lines.append("\n<details><summary>Per rank</summary>\n")
     for row in rows:
         lines += per_rank_lines(row)
@@ -624,6 +831,13 @@ def parse(argv=None):
     p.add_argument("--schedules", nargs="+", default=list(SCHEDULES), help=f"any of {', '.join(SCHEDULES)}")
     p.add_argument("--costs", nargs="+", default=list(COST_SETS), help=f"any of {', '.join(COST_SETS)}")
     p.add_argument("--unit-ms", type=float, default=10.0, help="the table costs' unit")
+    p.add_argument("--device", nargs="+", default=list(DEVICES),
+                   help="sync: the host sleeps each cost (host work and computations take turns); async: a stream "
+                        "the host launches computations on and runs ahead of, as on a GPU")
+    p.add_argument("--queue", type=int, default=2,
+                   help="async device: computations launched and not ended before the host waits (>= 1)")
+    p.add_argument("--link-us", type=float, default=None,
+                   help="async device: a message's time on the wire (default: the gloo latency measured at start-up)")
     p.add_argument("--chunks-per-pp", type=int, default=2, help="micro-batches per step = this x PP (>= 2)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per schedule")
     p.add_argument("--warmup", type=int, default=1)
@@ -642,6 +856,13 @@ def parse(argv=None):
     for c in a.costs:
         if c not in COST_SETS:
             raise ValueError(f"--costs {c}: allowed {', '.join(COST_SETS)}")
+    for d in a.device:
+        if d not in DEVICES:
+            raise ValueError(f"--device {d}: allowed {', '.join(DEVICES)}")
+    if a.queue < 1:
+        raise ValueError(f"--queue={a.queue}: must be >= 1")
+    if a.link_us is not None and not a.link_us >= 0:
+        raise ValueError(f"--link-us={a.link_us}: must be >= 0")
     if not a.unit_ms > 0:
         raise ValueError(f"--unit-ms={a.unit_ms}: must be > 0")
     if a.chunks_per_pp < 2:
@@ -686,9 +907,10 @@ def main(argv=None) -> str:
     rows, p2p = [], {}
     for pp in a.pp:
         print(f"bench.cluster: PP={pp}", flush=True)
-        data = run_cluster(pp, a.schedules, cost_sets, a.steps, a.warmup, a.chunks_per_pp, a.timeout, a.nice)
+        data = run_cluster(pp, a.schedules, cost_sets, a.steps, a.warmup, a.chunks_per_pp, a.timeout, a.nice,
+                           a.device, a.queue, a.link_us)
         p2p[pp] = data["p2p_us"]
-        rows += rows_for(data, pp, cost_sets, a.schedules, a.chunks_per_pp)
+        rows += rows_for(data, pp, cost_sets, a.schedules, a.chunks_per_pp, a.device)
     checks += [others.check(), validity.no_steal(before, validity.cpu_times())]
     return report(a, rows, p2p, tiny_info, cost_sets, (load0, os.getloadavg()[0]), argv, time.time() - t, checks)
 

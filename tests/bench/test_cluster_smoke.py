@@ -1,9 +1,12 @@
 """bench/cluster.py: the emulated cluster runs the real executor, and what it runs is what simulate() models.
 
-One spawned group of 4 ranks runs the four schedules once with 1 ms units. Nothing here depends on timings: the
-traced actions are simulate()'s, in its order; the nominal sleeps inside each traced action are exactly the cost
-simulate() charges for it (so W is deferred where a B runs and the F&B pair costs F&B); the gradients and losses are
-those of a float64 single-process computation. The analysis is checked on hand-made traces with exact arithmetic.
+One spawned group of 4 ranks runs the four schedules once with 1 ms units on both emulated devices. Nothing here
+depends on timings: the traced actions are simulate()'s, in its order; the nominal cost computed inside each traced
+action is exactly the cost simulate() charges for it (so W is deferred where a B runs and the F&B pair costs F&B);
+the gradients and losses are those of a float64 single-process computation. On the async device every computation
+starts no earlier than simulate() starts it (with the nominal costs and the link), which holds whatever the hosts
+did only if every message waits for the end of the action before its SEND and the link. The analysis is checked
+on hand-made traces with exact arithmetic.
 """
 from __future__ import annotations
 
@@ -12,19 +15,22 @@ import math
 import pytest
 import torch
 
-from bench.cluster import (SCHEDULES, WIDTH, SleepStage, StageCosts, main, micro_batches, nominal_of_spans,
-                           overhead_per_action, parse, run_cluster, run_p2p_us, stage_seed, step_bubbles)
+from bench.cluster import (DEVICES, SCHEDULES, WIDTH, Device, SleepStage, StageCosts, analyse, device_spans, main,
+                           micro_batches, nominal_of_spans, overhead_per_action, parse, run_cluster, run_p2p_us,
+                           stage_seed, step_bubbles, window)
 from schedules import build, get_layout, simulate
 from schedules.actions import Action
 from schedules.verify import microbatches_of
 
 PP, CHUNKS_PER_PP = 4, 2
 COSTS = StageCosts.table(1000)          # F = B = W = 1 ms, F&B pair without W = 1.5 ms
+LINK_US = 300                           # the async device's link
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    return run_cluster(PP, SCHEDULES, {"table": COSTS}, steps=1, warmup=0, chunks_per_pp=CHUNKS_PER_PP, timeout=120)
+    return run_cluster(PP, SCHEDULES, {"table": COSTS}, steps=1, warmup=0, chunks_per_pp=CHUNKS_PER_PP, timeout=120,
+                       devices=DEVICES, depth=2, link_us=LINK_US)
 
 
 def reference(name: str, n: int):
@@ -34,7 +40,7 @@ def reference(name: str, n: int):
     w = [SleepStage(COSTS, 1000 + p).weight.detach().double().requires_grad_(True) for p in range(parts)]
     losses = {}
     for mb, (x, y) in enumerate(micro_batches(n)):
-        h = x.double()
+        h = x[:, :WIDTH].double()
         for p in range(parts):
             h = h * w[p]
         loss = (h * y.double()).sum()
@@ -43,19 +49,21 @@ def reference(name: str, n: int):
     return [t.grad for t in w], losses
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", SCHEDULES)
-def test_runs_what_simulate_models(cluster, name):
+def test_runs_what_simulate_models(cluster, name, device):
     n = CHUNKS_PER_PP * PP
     layout = get_layout(name, PP)
     sim = simulate(build(name, PP, n), layout, COSTS.simulate_costs())
-    step = [cluster["records"][r][("table", name)][0] for r in range(PP)]
+    step = [cluster["records"][r][(device, "table", name)][0] for r in range(PP)]
     for r in range(PP):
+        for spans in (step[r]["host_spans"], step[r]["spans"]):
+            assert [str(a) for _, _, a in spans] == [str(a) for _, _, a in sim.timelines[r]]
         traced = [a for _, _, a in step[r]["spans"]]
-        assert [str(a) for a in traced] == [str(a) for _, _, a in sim.timelines[r]]
         expected = [int(sim_costs) for sim_costs in (COSTS.simulate_costs().of(a) for a in traced)]
         assert nominal_of_spans(step[r]) == expected, f"rank {r}"
-        # every sleep ran inside a traced action (none lost between actions)
-        assert sum(nominal_of_spans(step[r])) == sum(us for _, us, _, _ in step[r]["sleeps"])
+        # every computation was launched inside a traced action (none lost between actions)
+        assert sum(nominal_of_spans(step[r])) == sum(op[1] for op in step[r]["ops"])
         assert sum(expected) == int(sim.busy[r])
     # gradients: the copies of each part together hold the one-process gradient
     grads, losses = reference(name, n)
@@ -77,8 +85,64 @@ def test_runs_what_simulate_models(cluster, name):
         assert bubbles[r] >= 0
 
 
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_async_device_never_runs_ahead_of_simulate(cluster, name):
+    """simulate() with the nominal costs and the link is the async device with hosts that are never late: a host
+    can only delay a computation. So, relative to the step's first computation, every computation starts no earlier
+    than simulate() starts it; each lasts exactly its cost; a rank's computations never overlap. A message used
+    before the end of the action that sent it (plus the link) would start a computation early."""
+    n = CHUNKS_PER_PP * PP
+    layout = get_layout(name, PP)
+    sim = simulate(build(name, PP, n), layout, COSTS.simulate_costs(LINK_US))
+    step = [cluster["records"][r][("async", "table", name)][0] for r in range(PP)]
+    lo, _ = window(step)
+    for r in range(PP):
+        ops = step[r]["ops"]
+        for kind, us, start, end, launched, late in ops:
+            assert end - start == pytest.approx(us / 1e6, abs=1e-6)     # time.time()'s float64 resolution
+            assert start >= launched and late >= 0
+        assert all(b[2] >= a[3] - 1e-6 for a, b in zip(ops, ops[1:])), f"rank {r}: computations overlap"
+        for (s, e, a), (ss, se, sa) in zip(step[r]["spans"], sim.timelines[r]):
+            assert str(a) == str(sa)
+            # 10 us: the float64 rounding of a chain of time.time() sums, against 1 ms costs and a 300 us link
+            assert s - lo >= float(ss) / 1e6 - 1e-5, f"rank {r}: {a} started before simulate() allows"
+    row = analyse(name, PP, n, [step], COSTS, cluster["p2p_us"], "async", LINK_US)
+    assert all(m >= s - 10.0 for m, s in zip(row["measured"], row["sim"]))     # us
+    assert row["with_overhead"] is None and row["p2p_us"] == LINK_US
+
+
+def test_async_device_as_a_stream():
+    """The device's own rules, in one process: a computation starts at the latest of its launch, the stream's end
+    and its input's readiness (plus the link from another rank), and the host waits once `depth` are pending."""
+    import time
+
+    Device.configure("async", depth=2, link_us=1000.0, rank=3)
+    Device.take()
+    Device.begin()
+    t = time.time()
+    e1 = Device.run("F", 20000)                                     # 20 ms from now
+    x = torch.zeros(1, WIDTH + 2, dtype=torch.float64)
+    x[0, WIDTH], x[0, WIDTH + 1] = e1 + 0.005, 1                    # from rank 0, ready 5 ms after e1
+    e2 = Device.run("B", 1000, Device.ready(x))                     # starts 5 ms + the 1 ms link after e1
+    assert e2 == pytest.approx(e1 + 0.005 + 0.001 + 0.001, abs=1e-6)
+    x[0, WIDTH + 1] = 4                                             # produced on this rank: no link
+    assert Device.ready(x) == pytest.approx(e1 + 0.005, abs=1e-6)
+    assert time.time() - t < 0.015                                  # neither launch waited for the stream
+    e3 = Device.run("W", 1000)                                      # two pending: waits until the first ended
+    ops, sleeps = Device.take()
+    assert [o[0] for o in ops] == ["F", "B", "W"] and e3 == pytest.approx(e2 + 0.001, abs=1e-6)
+    assert ops[2][4] >= e1 and len(sleeps) == 1
+    assert ops[1][5] == 0.0                                         # the host was early: the stream never waited
+    Device.synchronize()
+    assert time.time() >= e3
+    with pytest.raises(ValueError, match="gpu"):
+        Device.configure("gpu")
+    Device.configure("sync")
+
+
 def test_p2p_latency_was_measured(cluster):
     assert cluster["p2p_us"] > 0 and math.isfinite(cluster["p2p_us"])
+    assert cluster["link_us"] == LINK_US and cluster["depth"] == 2
 
 
 def test_stage_microbatches_cover_each_part_once():
@@ -94,9 +158,13 @@ def test_stage_microbatches_cover_each_part_once():
 def test_analysis_on_a_hand_made_step():
     f, b = Action("F", 0, 0), Action("B", 0, 0)
     # rank 0 computes [0, 2] (slept 1.5) and [3, 4] (slept 1), waits [2, 2.5]; rank 1 computes [1, 5] (slept 3)
-    step = [dict(spans=[(0.0, 2.0, f), (3.0, 4.0, b)], waits=[(2.0, 2.5, "wait")],
-                 sleeps=[("F", 1500000, 0.25, 1.75), ("B", 1000000, 3.0, 4.0)]),
-            dict(spans=[(1.0, 5.0, f)], waits=[(0.0, 1.0, "wait")], sleeps=[("F", 3000000, 1.5, 4.5)])]
+    ops0 = [("F", 1500000, 0.25, 1.75, 0.25, 0.0), ("B", 1000000, 3.0, 4.0, 3.0, 0.0)]
+    step = [dict(spans=[(0.0, 2.0, f), (3.0, 4.0, b)], waits=[(2.0, 2.5, "wait")], ops=ops0,
+                 host_sleeps=[(0.25, 1.75), (3.0, 4.0)]),
+            dict(spans=[(1.0, 5.0, f)], waits=[(0.0, 1.0, "wait")], ops=[("F", 3000000, 1.5, 4.5, 1.5, 0.0)],
+                 host_sleeps=[(1.5, 4.5)])]
+    for r in step:
+        r["host_spans"] = r["spans"]
     makespan, bubbles = step_bubbles(step)
     assert makespan == 5.0 and bubbles == [2.0, 1.0]
     o = overhead_per_action(step[0])
@@ -106,6 +174,10 @@ def test_analysis_on_a_hand_made_step():
     o1 = overhead_per_action(step[1])                 # the wait before its first action is outside its span
     assert o1["inside"] == pytest.approx(1e6) and o1["between"] == pytest.approx(0.0)
     assert nominal_of_spans(step[0]) == [1500000, 1000000]
+    # the async device: a traced action's computations are what it launched, wherever the stream ran them
+    late = [("B", 500000, 2.5, 3.0, 1.9, 0.5), ("W", 1000000, 3.0, 4.0, 1.95, 0.0), ("F", 1000000, 4.0, 5.0, 3.1, 0.0)]
+    assert device_spans(step[0]["spans"], late) == [(2.5, 4.0, f), (4.0, 5.0, b)]
+    assert overhead_per_action(dict(step[0], ops=late, host_sleeps=[]))["late_ms"] == pytest.approx(500.0)
 
 
 def test_p2p_latency_in_the_run_as_simulate_defines_it():
@@ -125,7 +197,9 @@ def test_p2p_latency_in_the_run_as_simulate_defines_it():
 
 @pytest.mark.parametrize("argv, key", [(["--pp", "6", "5"], "--pp"), (["--schedules", "gpipe2"], "--schedules"),
                                        (["--costs", "big"], "--costs"), (["--chunks-per-pp", "1"], "--chunks-per-pp"),
-                                       (["--unit-ms", "0"], "--unit-ms"), (["--nice", "-21"], "--nice")])
+                                       (["--unit-ms", "0"], "--unit-ms"), (["--nice", "-21"], "--nice"),
+                                       (["--device", "gpu"], "--device"), (["--queue", "0"], "--queue"),
+                                       (["--link-us", "-1"], "--link-us")])
 def test_bad_arguments_name_the_argument(argv, key, capsys):
     with pytest.raises(ValueError, match=key):
         parse(argv)
