@@ -36,6 +36,7 @@ host were ever late, which the measurement can only exceed.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import pickle
 import statistics
@@ -83,7 +84,7 @@ class StageCosts:
         # F = 1, full B = 2, W = 1, F&B = 2.5: input-gradient B = 2 - 1, pair without W = 2.5 - 1
         return cls(F=unit_us, B=unit_us, W=unit_us, FB=unit_us * 3 // 2)
 
-    def simulate_costs(self, p2p_us: int = 0):
+    def simulate_costs(self, p2p_us: float = 0):
         from schedules import Costs
         return Costs(F=self.F, B=self.B, W=self.W, FB=self.FB, p2p=p2p_us)
 
@@ -93,17 +94,22 @@ class Device:
 
     sync   the host sleeps each computation's cost: host work and computation take turns, as when a CPU computes.
     async  a stream, as a GPU runs one: the host launches a computation and goes on; the computation starts when
-           the host has launched it, the stream's previous one has ended and its input is there (the producing
-           device's end, stamped in the tensor, plus `link` if it came from another rank), and lasts exactly its
-           cost. The host sleeps only when `depth` launched computations have not ended (a launch queue, so the
-           host runs at most that far ahead) and at the end of the step (synchronize). Its own work overlaps the
-           computations; it costs time only when the stream ran dry waiting for a launch (`late`).
+           the host has launched it, the stream's previous one has ended and its input is there (stamped in the
+           tensor: the end of the action before the SEND that carried it, plus `link` if it came from another rank),
+           and lasts exactly its cost. The host sleeps only when `depth` launched computations have not ended (a
+           launch queue: the host runs at most that far ahead) and at the end of the step (synchronize). Its own work
+           overlaps the computations; it costs time only when the stream runs dry waiting for a launch (`late`).
 
-    log: (kind, nominal us, start, end, launched, late) per computation, time.time() seconds (one clock for all
-    processes of a machine: the emulated cluster runs on one). host_sleeps: (start, end) of the host's sleeps."""
+    Times are seconds from the step's epoch, the instant every rank starts it at (`start_together`): float64 keeps
+    them exact to far below a microsecond, where time.time() itself (1.8e9 s) resolves 0.24 us and a chain of
+    computations would add that up. log: (kind, nominal us, start, end, launched, late, action) per computation, in
+    time.time() seconds once taken; `action` counts the executor's computations (StreamOrderedExecutor).
+    host_sleeps: (start, end) of the host's sleeps, time.time() seconds."""
     mode, depth, link_s, rank = "sync", 2, 0.0, 0
     log: list = []
     host_sleeps: list = []
+    action = -1
+    _epoch = 0.0
     _busy = 0.0
     _pending: list = []
     _pair_end: Optional[float] = None      # inside an F&B pair: its halves neither sleep nor launch
@@ -115,22 +121,32 @@ class Device:
         cls.mode, cls.depth, cls.link_s, cls.rank = mode, depth, link_us / 1e6, rank
 
     @classmethod
-    def begin(cls) -> None:
-        cls._busy, cls._pending = time.time(), []
+    def begin(cls, epoch: Optional[float] = None) -> None:
+        """A new step: times count from `epoch` (time.time(); the same on every rank), the stream is free now."""
+        cls._epoch = time.time() if epoch is None else epoch
+        cls._busy, cls._pending, cls.action = cls.now(), [], -1
+
+    @classmethod
+    def now(cls) -> float:
+        return time.time() - cls._epoch
 
     @classmethod
     def _sleep_until(cls, t: float) -> None:
+        """Sleep until `t` seconds after the epoch."""
         now = time.time()
-        if t > now:
-            time.sleep(t - now)
+        if cls._epoch + t > now:
+            time.sleep(cls._epoch + t - now)
             cls.host_sleeps.append((now, time.time()))
 
     @classmethod
     def ready(cls, t: Optional[torch.Tensor]) -> float:
         """When tensor t's producer finished, plus the link if another rank produced it (0: no device did)."""
-        if t is None or int(t[0, SOURCE]) == 0:
+        if t is None:
             return 0.0
-        return float(t[0, STAMP]) + (cls.link_s if int(t[0, SOURCE]) != cls.rank + 1 else 0.0)
+        stamp, source = t.detach()[0, STAMP:].tolist()
+        if source == 0:
+            return 0.0
+        return stamp + (cls.link_s if int(source) != cls.rank + 1 else 0.0)
 
     @classmethod
     def run(cls, kind: str, us: int, ready: float = 0.0) -> float:
@@ -138,27 +154,27 @@ class Device:
         if cls._pair_end is not None and kind in ("F", "B"):
             return cls._pair_end
         if cls.mode == "sync":
-            t = time.time()
+            t = cls.now()
             time.sleep(us / 1e6)
-            end = time.time()
-            cls.host_sleeps.append((t, end))
-            cls.log.append((kind, us, t, end, t, 0.0))
+            end = cls.now()
+            cls.host_sleeps.append((cls._epoch + t, cls._epoch + end))
+            cls.log.append((kind, us, t, end, t, 0.0, cls.action))
             return end
         if len(cls._pending) >= cls.depth:
             cls._sleep_until(cls._pending[-cls.depth])
-        now = time.time()
+        now = cls.now()
         cls._pending = [e for e in cls._pending if e > now]
         could = max(cls._busy, ready)
         start = max(now, could)
         end = cls._busy = start + us / 1e6
         cls._pending.append(end)
-        cls.log.append((kind, us, start, end, now, start - could))
+        cls.log.append((kind, us, start, end, now, start - could, cls.action))
         return end
 
     @classmethod
-    def stream_end(cls) -> float:
-        """When everything launched so far will have ended."""
-        return cls._busy if cls.mode == "async" else time.time()
+    def send_stamp(cls) -> float:
+        """When a SEND posted now can leave: after everything launched so far, and not before it is posted."""
+        return max(cls._busy, cls.now()) if cls.mode == "async" else cls.now()
 
     @classmethod
     def synchronize(cls) -> None:
@@ -167,7 +183,9 @@ class Device:
 
     @classmethod
     def take(cls) -> tuple[list, list]:
-        out = cls.log, cls.host_sleeps
+        e = cls._epoch
+        ops = [(k, us, e + s, e + t, e + l, late, i) for k, us, s, t, l, late, i in cls.log]
+        out = ops, cls.host_sleeps
         cls.log, cls.host_sleeps = [], []
         return out
 
@@ -277,14 +295,26 @@ def stage_seed(layout, stage: int) -> int:
 class StreamOrderedExecutor(PipelineExecutor):
     """The executor, with a SEND on the async device leaving after everything launched before it, as a send enqueued
     on a GPU's stream does: its tensors are stamped with the stream's end when the executor posts them (before the
-    next computation). Nothing else changes."""
+    next computation), and every computation the device runs tagged with the action that launched it. Nothing else
+    changes."""
 
     def _flush(self) -> None:
         if Device.mode == "async":
             for op, tensor, *_ in self._ops:
                 if op is dist.isend:
-                    tensor[0, STAMP], tensor[0, SOURCE] = Device.stream_end(), Device.rank + 1
+                    tensor[0, STAMP], tensor[0, SOURCE] = Device.send_stamp(), Device.rank + 1
         super()._flush()
+
+
+def _tagging(do):
+    def tagged(self, a):
+        Device.action += 1
+        return do(self, a)
+    return tagged
+
+
+for _op in ("F", "B", "W", "BW", "FB"):
+    setattr(StreamOrderedExecutor, f"_do_{_op}", _tagging(getattr(PipelineExecutor, f"_do_{_op}")))
 
 
 class Job:
@@ -310,20 +340,24 @@ class Job:
     def key(self) -> tuple[str, str, str]:
         return self.device, self.cost_name, self.schedule
 
-    def step(self, depth: int, link_us: float) -> dict:
+    def step(self, depth: int, link_us: float, epoch: Optional[float] = None) -> dict:
         for m in self.stages.values():
             m.weight.grad = None
         Device.configure(self.device, depth, link_us, dist.get_rank())
         Device.take()
         cpu, begin = time.process_time(), time.time()
-        Device.begin()
+        Device.begin(epoch)
         res = self.executor.run(self.actions, self.n, self.inputs, self.labels, trace=True)
         Device.synchronize()
         cpu = time.process_time() - cpu
         ops, host_sleeps = Device.take()
         t0 = res.start_time
         host = [(t0 + s, t0 + e, a) for s, e, a in res.compute_spans]
-        return dict(begin=begin, host_spans=host, spans=host if self.device == "sync" else device_spans(host, ops), cpu_s=cpu,
+        # the bubble's busy time: the sync host's traced actions; the async device's computations (not the span
+        # from an action's first to its last, which would count a gap the host left inside it as busy)
+        busy = sum(e - s for s, e, _ in host) if self.device == "sync" else sum(op[3] - op[2] for op in ops)
+        return dict(begin=begin, host_spans=host, spans=host if self.device == "sync" else device_spans(host, ops),
+                    busy_s=busy, cpu_s=cpu,
                     waits=[(t0 + s, t0 + e, w) for s, e, w in res.trace if isinstance(w, str)],
                     ops=ops, host_sleeps=host_sleeps,
                     grads={s: m.weight.grad.clone() for s, m in self.stages.items()},
@@ -331,14 +365,10 @@ class Job:
 
 
 def launched_by(host_spans: list, ops: list) -> list[list]:
-    """Per traced action, the device computations it launched (those launched after its start and before the next
-    action's: the executor's clock and time.time() agree to about a microsecond)."""
-    import bisect
-
-    starts = [s - 2e-6 for s, _, _ in host_spans]
+    """Per traced action, the device computations it launched (by the action tag each computation carries)."""
     out: list[list] = [[] for _ in host_spans]
     for op in ops:
-        out[max(0, bisect.bisect_right(starts, op[4]) - 1)].append(op)
+        out[op[6]].append(op)
     return out
 
 
@@ -355,7 +385,8 @@ def start_together(margin_s: float = 0.05) -> float:
     t = torch.tensor([time.time() + margin_s], dtype=torch.float64)
     dist.broadcast(t, 0)
     start = float(t)
-    Device._sleep_until(start)
+    Device.begin(start)
+    Device._sleep_until(0.0)
     Device.take()
     return start
 
@@ -387,7 +418,7 @@ def _worker(rank: int, pp: int, port: int, plan: dict, out_path: str) -> None:
     for i in range(plan["warmup"] + plan["steps"]):
         for j in jobs:        # one step of every job per round: the machine's load drift falls on all alike
             start = start_together()
-            rec = j.step(plan["depth"], link_us)
+            rec = j.step(plan["depth"], link_us, start)
             rec["start_skew_s"] = rec["begin"] - start
             if i >= plan["warmup"]:
                 records[j.key].append(rec)
@@ -483,7 +514,8 @@ def window(step: list[dict]) -> tuple[float, float]:
 def step_bubbles(step: list[dict]) -> tuple[float, list[float]]:
     """(makespan, per-rank bubble) in seconds: makespan minus the rank's computation time."""
     lo, hi = window(step)
-    return hi - lo, [(hi - lo) - sum(e - s for s, e, _ in r["spans"]) for r in step]
+    busy = [r["busy_s"] if "busy_s" in r else sum(e - s for s, e, _ in r["spans"]) for r in step]
+    return hi - lo, [(hi - lo) - b for b in busy]
 
 
 def _clip(spans, lo: float, hi: float) -> float:
@@ -589,7 +621,7 @@ def analyse(name: str, pp: int, n: int, steps: list[list[dict]], nominal: StageC
         costs, med = measured_costs(steps, nominal, in_run if in_run is not None else p2p_us)
     else:
         samples = 0
-        costs, med = nominal.simulate_costs(round(link_us)), measured_costs(steps, nominal, link_us)[1]
+        costs, med = nominal.simulate_costs(link_us), measured_costs(steps, nominal, link_us)[1]
     sim = simulate(acts, layout, costs)
     ideal = simulate(acts, layout, nominal.simulate_costs())
     per_step = [step_bubbles(st) for st in steps]
@@ -661,7 +693,7 @@ def summary_lines(rows: list[dict]) -> list[str]:
         w = _worst(row)
         ov = statistics.median(row["overhead"]["total"])
         ins, btw = statistics.median(row["overhead"]["inside"]), statistics.median(row["overhead"]["between"])
-        p2p = f"{row['p2p_us']} ({row['p2p_samples']})" if row["device"] == "sync" else f"{row['p2p_us']} (link)"
+        p2p = f"{float(row['p2p_us']):g} " + (f"({row['p2p_samples']})" if row["device"] == "sync" else "(link)")
         lines.append(f"| {row['device']} | {row['cost_set']} | {row['schedule']} | {row['pp']} | {row['n']} | {p2p} | "
                      f"{row['makespan'] / 1e3:.1f} | {row['measured'][w] / 1e3:.2f} | {row['sim'][w] / 1e3:.2f} | "
                      f"{row['ratio'][w]:.3f} | {_dev(row['ratio']):.3f} | "
@@ -724,7 +756,11 @@ def save_gantt(row: dict, path) -> None:
     ms_ = lambda spans: [((s - lo) * 1e3, (e - lo) * 1e3, a) for s, e, a in spans]
     # the host's waits for data are the device's idle time only when the host computes (sync)
     comm = [ms_(r["waits"]) if row["device"] == "sync" else [] for r in step]
-    draw_gantt([ms_(r["spans"]) for r in step], str(path), comm=comm,
+    if row["device"] == "sync":
+        boxes = [ms_(r["spans"]) for r in step]
+    else:   # each computation on its own, so a gap inside an action shows
+        boxes = [ms_([(op[2], op[3], r["host_spans"][op[6]][2]) for op in r["ops"]]) for r in step]
+    draw_gantt(boxes, str(path), comm=comm,
                title=f"emulated cluster ({row['device']} device), measured {row['schedule']} PP={row['pp']}, "
                      f"{row['n']} chunks, {row['cost_set']} costs (ms)")
 
@@ -752,10 +788,14 @@ def report(a, rows: list[dict], p2p: dict, tiny_info: Optional[dict], cost_sets:
              "overshoot and the autograd work inside an action included) and the mean p2p latency measured in the "
              "run (simulate() posts a SEND when the computation before it ends: from that end to the end of the "
              "receiver's wait, over the receives whose rank was already waiting; in brackets how many). Simulated, "
-             "async: simulate() with the nominal costs and the link as its p2p latency, which is what the device "
-             "computes when no host is ever late, so the measured bubble can only exceed it: by the time a stream "
-             "ran dry because its host had not launched yet or a message had not reached its host (device idle "
-             "waiting for its host). "
+             "async: simulate() with the nominal costs and the link as its p2p latency. That is what the device "
+             "computes when no host is ever late, so measured >= simulated holds by construction and the ratio does "
+             "not test simulate(): it tests that the real executor runs simulate()'s actions in its order with its "
+             "dependencies (a message used early would start a computation before simulate() does, which "
+             "tests/bench/test_cluster_smoke.py checks per action), and measures what the hosts cost, the time a "
+             "stream ran dry because its host had not launched yet or a message had not yet reached its host. "
+             "Device idle waiting for its host: the first of these, on the rank's own stream; a rank delayed by a "
+             "late message from another rank is not in it, so it does not add up to the excess. "
              "Nominal = simulate() with the nominal costs and no latency; table = the DualPipe README / V3 Table 2 "
              "formula (DualPipeV: PP = 2 x devices). Simulated + executor overhead (sync): the same simulate() with "
              "every action made longer by the executor's measured work between actions (mean over ranks), so that the "
@@ -835,7 +875,8 @@ def parse(argv=None):
                    help="sync: the host sleeps each cost (host work and computations take turns); async: a stream "
                         "the host launches computations on and runs ahead of, as on a GPU")
     p.add_argument("--queue", type=int, default=2,
-                   help="async device: computations launched and not ended before the host waits (>= 1)")
+                   help="async device: computations launched and not ended before the host waits (>= 1; 1 leaves the "
+                        "stream idle while the host wakes and launches the next)")
     p.add_argument("--link-us", type=float, default=None,
                    help="async device: a message's time on the wire (default: the gloo latency measured at start-up)")
     p.add_argument("--chunks-per-pp", type=int, default=2, help="micro-batches per step = this x PP (>= 2)")
@@ -861,8 +902,9 @@ def parse(argv=None):
             raise ValueError(f"--device {d}: allowed {', '.join(DEVICES)}")
     if a.queue < 1:
         raise ValueError(f"--queue={a.queue}: must be >= 1")
-    if a.link_us is not None and not a.link_us >= 0:
-        raise ValueError(f"--link-us={a.link_us}: must be >= 0")
+    if a.link_us is not None and not (math.isfinite(a.link_us) and a.link_us >= 0):
+        raise ValueError(f"--link-us={a.link_us}: must be a finite number of microseconds >= 0")
+    a.pp, a.schedules, a.costs, a.device = (list(dict.fromkeys(v)) for v in (a.pp, a.schedules, a.costs, a.device))
     if not a.unit_ms > 0:
         raise ValueError(f"--unit-ms={a.unit_ms}: must be > 0")
     if a.chunks_per_pp < 2:
