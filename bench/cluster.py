@@ -63,7 +63,7 @@ STAMP = WIDTH         # two more elements ride along: when the device that produ
 SOURCE = WIDTH + 1    # on which rank (rank + 1; 0 = not produced on a device: inputs, the loss's gradient)
 
 
-# ---------------------------------------------------------------- the sleeping stage
+# ---------------------------------------------------------------- the emulated device and stage
 @dataclass(frozen=True)
 class StageCosts:
     """Integer microseconds of one stage's actions, in simulate.Costs' notation: B is the input-gradient backward,
@@ -380,8 +380,9 @@ def device_spans(host_spans: list, ops: list) -> list[tuple]:
 
 def start_together(margin_s: float = 0.05) -> float:
     """Start the step on every rank at one instant, as simulate() does: rank 0 names a time `margin_s` ahead and every
-    rank sleeps until then. Leaving a barrier instead, 16 processes on 2 cores wake several milliseconds apart, and
-    DualPipe's two ends would start apart by that much."""
+    rank sleeps until then, rather than each leaving a barrier whenever its wake-up is delivered. The step's times
+    count from that instant (Device's epoch). Ranks still wake apart by the machine's scheduling (16 processes on 2
+    cores: a few milliseconds); each step records how late its rank began (start_skew_s)."""
     t = torch.tensor([time.time() + margin_s], dtype=torch.float64)
     dist.broadcast(t, 0)
     start = float(t)
