@@ -59,8 +59,9 @@ SCHEDULES = ("dualpipe", "dualpipev", "zb1p", "1f1b")
 COST_SETS = ("table", "tiny")
 DEVICES = ("sync", "async")
 WIDTH = 16            # elements of the activation each stage computes on: small, so the wire time is gloo's latency
-STAMP = WIDTH         # two more elements ride along: when the device that produced the tensor finishes it, and
-SOURCE = WIDTH + 1    # on which rank (rank + 1; 0 = not produced on a device: inputs, the loss's gradient)
+# two more elements ride along: when the tensor is ready (its computation's end, or the end of the action before the
+# SEND that carried it), and on which rank (rank + 1; 0 = produced on no device: inputs, the loss's gradient)
+STAMP, SOURCE = WIDTH, WIDTH + 1
 
 
 # ---------------------------------------------------------------- the emulated device and stage
