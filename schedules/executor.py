@@ -8,9 +8,10 @@ rank's list once per training step:
   W   runs the weight-gradient closures B left for the same (stage, micro-batch)
   BW  full backward
   FB  forward of one chunk with the backward of another; a stage class may overlap them (the DualPipe hook)
-  SEND_* / RECV_*  posted, not waited on: consecutive ones go out together before the next computation, a received
-      tensor is waited for only when a computation needs it, and a sent activation's storage is released once the
-      send is done (its autograd graph stays, to run backward with the gradient that comes back).
+  SEND_* / RECV_*  posted, not waited on: consecutive ones go out together before the next computation (on gloo every
+      receive of the step is posted at its start), a received tensor is waited for only when a computation needs it,
+      and a sent activation's storage is released once the send is done (its autograd graph stays, to run backward
+      with the gradient that comes back).
 
 Neighbouring stages on the same rank (DualPipeV's turn) hand tensors over directly, with no communication action.
 schedules/mirror.py sums the gradients of DualPipe's two copies of each model part (V3 §3.2.1: rank r holds part r of
@@ -259,6 +260,7 @@ class PipelineExecutor:
         self._recvs: dict = {}         # ("F"|"B", sending stage, mb) -> _Recv, posted and not yet consumed
         self._ops: list = []           # (isend | irecv, tensor, pipeline peer, tag, _Recv | _Send) of the batch being formed
         self._sends: list = []         # posted _Send not yet known to be complete
+        self._unwatched: list = []     # posted _Send not yet handed to the send waiter
         # gloo reports a send complete only once someone waits for it: a thread does, so the main thread
         # learns when an activation can be released without ever blocking on a send itself
         self._send_waiter = _SendWaiter() if dist.get_backend(self.group) == "gloo" else None
@@ -272,9 +274,11 @@ class PipelineExecutor:
         WeightGradStore.clear()
         try:
             with torch.enable_grad() if train else torch.no_grad():
+                posted = self._post_receives_early(actions)
                 for i, a in enumerate(actions):
                     if a.op in COMM_OPS:
-                        self._post(a)
+                        if i not in posted:
+                            self._post(a)
                         continue
                     self._flush()
                     self._start = None
@@ -293,7 +297,7 @@ class PipelineExecutor:
                 self._send_waiter.close()
             result, self._result = self._result, None
             self._stage_in = self._stage_out = self._loss_graph = self._out_grads = self._in_grads = None
-            self._wgrads = self._local_in = self._recvs = self._ops = self._sends = None
+            self._wgrads = self._local_in = self._recvs = self._ops = self._sends = self._unwatched = None
             self._inputs = self._labels = None
         return result
 
@@ -531,6 +535,23 @@ class PipelineExecutor:
         tag = self._tag(kind, a.stage, a.mb)
         self._ops += [(dist.irecv, b, a.peer, tag, rec) for b in rec.buffers]
 
+    def _post_receives_early(self, actions: Sequence[Action]) -> set[int]:
+        """On gloo, post every receive of the step before its first computation; return their indices in `actions`.
+
+        gloo sends a message only once the receiver has posted its receive: a send posted first is announced, the
+        receiver answers when it posts, and only then does the data go, written by gloo's thread. A receive posted
+        early turns that into one message, written by the sender at once, and about halves the CPU gloo's threads
+        spend per message. Tags are unique per message, so the order receives are posted in does not matter; the
+        cost is that every receive buffer of the step is allocated at its start. NCCL matches in order, so its
+        receives stay where the schedule puts them."""
+        if self._pg is None:
+            return set()
+        posted = {i for i, a in enumerate(actions) if a.op in ("RECV_F", "RECV_B")}
+        for i in sorted(posted):
+            self._post(actions[i])
+        self._flush()
+        return posted
+
     def _flush(self) -> None:
         """Post the batch formed so far: on the gloo process group op by op, otherwise as one batch_isend_irecv."""
         if not self._ops:
@@ -556,7 +577,13 @@ class PipelineExecutor:
         new_sends = list({id(op[-1]): op[-1] for op in ops if isinstance(op[-1], _Send)}.values())
         self._sends += new_sends
         if self._send_waiter is not None:
-            self._send_waiter.submit(new_sends)
+            # each hand-over wakes the waiter, which then takes the GIL from the main thread: a context switch or two
+            # on a busy host. Only a send that releases an activation needs to be seen done early; the others go with
+            # it, or at the step's end
+            self._unwatched += new_sends
+            if any(send.frees for send in new_sends):
+                self._send_waiter.submit(self._unwatched)
+                self._unwatched = []
         self._finish_sends(wait=False)
 
     def _wait_recv(self, key: tuple) -> list[torch.Tensor]:
@@ -580,6 +607,9 @@ class PipelineExecutor:
             return
         t = self._now()
         if self._send_waiter is not None:
+            if wait:
+                self._send_waiter.submit(self._unwatched)
+                self._unwatched = []
             done = self._send_waiter.take_done(self._sends, wait)
         elif wait:
             for send in self._sends:
