@@ -116,10 +116,13 @@ class _Recv:
 
 
 class _Send:
-    """A posted send: the tensors on the wire (kept alive until done) and the activations to release after."""
+    """A posted send: the tensors on the wire (kept alive until done) and the activations to release after.
 
-    def __init__(self, wire: list[torch.Tensor], frees: list[torch.Tensor]):
-        self.wire, self.frees, self.works = wire, frees, []
+    flush: which of the step's batches posted it; watched: handed to the send waiter (gloo)."""
+
+    def __init__(self, wire: list[torch.Tensor], frees: list[torch.Tensor], peer: int):
+        self.wire, self.frees, self.peer, self.works = wire, frees, peer, []
+        self.flush, self.watched = 0, False
 
 
 class _SendWaiter:
@@ -260,7 +263,8 @@ class PipelineExecutor:
         self._recvs: dict = {}         # ("F"|"B", sending stage, mb) -> _Recv, posted and not yet consumed
         self._ops: list = []           # (isend | irecv, tensor, pipeline peer, tag, _Recv | _Send) of the batch being formed
         self._sends: list = []         # posted _Send not yet known to be complete
-        self._unwatched: list = []     # posted _Send not yet handed to the send waiter
+        self._flushes = 0              # batches posted so far
+        self._heard: set = set()       # pipeline peers a receive of this step has come from
         # gloo reports a send complete only once someone waits for it: a thread does, so the main thread
         # learns when an activation can be released without ever blocking on a send itself
         self._send_waiter = _SendWaiter() if dist.get_backend(self.group) == "gloo" else None
@@ -297,7 +301,7 @@ class PipelineExecutor:
                 self._send_waiter.close()
             result, self._result = self._result, None
             self._stage_in = self._stage_out = self._loss_graph = self._out_grads = self._in_grads = None
-            self._wgrads = self._local_in = self._recvs = self._ops = self._sends = self._unwatched = None
+            self._wgrads = self._local_in = self._recvs = self._ops = self._sends = self._heard = None
             self._inputs = self._labels = None
         return result
 
@@ -520,7 +524,7 @@ class PipelineExecutor:
                 frees = [t for t in tensors if self._train and self.free_sent_outputs and _freeable(t)]
             else:
                 tensors, frees = self._in_grads.pop((a.stage, a.mb)), []
-            send = _Send([t.detach().contiguous() for t in tensors], frees)
+            send = _Send([t.detach().contiguous() for t in tensors], frees, a.peer)
             tag = self._tag(a.op[-1], a.stage, a.mb)
             self._ops += [(dist.isend, w, a.peer, tag, send) for w in send.wire]
             return
@@ -575,15 +579,18 @@ class PipelineExecutor:
         if self._trace:
             self._result.post_s += self._now() - t
         new_sends = list({id(op[-1]): op[-1] for op in ops if isinstance(op[-1], _Send)}.values())
+        self._flushes += 1
+        for send in new_sends:
+            send.flush = self._flushes
         self._sends += new_sends
         if self._send_waiter is not None:
             # each hand-over wakes the waiter, which then takes the GIL from the main thread: a context switch or two
-            # on a busy host. Only a send that releases an activation needs to be seen done early; the others go with
-            # it, or at the step's end
-            self._unwatched += new_sends
-            if any(send.frees for send in new_sends):
-                self._send_waiter.submit(self._unwatched)
-                self._unwatched = []
+            # on a busy host. Only an activation to release needs its send seen done early, and only while the peer
+            # has not been heard from (see _gloo_sends_done)
+            watch = [send for send in new_sends if send.frees and send.peer not in self._heard]
+            for send in watch:
+                send.watched = True
+            self._send_waiter.submit(watch)
         self._finish_sends(wait=False)
 
     def _wait_recv(self, key: tuple) -> list[torch.Tensor]:
@@ -597,6 +604,7 @@ class PipelineExecutor:
         t = self._now()
         for w in rec.works:
             w.wait()
+        self._heard.add(rec.action.peer)
         if self._trace:
             self._result.trace.append((t, self._now(), f"wait {rec.action}"))
         return rec.buffers
@@ -607,10 +615,7 @@ class PipelineExecutor:
             return
         t = self._now()
         if self._send_waiter is not None:
-            if wait:
-                self._send_waiter.submit(self._unwatched)
-                self._unwatched = []
-            done = self._send_waiter.take_done(self._sends, wait)
+            done = self._gloo_sends_done(wait)
         elif wait:
             for send in self._sends:
                 for w in send.works:
@@ -627,6 +632,23 @@ class PipelineExecutor:
         self._sends = [send for send in self._sends if id(send) not in ids]
         if wait and self._trace:
             self._result.trace.append((t, self._now(), "wait sends"))
+
+    def _gloo_sends_done(self, wait: bool) -> list[_Send]:
+        """The sends known done: the waiter's, and those the main thread can wait for without waiting on the peer.
+
+        gloo writes a message once the receiver's notice that its receive is posted has arrived, and every rank
+        posts all its receives at the step's start (_post_receives_early), before any send of its step, on the same
+        connection. So once a receive from a peer has completed, its notices have all been read, and every send to it
+        is written or being written: its wait takes no longer than the transfer, whatever the peer is doing. Those
+        are waited for here one batch after they were posted, so a large message has had a computation's time to
+        go; the others (sends that release nothing, to a peer not heard from yet) at the step's end."""
+        done = self._send_waiter.take_done([send for send in self._sends if send.watched], wait)
+        for send in self._sends:
+            if not send.watched and (wait or (send.peer in self._heard and send.flush < self._flushes)):
+                for w in send.works:
+                    w.wait()
+                done.append(send)
+        return done
 
     def _check_drained(self) -> None:
         """Everything a step starts must end in it: otherwise the action list was incomplete."""
