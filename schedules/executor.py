@@ -9,9 +9,9 @@ rank's list once per training step:
   BW  full backward
   FB  forward of one chunk with the backward of another; a stage class may overlap them (the DualPipe hook)
   SEND_* / RECV_*  posted, not waited on: consecutive ones go out together before the next computation (on gloo every
-      receive of the step is posted at its start), a received tensor is waited for only when a computation needs it,
-      and a sent activation's storage is released once the send is done (its autograd graph stays, to run backward
-      with the gradient that comes back).
+      receive of the step is posted by the end of its first computation), a received tensor is waited for only when a
+      computation needs it, and a sent activation's storage is released once the send is done (its autograd graph
+      stays, to run backward with the gradient that comes back).
 
 Neighbouring stages on the same rank (DualPipeV's turn) hand tensors over directly, with no communication action.
 schedules/mirror.py sums the gradients of DualPipe's two copies of each model part (V3 §3.2.1: rank r holds part r of
@@ -278,15 +278,17 @@ class PipelineExecutor:
         WeightGradStore.clear()
         try:
             with torch.enable_grad() if train else torch.no_grad():
-                posted = self._post_receives_early(actions)
+                posted: Optional[set[int]] = None     # the receives posted ahead of their place (gloo)
                 for i, a in enumerate(actions):
                     if a.op in COMM_OPS:
-                        if i not in posted:
+                        if posted is None or i not in posted:
                             self._post(a)
                         continue
                     self._flush()
                     self._start = None
                     getattr(self, "_do_" + a.op)(a)
+                    if posted is None:
+                        posted = self._post_receives_early(actions, i)
                     if trace:
                         end = self._now()
                         self._result.trace.append((self._start if self._start is not None else end, end, a))
@@ -539,18 +541,21 @@ class PipelineExecutor:
         tag = self._tag(kind, a.stage, a.mb)
         self._ops += [(dist.irecv, b, a.peer, tag, rec) for b in rec.buffers]
 
-    def _post_receives_early(self, actions: Sequence[Action]) -> set[int]:
-        """On gloo, post every receive of the step before its first computation; return their indices in `actions`.
+    def _post_receives_early(self, actions: Sequence[Action], first: int) -> set[int]:
+        """On gloo, post every receive of the step that comes after its first computation (`actions[first]`), right
+        after it: before any send of the step, since a send follows the computation that makes its tensor. Returns
+        their indices in `actions`.
 
         gloo sends a message only once the receiver has posted its receive: a send posted first is announced, the
         receiver answers when it posts, and only then does the data go, written by gloo's thread. A receive posted
         early turns that into one message, written by the sender at once, and about halves the CPU gloo's threads
         spend per message. Tags are unique per message, so the order receives are posted in does not matter; the
-        cost is that every receive buffer of the step is allocated at its start. NCCL matches in order, so its
-        receives stay where the schedule puts them."""
+        cost is that every receive buffer of the step is allocated by then. Posting them after the first
+        computation rather than before keeps them from delaying it. NCCL matches in order, so its receives stay where
+        the schedule puts them."""
         if self._pg is None:
             return set()
-        posted = {i for i, a in enumerate(actions) if a.op in ("RECV_F", "RECV_B")}
+        posted = {i for i, a in enumerate(actions) if i > first and a.op in ("RECV_F", "RECV_B")}
         for i in sorted(posted):
             self._post(actions[i])
         self._flush()
@@ -637,11 +642,11 @@ class PipelineExecutor:
         """The sends known done: the waiter's, and those the main thread can wait for without waiting on the peer.
 
         gloo writes a message once the receiver's notice that its receive is posted has arrived, and every rank
-        posts all its receives at the step's start (_post_receives_early), before any send of its step, on the same
-        connection. So once a receive from a peer has completed, its notices have all been read, and every send to it
-        is written or being written: its wait takes no longer than the transfer, whatever the peer is doing. Those
-        are waited for here one batch after they were posted, so a large message has had a computation's time to
-        go; the others (sends that release nothing, to a peer not heard from yet) at the step's end."""
+        posts all its receives before any send of its step (_post_receives_early), on the connection it sends on. So
+        once a receive from a peer has completed, its notices have all been read, and every send to it is written or
+        being written: its wait takes no longer than the transfer, whatever the peer is doing. Those are waited for
+        here one batch after they were posted, so a large message has had a computation's time to go; the others
+        (sends that release nothing, to a peer not heard from yet) at the step's end."""
         done = self._send_waiter.take_done([send for send in self._sends if send.watched], wait)
         for send in self._sends:
             if not send.watched and (wait or (send.peer in self._heard and send.flush < self._flushes)):
