@@ -118,11 +118,12 @@ class _Recv:
 class _Send:
     """A posted send: the tensors on the wire (kept alive until done) and the activations to release after.
 
-    flush: which of the step's batches posted it; watched: handed to the send waiter (gloo)."""
+    computed: how many of the step's computations had run when it was posted; watched: handed to the send waiter
+    (gloo)."""
 
     def __init__(self, wire: list[torch.Tensor], frees: list[torch.Tensor], peer: int):
         self.wire, self.frees, self.peer, self.works = wire, frees, peer, []
-        self.flush, self.watched = 0, False
+        self.computed, self.watched = 0, False
 
 
 class _SendWaiter:
@@ -263,7 +264,7 @@ class PipelineExecutor:
         self._recvs: dict = {}         # ("F"|"B", sending stage, mb) -> _Recv, posted and not yet consumed
         self._ops: list = []           # (isend | irecv, tensor, pipeline peer, tag, _Recv | _Send) of the batch being formed
         self._sends: list = []         # posted _Send not yet known to be complete
-        self._flushes = 0              # batches posted so far
+        self._computed = 0             # computations run so far
         self._heard: set = set()       # pipeline peers a receive of this step has come from
         # gloo reports a send complete only once someone waits for it: a thread does, so the main thread
         # learns when an activation can be released without ever blocking on a send itself
@@ -287,6 +288,7 @@ class PipelineExecutor:
                     self._flush()
                     self._start = None
                     getattr(self, "_do_" + a.op)(a)
+                    self._computed += 1
                     if posted is None:
                         posted = self._post_receives_early(actions, i)
                     if trace:
@@ -584,9 +586,8 @@ class PipelineExecutor:
         if self._trace:
             self._result.post_s += self._now() - t
         new_sends = list({id(op[-1]): op[-1] for op in ops if isinstance(op[-1], _Send)}.values())
-        self._flushes += 1
         for send in new_sends:
-            send.flush = self._flushes
+            send.computed = self._computed
         self._sends += new_sends
         if self._send_waiter is not None:
             # each hand-over wakes the waiter, which then takes the GIL from the main thread: a context switch or two
@@ -645,11 +646,11 @@ class PipelineExecutor:
         posts all its receives before any send of its step (_post_receives_early), on the connection it sends on. So
         once a receive from a peer has completed, its notices have all been read, and every send to it is written or
         being written: its wait takes no longer than the transfer, whatever the peer is doing. Those are waited for
-        here one batch after they were posted, so a large message has had a computation's time to go; the others
-        (sends that release nothing, to a peer not heard from yet) at the step's end."""
+        here once a computation has run since they were posted, so a large message has had that time to go; the
+        others (sends that release nothing, to a peer not heard from yet) at the step's end."""
         done = self._send_waiter.take_done([send for send in self._sends if send.watched], wait)
         for send in self._sends:
-            if not send.watched and (wait or (send.peer in self._heard and send.flush < self._flushes)):
+            if not send.watched and (wait or (send.peer in self._heard and send.computed < self._computed)):
                 for w in send.works:
                     w.wait()
                 done.append(send)
