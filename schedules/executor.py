@@ -266,8 +266,8 @@ class PipelineExecutor:
         self._sends: list = []         # posted _Send not yet known to be complete
         self._computed = 0             # computations run so far
         self._heard: set = set()       # pipeline peers a receive of this step has come from
-        # gloo reports a send complete only once someone waits for it: a thread does, so the main thread
-        # learns when an activation can be released without ever blocking on a send itself
+        # gloo reports a send complete only once someone waits for it: the main thread does once that cannot stall on
+        # the peer (_gloo_sends_done), and until then a thread does, so that an activation is still released early
         self._send_waiter = _SendWaiter() if dist.get_backend(self.group) == "gloo" else None
         ready_after: dict[int, list[int]] = {}
         self._grads_ready, self._final_w = grads_ready, set()
