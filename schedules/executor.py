@@ -8,9 +8,10 @@ rank's list once per training step:
   W   runs the weight-gradient closures B left for the same (stage, micro-batch)
   BW  full backward
   FB  forward of one chunk with the backward of another; a stage class may overlap them (the DualPipe hook)
-  SEND_* / RECV_*  posted, not waited on: consecutive ones go out together before the next computation, a received
-      tensor is waited for only when a computation needs it, and a sent activation's storage is released once the
-      send is done (its autograd graph stays, to run backward with the gradient that comes back).
+  SEND_* / RECV_*  posted, not waited on: consecutive ones go out together before the next computation (on gloo every
+      receive of the step is posted by the end of its first computation), a received tensor is waited for only when a
+      computation needs it, and a sent activation's storage is released once the send is done (its autograd graph
+      stays, to run backward with the gradient that comes back).
 
 Neighbouring stages on the same rank (DualPipeV's turn) hand tensors over directly, with no communication action.
 schedules/mirror.py sums the gradients of DualPipe's two copies of each model part (V3 §3.2.1: rank r holds part r of
@@ -115,10 +116,14 @@ class _Recv:
 
 
 class _Send:
-    """A posted send: the tensors on the wire (kept alive until done) and the activations to release after."""
+    """A posted send: the tensors on the wire (kept alive until done) and the activations to release after.
 
-    def __init__(self, wire: list[torch.Tensor], frees: list[torch.Tensor]):
-        self.wire, self.frees, self.works = wire, frees, []
+    computed: how many of the step's computations had run when it was posted; watched: handed to the send waiter
+    (gloo)."""
+
+    def __init__(self, wire: list[torch.Tensor], frees: list[torch.Tensor], peer: int):
+        self.wire, self.frees, self.peer, self.works = wire, frees, peer, []
+        self.computed, self.watched = 0, False
 
 
 class _SendWaiter:
@@ -259,8 +264,10 @@ class PipelineExecutor:
         self._recvs: dict = {}         # ("F"|"B", sending stage, mb) -> _Recv, posted and not yet consumed
         self._ops: list = []           # (isend | irecv, tensor, pipeline peer, tag, _Recv | _Send) of the batch being formed
         self._sends: list = []         # posted _Send not yet known to be complete
-        # gloo reports a send complete only once someone waits for it: a thread does, so the main thread
-        # learns when an activation can be released without ever blocking on a send itself
+        self._computed = 0             # computations run so far
+        self._heard: set = set()       # pipeline peers a receive of this step has come from
+        # gloo reports a send complete only once someone waits for it: the main thread does once that cannot stall on
+        # the peer (_gloo_sends_done), and until then a thread does, so that an activation is still released early
         self._send_waiter = _SendWaiter() if dist.get_backend(self.group) == "gloo" else None
         ready_after: dict[int, list[int]] = {}
         self._grads_ready, self._final_w = grads_ready, set()
@@ -272,13 +279,18 @@ class PipelineExecutor:
         WeightGradStore.clear()
         try:
             with torch.enable_grad() if train else torch.no_grad():
+                posted: Optional[set[int]] = None     # the receives posted ahead of their place (gloo)
                 for i, a in enumerate(actions):
                     if a.op in COMM_OPS:
-                        self._post(a)
+                        if posted is None or i not in posted:
+                            self._post(a)
                         continue
                     self._flush()
                     self._start = None
                     getattr(self, "_do_" + a.op)(a)
+                    self._computed += 1
+                    if posted is None:
+                        posted = self._post_receives_early(actions, i)
                     if trace:
                         end = self._now()
                         self._result.trace.append((self._start if self._start is not None else end, end, a))
@@ -293,7 +305,7 @@ class PipelineExecutor:
                 self._send_waiter.close()
             result, self._result = self._result, None
             self._stage_in = self._stage_out = self._loss_graph = self._out_grads = self._in_grads = None
-            self._wgrads = self._local_in = self._recvs = self._ops = self._sends = None
+            self._wgrads = self._local_in = self._recvs = self._ops = self._sends = self._heard = None
             self._inputs = self._labels = None
         return result
 
@@ -516,7 +528,7 @@ class PipelineExecutor:
                 frees = [t for t in tensors if self._train and self.free_sent_outputs and _freeable(t)]
             else:
                 tensors, frees = self._in_grads.pop((a.stage, a.mb)), []
-            send = _Send([t.detach().contiguous() for t in tensors], frees)
+            send = _Send([t.detach().contiguous() for t in tensors], frees, a.peer)
             tag = self._tag(a.op[-1], a.stage, a.mb)
             self._ops += [(dist.isend, w, a.peer, tag, send) for w in send.wire]
             return
@@ -530,6 +542,26 @@ class PipelineExecutor:
         rec = self._recvs[key] = _Recv(a, [torch.empty(s, dtype=d, device=self.device) for s, d in specs])
         tag = self._tag(kind, a.stage, a.mb)
         self._ops += [(dist.irecv, b, a.peer, tag, rec) for b in rec.buffers]
+
+    def _post_receives_early(self, actions: Sequence[Action], first: int) -> set[int]:
+        """On gloo, post every receive of the step that comes after its first computation (`actions[first]`), right
+        after it: before any send of the step, since a send follows the computation that makes its tensor. Returns
+        their indices in `actions`.
+
+        gloo sends a message only once the receiver has posted its receive: a send posted first is announced, the
+        receiver answers when it posts, and only then does the data go, written by gloo's thread. A receive posted
+        early turns that into one message, written by the sender at once, and about halves the CPU gloo's threads
+        spend per message. Tags are unique per message, so the order receives are posted in does not matter; the
+        cost is that every receive buffer of the step is allocated by then. Posting them after the first
+        computation rather than before keeps them from delaying it. NCCL matches in order, so its receives stay where
+        the schedule puts them."""
+        if self._pg is None:
+            return set()
+        posted = {i for i, a in enumerate(actions) if i > first and a.op in ("RECV_F", "RECV_B")}
+        for i in sorted(posted):
+            self._post(actions[i])
+        self._flush()
+        return posted
 
     def _flush(self) -> None:
         """Post the batch formed so far: on the gloo process group op by op, otherwise as one batch_isend_irecv."""
@@ -554,9 +586,17 @@ class PipelineExecutor:
         if self._trace:
             self._result.post_s += self._now() - t
         new_sends = list({id(op[-1]): op[-1] for op in ops if isinstance(op[-1], _Send)}.values())
+        for send in new_sends:
+            send.computed = self._computed
         self._sends += new_sends
         if self._send_waiter is not None:
-            self._send_waiter.submit(new_sends)
+            # each hand-over wakes the waiter, which then takes the GIL from the main thread: a context switch or two
+            # on a busy host. Only an activation to release needs its send seen done early, and only while the peer
+            # has not been heard from (see _gloo_sends_done)
+            watch = [send for send in new_sends if send.frees and send.peer not in self._heard]
+            for send in watch:
+                send.watched = True
+            self._send_waiter.submit(watch)
         self._finish_sends(wait=False)
 
     def _wait_recv(self, key: tuple) -> list[torch.Tensor]:
@@ -570,6 +610,7 @@ class PipelineExecutor:
         t = self._now()
         for w in rec.works:
             w.wait()
+        self._heard.add(rec.action.peer)
         if self._trace:
             self._result.trace.append((t, self._now(), f"wait {rec.action}"))
         return rec.buffers
@@ -580,7 +621,7 @@ class PipelineExecutor:
             return
         t = self._now()
         if self._send_waiter is not None:
-            done = self._send_waiter.take_done(self._sends, wait)
+            done = self._gloo_sends_done(wait)
         elif wait:
             for send in self._sends:
                 for w in send.works:
@@ -597,6 +638,23 @@ class PipelineExecutor:
         self._sends = [send for send in self._sends if id(send) not in ids]
         if wait and self._trace:
             self._result.trace.append((t, self._now(), "wait sends"))
+
+    def _gloo_sends_done(self, wait: bool) -> list[_Send]:
+        """The sends known done: the waiter's, and those the main thread can wait for without waiting on the peer.
+
+        gloo writes a message once the receiver's notice that its receive is posted has arrived, and every rank
+        posts all its receives before any send of its step (_post_receives_early), on the connection it sends on. So
+        once a receive from a peer has completed, its notices have all been read, and every send to it is written or
+        being written: its wait takes no longer than the transfer, whatever the peer is doing. Those are waited for
+        here once a computation has run since they were posted, so a large message has had that time to go; the
+        others (sends that release nothing, to a peer not heard from yet) at the step's end."""
+        done = self._send_waiter.take_done([send for send in self._sends if send.watched], wait)
+        for send in self._sends:
+            if not send.watched and (wait or (send.peer in self._heard and send.computed < self._computed)):
+                for w in send.works:
+                    w.wait()
+                done.append(send)
+        return done
 
     def _check_drained(self) -> None:
         """Everything a step starts must end in it: otherwise the action list was incomplete."""

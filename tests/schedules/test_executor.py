@@ -57,6 +57,20 @@ class HookBlock(Block):
                                                       outputs1, output_grads1)
 
 
+class RecordingBlock(Block):
+    """A Block that notes, at each forward, which of its earlier outputs have had their storage released."""
+
+    def __init__(self):
+        super().__init__()
+        self.outputs, self.released = [], []
+
+    def forward(self, h, y=None):
+        self.released.append([o.untyped_storage().nbytes() == 0 for o in self.outputs])
+        out = super().forward(h, y)
+        self.outputs.append(out)
+        return out
+
+
 class TriBlock(nn.Module):
     """A part whose stages exchange three tensors: two floating (both carry gradients) and integer positions."""
 
@@ -268,6 +282,40 @@ def check_mirror_step(ex, actions, n, inputs, labels, layout, stages, rank, what
                 assert torch.equal(flat, mine[part]), f"{what}: copies of part {part} differ after the SGD step"
 
 
+def check_release_mid_step(pp, rank):
+    """On gloo, an activation sent to a rank this one has already received from is released by the main thread once
+    a computation has run since its send was posted (those sent earlier are left to the send waiter, whenever it
+    sees them done): rank 0 of 1F1B, whose sends follow its forwards and whose first gradient comes back from rank 1
+    in its first backward."""
+    layout = get_layout("1f1b", pp)
+    n = 2 * pp + 1
+    actions = build("1f1b", pp, n)[rank]
+    torch.manual_seed(1234)
+    stages = {rank: RecordingBlock().double()}
+    ex = PipelineExecutor(layout, stages, criterion=mse, p2p_shapes=[MB_SHAPE], p2p_dtype=torch.float64)
+    xs, ys = make_data(n)
+    res = ex.run(actions, n, {mb: xs[mb] for mb in range(n)} if rank == 0 else None,
+                 {mb: ys[mb] for mb in range(n)} if rank == pp - 1 else None)
+    assert res.freed_bytes > 0 if rank < pp - 1 else res.freed_bytes == 0, f"rank {rank}: freed {res.freed_bytes} B"
+    if rank != 0:
+        return
+    # micro-batch -> (rank 1 heard from when its send was posted, index of the computation its send was posted before)
+    sent, pending, heard = {}, [], False
+    for i, a in enumerate(actions):
+        if a.op == "SEND_F":
+            pending.append(a.mb)
+        elif a.op in ("F", "B", "BW"):
+            sent.update({mb: (heard, i) for mb in pending})
+            pending, heard = [], heard or a.op != "F"
+    forwards = [i for i, a in enumerate(actions) if a.op == "F"]
+    checked = 0
+    for k, (i, released) in enumerate(zip(forwards, stages[rank].released)):
+        due = [m for m in range(k) if sent[m][0] and sent[m][1] < i]
+        assert all(released[m] for m in due), f"1f1b pp={pp} rank 0 at F{k}: released {released}, due {due}"
+        checked += len(due)
+    assert checked > 0, "no activation was due for release before a later forward"
+
+
 def check_errors(pp, rank):
     layout = get_layout("1f1b", pp)
     stages = {rank: Block().double()}
@@ -323,6 +371,7 @@ def _worker(rank, world, port):
         check_schedule("gpipe", world, rank, tri=True)           # several tensors per boundary, one integer
         check_schedule("1f1b", world, rank, loss_in_stage=True)  # the last stage computes its own loss
         check_schedule("dualpipev", world, rank, loss_in_stage=True)
+        check_release_mid_step(world, rank)
         check_errors(world, rank)
         dist.barrier()
     finally:
